@@ -1,0 +1,1 @@
+"""Quantization algorithms: round-to-nearest, GPTQ, decoupleQ, block-wise minimization."""

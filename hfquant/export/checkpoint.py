@@ -1,0 +1,204 @@
+"""Checking a quantized checkpoint before any tensor is loaded.
+
+transformers loads tensors by name and, left alone, turns a bad file into a vague warning or a
+silently random layer. hfquant reads the safetensors headers first (cheap: no tensor data) and
+refuses a checkpoint whose files are truncated or corrupt, or whose tensors do not match what the
+config says each quantized layer must hold, naming the tensor and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hfquant.algorithms.grid import num_groups
+from hfquant.config import FORMAT_VERSION, HfQuantConfig
+from hfquant.nn.packing import packed_width
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+GRID_TENSORS = ("qweight", "scales", "zeros")
+OUTLIER_TENSORS = ("outlier_rows", "outlier_cols", "outlier_values")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A quantized checkpoint that cannot be loaded as its config describes."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor names, dtypes and shapes of one safetensors file, and its metadata.
+
+    Checks the file is whole: its size must cover the header and every tensor's byte range.
+    """
+    name = os.path.basename(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{name} is truncated: {size} bytes, too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise CheckpointError(
+                f"{name} is truncated or corrupt: header claims {header_len} bytes but the file has {size}"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(
+                f"{name} is corrupt: its safetensors header is not valid JSON ({err})"
+            ) from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name} is corrupt: its safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    data_end = 0
+    for tensor, entry in header.items():
+        try:
+            dtype, shape, (_start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{name} is corrupt: bad header entry for tensor {tensor}") from err
+        tensors[tensor] = TensorInfo(dtype, shape, path)
+        data_end = max(data_end, end)
+    expected = 8 + header_len + data_end
+    if size < expected:
+        raise CheckpointError(f"{name} is truncated: expected {expected} bytes, found {size}")
+    return tensors, metadata
+
+
+def read_checkpoint(files: list[str]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Headers of every file of a (possibly sharded) checkpoint; safetensors only."""
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for path in files:
+        if not str(path).endswith(".safetensors"):
+            raise CheckpointError(
+                f"{os.path.basename(path)} is not a safetensors file: hfquant checkpoints are safetensors only "
+                "(pickle-based weight files are refused)"
+            )
+        file_tensors, file_metadata = read_safetensors_header(path)
+        tensors.update(file_tensors)
+        metadata.update(file_metadata)
+    return tensors, metadata
+
+
+def check_metadata(metadata: dict[str, str], config: HfQuantConfig) -> None:
+    """The format version, bits and group size written into the files must agree with ``config.json``."""
+    version = metadata.get("hfquant_format_version")
+    if version is None:
+        raise CheckpointError(
+            "the safetensors metadata lacks hfquant_format_version: not an hfquant checkpoint"
+        )
+    if int(version) > FORMAT_VERSION:
+        from hfquant import __version__
+
+        raise CheckpointError(
+            f"checkpoint format version {version} is newer than this hfquant {__version__} reads "
+            f"(up to {FORMAT_VERSION}): upgrade with `pip install -U hfquant`"
+        )
+    for field in ("bits", "group_size"):
+        stored = metadata.get(f"hfquant_{field}")
+        if stored is not None and int(stored) != getattr(config, field):
+            raise CheckpointError(
+                f"the weights were quantized with {field}={stored} but config.json says "
+                f"{field}={getattr(config, field)}"
+            )
+
+
+def plan_quantized_layers(
+    tensors: dict[str, TensorInfo], linears: dict[str, nn.Linear], config: HfQuantConfig
+) -> dict[str, int]:
+    """Check every quantized layer's tensors; return each layer's number of kept 16-bit weights."""
+    outliers: dict[str, int] = {}
+    for name, linear in linears.items():
+        out_f, in_f = linear.out_features, linear.in_features
+        if f"{name}.weight" in tensors:
+            raise CheckpointError(
+                f"tensor {name}.weight is a full-precision weight, but config.json says layer {name} is quantized"
+            )
+        expected = {
+            "qweight": ("I32", (out_f, packed_width(in_f, config.bits))),
+            "scales": (FLOAT_DTYPES, (out_f, num_groups(in_f, config.group_size))),
+            "zeros": (FLOAT_DTYPES, (out_f, num_groups(in_f, config.group_size))),
+        }
+        for suffix, (dtypes, shape) in expected.items():
+            _check_tensor(tensors, f"{name}.{suffix}", dtypes, shape, config)
+        present = [s for s in OUTLIER_TENSORS if f"{name}.{s}" in tensors]
+        if present and len(present) != len(OUTLIER_TENSORS):
+            missing = sorted(set(OUTLIER_TENSORS) - set(present))
+            raise CheckpointError(f"layer {name} has kept-weight tensors {present} but is missing {missing}")
+        n = tensors[f"{name}.outlier_values"].shape[0] if present else 0
+        if present:
+            for suffix, dtypes in (
+                ("outlier_rows", ("I32",)),
+                ("outlier_cols", ("I32",)),
+                ("outlier_values", FLOAT_DTYPES),
+            ):
+                _check_tensor(tensors, f"{name}.{suffix}", dtypes, (n,), config)
+        bias = tensors.get(f"{name}.bias")
+        if linear.bias is not None and bias is None:
+            raise CheckpointError(f"missing tensor {name}.bias")
+        if bias is not None and bias.shape != (out_f,):
+            raise CheckpointError(f"tensor {name}.bias has shape {list(bias.shape)}, expected [{out_f}]")
+        outliers[name] = n
+    return outliers
+
+
+def _check_tensor(
+    tensors: dict[str, TensorInfo],
+    key: str,
+    dtypes: tuple[str, ...] | str,
+    shape: tuple[int, ...],
+    config: HfQuantConfig,
+) -> None:
+    info = tensors.get(key)
+    if info is None:
+        raise CheckpointError(
+            f"missing tensor {key}: the checkpoint does not hold this quantized layer whole"
+        )
+    if info.dtype not in (dtypes if isinstance(dtypes, tuple) else (dtypes,)):
+        raise CheckpointError(f"tensor {key} has dtype {info.dtype}, expected one of {list(dtypes)}")
+    if info.shape != shape:
+        raise CheckpointError(
+            f"tensor {key} has shape {list(info.shape)}, expected {list(shape)} for bits={config.bits}, "
+            f"group_size={config.group_size} (in {os.path.basename(info.file)})"
+        )
+
+
+def check_outlier_indices(module: nn.Module, name: str) -> None:
+    """Kept-weight indices must address the layer's own matrix (checked once the values are loaded)."""
+    rows, cols = module.outlier_rows, module.outlier_cols
+    if rows.numel() and (
+        int(rows.min()) < 0
+        or int(rows.max()) >= module.out_features
+        or int(cols.min()) < 0
+        or int(cols.max()) >= module.in_features
+    ):
+        raise CheckpointError(
+            f"tensor {name}.outlier_rows/outlier_cols index outside the layer's weight matrix"
+        )
+
+
+def storage_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with each quantized layer's float parts in their 16-bit storage dtype."""
+    from hfquant.nn.decoupled_linear import STORAGE_DTYPE, DecoupledLinear
+
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, DecoupledLinear):
+            for suffix in ("scales", "zeros", "outlier_values"):
+                key = f"{name}.{suffix}"
+                if key in state:
+                    state[key] = state[key].to(STORAGE_DTYPE)
+    return state

@@ -1,0 +1,30 @@
+"""Finding the linears to quantize and swapping modules in place."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def is_skipped(name: str, modules_to_not_convert: list[str]) -> bool:
+    """A module is skipped when a listed name equals it, ends it, or is one of its parents."""
+    return any(
+        name == m or name.endswith("." + m) or name.startswith(m + ".") for m in modules_to_not_convert
+    )
+
+
+def linears_to_convert(model: nn.Module, modules_to_not_convert: list[str]) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of the model but the output embeddings and the skipped ones, by name."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and module is not output
+        and not is_skipped(name, modules_to_not_convert)
+    }
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

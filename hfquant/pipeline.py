@@ -1,0 +1,254 @@
+"""Sequential block-by-block driver (GPTQ style) for the calibrated methods.
+
+The first decoder block's inputs are captured once with a hook; then, block by block: run the
+full-precision block on its inputs (collecting each linear's input Hessian ``H = X^T X / n`` in
+float32 and the block's outputs as targets), solve each linear against its ``H``, tune the
+block's float parameters by block-wise minimization, and run the *quantized* block to produce
+the next block's inputs, so later blocks learn to absorb earlier blocks' errors. Only one
+block's weights and activations take part at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hfquant.algorithms.grid import QuantizedWeight
+from hfquant.algorithms.rtn import rtn_quantize
+from hfquant.config import HfQuantConfig
+from hfquant.nn.decoupled_linear import DecoupledLinear
+from hfquant.nn.replace import linears_to_convert, set_module
+
+
+@dataclass
+class BlockReport:
+    index: int
+    error_before: float  # mean squared error of the block output after the per-layer solve
+    error_after: float  # ... after block-wise minimization
+
+
+@dataclass
+class QuantizationReport:
+    method: str
+    bits: int
+    group_size: int
+    layers: int
+    seconds: float = 0.0
+    blocks: list[BlockReport] = field(default_factory=list)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing after the first block needs to run."""
+
+
+def solve_layer(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    config: HfQuantConfig,
+    keep_mask: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """Quantize one weight matrix with the configured method."""
+    if config.method == "rtn":
+        return rtn_quantize(weight, config.bits, config.group_size)
+    if config.method == "gptq":
+        from hfquant.algorithms.gptq import gptq_quantize
+
+        return gptq_quantize(
+            weight,
+            hessian,
+            config.bits,
+            config.group_size,
+            damp=config.damp,
+            act_order=config.act_order,
+            keep_mask=keep_mask,
+        )
+    from hfquant.algorithms.decoupleq import decoupleq_quantize
+
+    return decoupleq_quantize(
+        weight,
+        hessian,
+        config.bits,
+        config.group_size,
+        iters=config.decoupleq_iters,
+        damp=config.damp,
+        keep_mask=keep_mask,
+    )
+
+
+def quantize_model(
+    model: nn.Module,
+    config: HfQuantConfig,
+    tokenizer: Any = None,
+    skip: list[str] | None = None,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Replace every convertible linear of ``model`` by a :class:`DecoupledLinear`, in place."""
+    start = time.perf_counter()
+    linears = linears_to_convert(model, config.modules_to_not_convert if skip is None else skip)
+    if not linears:
+        raise ValueError(
+            "the model has no nn.Linear layer to quantize (all skipped by modules_to_not_convert?)"
+        )
+    report = QuantizationReport(config.method, config.bits, config.group_size, len(linears))
+    if not config.needs_calibration:
+        for name, linear in tqdm(linears.items(), desc="hfquant rtn", disable=not progress):
+            quantized = rtn_quantize(linear.weight.data, config.bits, config.group_size)
+            set_module(model, name, _to_module(quantized, linear, config))
+    else:
+        ids = _calibration_ids(model, config, tokenizer)
+        _quantize_sequential(model, linears, ids, config, report, progress)
+    report.seconds = time.perf_counter() - start
+    model.hfquant_report = report
+    return report
+
+
+def _to_module(quantized: QuantizedWeight, linear: nn.Linear, config: HfQuantConfig) -> DecoupledLinear:
+    return DecoupledLinear.from_quantized(
+        quantized, config.bits, config.group_size, bias=linear.bias, dtype=linear.weight.dtype
+    )
+
+
+def _calibration_ids(model: nn.Module, config: HfQuantConfig, tokenizer: Any) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from hfquant.calibration import get_calibration_data
+
+    tokenizer = tokenizer or config.tokenizer or getattr(model, "name_or_path", None)
+    if tokenizer is None:
+        raise ValueError(
+            f"method={config.method!r} needs calibration text: pass a tokenizer in HfQuantConfig"
+        )
+    if isinstance(tokenizer, str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return get_calibration_data(config.dataset, tokenizer, config.nsamples, config.seqlen, seed=config.seed)
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` of decoder blocks, found by its length (architecture-agnostic)."""
+    config = getattr(model, "config", None)
+    n_layers = getattr(config.get_text_config(), "num_hidden_layers", None) if config is not None else None
+    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for name, blocks in candidates:
+        if n_layers is None or len(blocks) == n_layers:
+            return name, blocks
+    raise ValueError("could not find the decoder blocks (an nn.ModuleList of num_hidden_layers blocks)")
+
+
+def _execution_device(model: nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, ids: torch.Tensor, batch_size: int
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Hidden states and keyword arguments the first block receives, one entry per batch."""
+    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        kwargs["use_cache"] = False
+        captured.append((hidden, kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = _execution_device(model)
+    try:
+        for batch in ids.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _run_full_precision(
+    block: nn.Module, block_linears: dict[str, nn.Linear], batches: list[tuple[torch.Tensor, dict[str, Any]]]
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Each linear's input Hessian (float32, averaged over tokens) and the block's outputs."""
+    hessians = {
+        name: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
+        for name, m in block_linears.items()
+    }
+    counts = dict.fromkeys(block_linears, 0)
+
+    def make_hook(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            hessians[name].addmm_(x.T, x)
+            counts[name] += x.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in block_linears.items()]
+    try:
+        outputs = [_block_output(block, hidden, kwargs) for hidden, kwargs in batches]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: h / max(counts[name], 1) for name, h in hessians.items()}, outputs
+
+
+@torch.no_grad()
+def block_error(
+    block: nn.Module, batches: list[tuple[torch.Tensor, dict[str, Any]]], targets: list[torch.Tensor]
+) -> float:
+    """Mean squared error of the block's output against its full-precision targets."""
+    total, count = 0.0, 0
+    for (hidden, kwargs), target in zip(batches, targets, strict=True):
+        out = _block_output(block, hidden, kwargs)
+        total += float((out.float() - target.float()).pow(2).sum())
+        count += target.numel()
+    return total / max(count, 1)
+
+
+def _quantize_sequential(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    ids: torch.Tensor,
+    config: HfQuantConfig,
+    report: QuantizationReport,
+    progress: bool,
+) -> None:
+    from hfquant.algorithms.blockwise import block_minimize
+
+    prefix, blocks = find_decoder_blocks(model)
+    batches = capture_block_inputs(model, blocks[0], ids, config.blockwise_batch_size)
+    bar = tqdm(range(len(blocks)), desc=f"hfquant {config.method}", disable=not progress)
+    for index in bar:
+        block = blocks[index]
+        block_prefix = f"{prefix}.{index}."
+        block_linears = {
+            n.removeprefix(block_prefix): m for n, m in linears.items() if n.startswith(block_prefix)
+        }
+        hessians, targets = _run_full_precision(block, block_linears, batches)
+        for name, linear in block_linears.items():
+            quantized = solve_layer(linear.weight.data, hessians[name], config)
+            set_module(block, name, _to_module(quantized, linear, config))
+        del hessians
+        before = block_error(block, batches, targets)
+        after = before
+        if config.blockwise_epochs > 0:
+            after = block_minimize(
+                block, batches, targets, epochs=config.blockwise_epochs, lr=config.blockwise_lr
+            )
+        report.blocks.append(BlockReport(index, before, after))
+        bar.set_postfix_str(f"block {index} mse {before:.3g} -> {after:.3g}")
+        with torch.no_grad():
+            batches = [(_block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in batches]

@@ -1,0 +1,66 @@
+import pytest
+from transformers import AutoConfig
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+import hfquant
+from hfquant import HfQuantConfig
+
+
+def test_registered_with_transformers():
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING["hfquant"] is HfQuantConfig
+    assert AUTO_QUANTIZER_MAPPING["hfquant"] is hfquant.HfQuantQuantizer
+
+
+def test_defaults_and_round_trip():
+    config = HfQuantConfig(bits=3, group_size=128, method="gptq", nsamples=16, outlier_fraction=0.005)
+    data = config.to_dict()
+    assert data["quant_method"] == "hfquant"
+    assert data["modules_to_not_convert"] == ["lm_head"]
+    again = HfQuantConfig.from_dict(data)
+    assert again.to_dict() == data
+
+
+def test_dataset_objects_recorded_by_description():
+    config = HfQuantConfig(dataset=["some text", "more text"])
+    assert config.to_dict()["dataset"] == "custom (2 texts)"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("bits", 5, r"bits must be one of \[2, 3, 4\], got 5"),
+        ("bits", True, "bits must be one of"),
+        ("group_size", 48, r"group_size must be one of \[32, 64, 128, -1\], got 48"),
+        ("method", "awq", r"method must be one of \['rtn', 'gptq', 'decoupleq'\], got 'awq'"),
+        ("nsamples", 0, "nsamples must be an integer >= 1"),
+        ("seqlen", 1, "seqlen must be an integer >= 2"),
+        ("outlier_fraction", 1.5, r"outlier_fraction must be a number in \[0, 1\)"),
+        ("damp", 0.0, "damp must be a number in"),
+        ("modules_to_not_convert", "lm_head", "modules_to_not_convert must be a list"),
+        ("blockwise_lr", -1.0, "blockwise_lr must be a positive number"),
+    ],
+)
+def test_bad_values_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        HfQuantConfig(**{field: value})
+
+
+def test_unknown_field_rejected():
+    with pytest.raises(ValueError, match="unknown fields"):
+        HfQuantConfig(bitz=2)
+
+
+def test_newer_format_version_refused():
+    with pytest.raises(ValueError, match="format version 99.*pip install -U hfquant"):
+        HfQuantConfig(format_version=99)
+
+
+def test_autoconfig_carries_config(tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=HfQuantConfig(bits=4, group_size=32, method="rtn")
+    )
+    model.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path).quantization_config
+    assert loaded["quant_method"] == "hfquant" and loaded["bits"] == 4 and loaded["group_size"] == 32
