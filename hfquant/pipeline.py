@@ -172,6 +172,33 @@ def capture_block_inputs(
     return captured
 
 
+def onload_block(block: nn.Module) -> None:
+    """Bring an accelerate-offloaded block's weights onto its execution device, for good.
+
+    With ``device_map``/``max_memory`` offload, a block's weights live on disk or CPU and its
+    hooks load them for each forward. The driver needs them once, to quantize them; the quantized
+    block is several times smaller and stays on the execution device, hooks removed, so only one
+    full-precision block is ever resident.
+    """
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import has_offloaded_params
+
+    offloaded = [m for m in block.modules() if has_offloaded_params(m)]
+    for module in offloaded:
+        module._hf_hook.pre_forward(module)
+    if offloaded:
+        remove_hook_from_module(block, recurse=True)
+
+
+def _mark_resident(model: nn.Module, block_prefix: str, device: torch.device) -> None:
+    """Record in ``hf_device_map`` that a quantized block now lives on ``device`` (not disk)."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        for key in device_map:
+            if (key + ".").startswith(block_prefix):
+                device_map[key] = device.index if device.type == "cuda" else device.type
+
+
 def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -233,6 +260,7 @@ def _quantize_sequential(
     bar = tqdm(range(len(blocks)), desc=f"hfquant {config.method}", disable=not progress)
     for index in bar:
         block = blocks[index]
+        onload_block(block)
         block_prefix = f"{prefix}.{index}."
         block_linears = {
             n.removeprefix(block_prefix): m for n, m in linears.items() if n.startswith(block_prefix)
@@ -249,6 +277,7 @@ def _quantize_sequential(
                 block, batches, targets, epochs=config.blockwise_epochs, lr=config.blockwise_lr
             )
         report.blocks.append(BlockReport(index, before, after))
+        _mark_resident(model, block_prefix, next(block.buffers()).device)
         bar.set_postfix_str(f"block {index} mse {before:.3g} -> {after:.3g}")
         with torch.no_grad():
             batches = [(_block_output(block, hidden, kwargs), kwargs) for hidden, kwargs in batches]

@@ -27,8 +27,13 @@ def tokenizer():
 def _tiny(vocab: int = 320) -> torch.nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=vocab, max_position_embeddings=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=128,
     )
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -90,7 +95,9 @@ def test_block_minimize_keeps_start_when_training_hurts():
 @pytest.mark.parametrize("method", ["gptq", "decoupleq"])
 def test_calibrated_methods_beat_rtn_end_to_end(tokenizer, method):
     model = _tiny(vocab=len(tokenizer))
-    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt").input_ids[:, :64]
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt").input_ids[
+        :, :64
+    ]
     with torch.no_grad():
         reference = model(ids).logits
     errors = {}
@@ -107,3 +114,40 @@ def test_calibrated_methods_beat_rtn_end_to_end(tokenizer, method):
             assert len(report.blocks) == 2
             assert all(b.error_after <= b.error_before * (1 + 1e-6) for b in report.blocks)
     assert errors[method] < errors["rtn"]
+
+
+def test_offloaded_model_quantizes_to_the_same_result(tokenizer, tmp_path):
+    """max_memory/device_map offload: blocks on disk are loaded one at a time and give identical results."""
+    model = _tiny(vocab=len(tokenizer))
+    model.save_pretrained(tmp_path / "fp")
+
+    def config():
+        return HfQuantConfig(
+            bits=2,
+            group_size=32,
+            method="gptq",
+            nsamples=4,
+            seqlen=32,
+            blockwise_epochs=1,
+            tokenizer=tokenizer,
+        )
+
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "disk",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp",
+        device_map=device_map,
+        offload_folder=tmp_path / "offload",
+        quantization_config=config(),
+    )
+    assert offloaded.hf_device_map["model.layers.1"] == "cpu"  # quantized, the block is resident
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config())
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(offloaded(ids).logits, in_memory(ids).logits)
