@@ -26,7 +26,9 @@ def test_forward_equals_dense_matmul(bits, group_size):
     _, module = _layer(bits, group_size, outliers=5)
     x = torch.randn(3, 5, 200)
     expected = x @ module.dequantize().T + module.bias
-    torch.testing.assert_close(module(x), expected)
+    # 15 rows take the C++ kernel where it builds: float32 sums in another order, errors within 1e-5
+    # of the output's scale (tests/test_kernels.py checks the kernels against a float64 reference).
+    torch.testing.assert_close(module(x), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_ragged_last_group():

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hfquant.algorithms.grid import QuantizedWeight, dequantize_grid, num_groups
+from hfquant.kernels import cpu as cpu_kernel
+from hfquant.kernels import triton_matmul
 from hfquant.nn.packing import pack_int, packed_width, unpack_int
 
 STORAGE_DTYPE = torch.float16  # on-disk dtype of scales, zeros and kept weights
@@ -106,7 +108,46 @@ class DecoupledLinear(nn.Module):
         return w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        """Fused kernels where they apply (Triton on CUDA, C++ for few rows on CPU), else the reference.
+
+        The reference dequantizes the whole matrix and calls ``F.linear``: exact, and the right
+        choice for long prompts on CPU, where one GEMM amortizes the dequantization.
+        """
+        rows = x.numel() // self.in_features
+        if x.is_cuda and triton_matmul.supports(self.bits, self.group_size, self.in_features):
+            x2d = x.reshape(rows, self.in_features)
+            y = triton_matmul.qmatmul(
+                x2d,
+                self.qweight,
+                self.scales,
+                self.zeros,
+                self.bits,
+                self.group_size,
+                self.in_features,
+                self.bias,
+            )
+            bias = None  # fused into the kernel
+        elif (
+            x.device.type == "cpu"
+            and rows <= cpu_kernel.MAX_ROWS
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.scales.requires_grad))
+            and cpu_kernel.supports(self.bits, self.group_size, self.in_features)
+            and cpu_kernel.available()
+        ):
+            x2d = x.reshape(rows, self.in_features)
+            y = cpu_kernel.qmatmul(
+                x2d, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features
+            )
+            bias = self.bias
+        else:
+            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.num_outliers:
+            # Kept weights: y[:, r] += x[:, c] * v for every (r, c, v), a scatter-add on the output.
+            kept = x2d[:, self.outlier_cols.long()].to(y.dtype) * self.outlier_values.to(y.dtype)
+            y = y.index_add(1, self.outlier_rows.long(), kept)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def storage_bits(self) -> int:
         """Bits this layer takes on disk: packed integers, 16-bit grid, kept weights with their indices."""

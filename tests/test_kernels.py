@@ -1,0 +1,128 @@
+"""Fused kernels vs the reference dequantize-and-matmul: Triton (interpreter on CPU, compiled on CUDA), C++ CPU path.
+
+``TRITON_INTERPRET=1`` must be set before triton kernels are defined; hfquant defines them lazily on
+first use, and only this module uses them on CPU, so setting it at import time here is enough.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hfquant.algorithms.rtn import rtn_quantize  # noqa: E402
+from hfquant.kernels import cpu as cpu_kernel  # noqa: E402
+from hfquant.kernels import triton_matmul  # noqa: E402
+from hfquant.nn import DecoupledLinear  # noqa: E402
+
+BITS = [2, 3, 4]
+GROUPS = [32, 64, 128, -1]
+needs_triton = pytest.mark.skipif(not triton_matmul.triton_installed(), reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU: the compiled Triton path is GPU-only"
+)
+
+
+def _layer(bits: int, group_size: int, in_f: int, out_f: int = 40, outliers: int = 0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_f, in_f, generator=g)
+    bias = torch.randn(out_f, generator=g)
+    kept = None
+    if outliers:
+        idx = torch.randperm(out_f * in_f, generator=g)[:outliers]
+        kept = ((idx // in_f).int(), (idx % in_f).int(), torch.randn(outliers, generator=g))
+    return DecoupledLinear.from_quantized(
+        rtn_quantize(weight, bits, group_size), bits, group_size, bias, kept
+    )
+
+
+def _reference(module: DecoupledLinear, x: torch.Tensor) -> torch.Tensor:
+    return x.double() @ module.dequantize(torch.float64).T + module.bias.double()
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("in_f", [96, 200])  # 200: ragged last group and a partial 32-value block
+def test_triton_kernels_match_reference(bits, group_size, in_f):
+    module = _layer(bits, group_size, in_f)
+    for rows in (1, 5):  # GEMV kernel, then the tl.dot kernel
+        x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
+        y = triton_matmul.qmatmul(
+            x, module.qweight, module.scales, module.zeros, bits, group_size, in_f, module.bias
+        )
+        torch.testing.assert_close(y.double(), _reference(module, x), rtol=1e-5, atol=1e-4)
+
+
+needs_cpu_kernel = pytest.mark.skipif(
+    not cpu_kernel.available(), reason="C++ CPU kernel could not be built here"
+)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("in_f", [200, 576])
+def test_cpu_kernel_matches_reference(bits, group_size, in_f):
+    # Float32 sums in another order than the reference (and z * sum(x) instead of summing z * x):
+    # errors stay below 1e-5 of the output's scale.
+    module = _layer(bits, group_size, in_f, out_f=70, outliers=9)
+    for rows in (1, 3, cpu_kernel.MAX_ROWS):
+        x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            y = module(x)
+        ref = _reference(module, x)
+        torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_in_bfloat16_and_batched_shapes():
+    module = _layer(2, 64, 200, outliers=3)
+    x = torch.randn(2, 3, 200, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = module(x)
+    assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), _reference(module, x.float()), rtol=2e-2, atol=5e-2)
+
+
+def test_unsupported_group_size_and_long_inputs_take_the_reference_path():
+    module = _layer(2, 16, 200)  # 16-column groups split 32-value blocks: the kernel refuses them
+    assert not cpu_kernel.supports(2, 16, 200)
+    x = torch.randn(cpu_kernel.MAX_ROWS + 1, 200)
+    for inp in (x[:2], x):
+        torch.testing.assert_close(_layer(2, 16, 200)(inp), inp @ module.dequantize().T + module.bias)
+
+
+_CUDA_CHECK = """
+import torch
+from hfquant.algorithms.rtn import rtn_quantize
+from hfquant.nn import DecoupledLinear
+worst = 0.0
+for bits in (2, 3, 4):
+    for gs in (32, 64, 128, -1):
+        for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008), (96, 200)):
+            w = torch.randn(out_f, in_f, device="cuda")
+            m = DecoupledLinear.from_quantized(rtn_quantize(w, bits, gs), bits, gs, torch.randn(out_f, device="cuda"))
+            for rows in (1, 4, 16, 512):
+                for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                    x = torch.randn(rows, in_f, device="cuda", dtype=dtype)
+                    ref = x.float() @ m.dequantize(torch.float32).T + m.bias
+                    err = ((m.to(dtype)(x).float() - ref).abs().max() / ref.abs().max()).item()
+                    worst = max(worst, err)
+                    assert err < 2e-2, (bits, gs, out_f, in_f, rows, dtype, err)
+print("worst relative error", worst)
+"""
+
+
+@needs_cuda
+@needs_triton
+def test_compiled_triton_kernels_on_gpu_at_real_shapes():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    result = subprocess.run([sys.executable, "-c", _CUDA_CHECK], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
