@@ -59,6 +59,15 @@ def main() -> None:
     def ppl(model) -> float:
         return perplexity(model, tokenizer, texts, seqlen=512, max_windows=args.windows, progress=False)
 
+    header = (
+        f"\n## quality.py, {datetime.date.today()}: SmolLM2-135M-Instruct, {platform.machine()} CPU, "
+        f"{torch.get_num_threads()} threads (os.cpu_count()={os.cpu_count()})\n\n"
+        f"Held-out perplexity: {args.windows} windows x 512 tokens of Book of Mormon chapters never used in "
+        f"calibration. Calibration: {args.nsamples} x {args.seqlen} tokens of the other chapters; "
+        f"decoupleQ {args.decoupleq_iters} rounds; block-wise minimization {args.blockwise_epochs} epochs "
+        "(`+bw`). Time: quantization only, on this machine (shared with other jobs: compare times within a "
+        "row group only). Rows are appended as each run finishes.\n\n"
+    )
     full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     fp_ppl = ppl(full)
     del full
@@ -72,7 +81,8 @@ def main() -> None:
             "time (s)": "-",
         }
     ]
-    print_table(rows)
+    with RESULTS.open("a", encoding="utf-8") as f:
+        f.write(header + table_lines(rows, with_header=True))
     for config_name in args.configs.split(","):
         bits, group_size = parse_config(config_name)
         for method in args.methods.split(","):
@@ -93,33 +103,35 @@ def main() -> None:
             )
             seconds = time.perf_counter() - start
             value = ppl(model)
-            rows.append(
-                {
-                    "config": f"W{bits} g{group_size}",
-                    "method": method,
-                    "perplexity": f"{value:.2f}",
-                    "x fp": f"{value / fp_ppl:.2f}",
-                    "bits/weight": f"{bits_per_weight(model):.3f}",
-                    "time (s)": f"{seconds:.0f}",
-                }
-            )
+            row = {
+                "config": f"W{bits} g{group_size}",
+                "method": method,
+                "perplexity": f"{value:.2f}",
+                "x fp": f"{value / fp_ppl:.2f}",
+                "bits/weight": f"{bits_per_weight(model):.3f}",
+                "time (s)": f"{seconds:.0f}",
+            }
+            rows.append(row)
+            with RESULTS.open("a", encoding="utf-8") as f:
+                f.write(table_lines([row], with_header=False))
             print(
                 f"{config_name} {method}: ppl {value:.2f} ({value / fp_ppl:.2f}x fp) in {seconds:.0f} s",
                 flush=True,
             )
             del model
     print()
-    table = print_table(rows)
-    header = (
-        f"\n## quality.py, {datetime.date.today()}: SmolLM2-135M-Instruct, {platform.machine()} CPU, "
-        f"{torch.get_num_threads()} threads (os.cpu_count()={os.cpu_count()})\n\n"
-        f"Held-out perplexity: {args.windows} windows x 512 tokens of Book of Mormon chapters never used in "
-        f"calibration. Calibration: {args.nsamples} x {args.seqlen} tokens of the other chapters; "
-        f"decoupleQ {args.decoupleq_iters} rounds; block-wise minimization {args.blockwise_epochs} epochs "
-        "(`+bw`). Time: quantization only, on this machine.\n\n"
+    print_table(rows)
+
+
+def table_lines(rows: list[dict[str, str]], with_header: bool) -> str:
+    """Markdown table rows (with the header lines first when asked), one per line."""
+    lines = (
+        ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
+        if with_header
+        else []
     )
-    with RESULTS.open("a", encoding="utf-8") as f:
-        f.write(header + table + "\n")
+    lines += ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
