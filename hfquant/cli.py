@@ -60,6 +60,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         nsamples=args.nsamples,
         seqlen=args.seqlen,
         outlier_fraction=args.outlier_fraction,
+        saliency=args.saliency,
+        outlier_scope=args.outlier_scope,
+        task_dataset=args.task_dataset,
         blockwise_epochs=args.blockwise_epochs,
         decoupleq_iters=args.decoupleq_iters,
         tokenizer=tokenizer,
@@ -88,6 +91,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 "group size": args.group_size,
                 "layers": report.layers,
                 "bits/weight": f"{bits_per_weight(model):.3f}",
+                "kept weights": f"{args.outlier_fraction:.2%} ({args.saliency}, {args.outlier_scope})"
+                if args.outlier_fraction
+                else "none",
                 "size (MB)": f"{folder_size(out) / 1e6:.1f}",
                 "time (s)": f"{seconds:.1f}",
                 "saved to": str(out),
@@ -172,7 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
-    q.add_argument("--outlier-fraction", type=float, default=0.0)
+    q.add_argument(
+        "--outlier-fraction", type=float, default=0.0, help="share of weights kept in 16 bits (e.g. 0.005)"
+    )
+    q.add_argument(
+        "--task-dataset",
+        default=None,
+        help="task examples the kept weights are chosen on: a text file/folder or a .jsonl of chat "
+        "examples ({'messages': [...]} or {'question', 'answer'}); default: --dataset",
+    )
+    q.add_argument("--saliency", default="tacq", help="tacq, magnitude or hessian")
+    q.add_argument("--outlier-scope", default="layer", help="layer or global")
     q.add_argument("--blockwise-epochs", type=int, default=4)
     q.add_argument("--decoupleq-iters", type=int, default=4)
     q.add_argument("--out", required=True, help="output folder (written atomically)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -11,6 +12,8 @@ FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 SUPPORTED_METHODS = ("rtn", "gptq", "decoupleq")
+SUPPORTED_SALIENCIES = ("tacq", "magnitude", "hessian")
+SUPPORTED_OUTLIER_SCOPES = ("layer", "global")
 
 # Fields that only steer quantization (not loading) and may hold objects JSON cannot carry.
 _RUNTIME_ONLY = ("tokenizer",)
@@ -31,7 +34,17 @@ class HfQuantConfig(QuantizationConfigMixin):
             or a list of strings.
         nsamples, seqlen: number and length (tokens) of calibration windows.
         modules_to_not_convert: module names (or name suffixes) kept in full precision.
-        outlier_fraction: share of weights kept in 16 bits beside the integers (TaCQ).
+        outlier_fraction: share of weights kept in 16 bits beside the integers (TaCQ), e.g.
+            0.0035 to 0.01; 0 keeps none.
+        saliency: how kept weights are chosen: ``"tacq"`` (task-loss gradient times the change
+            quantization makes, see :mod:`hfquant.algorithms.tacq`), ``"magnitude"`` (largest
+            ``|W|``) or ``"hessian"`` (largest ``diag(H) * (W - W_hat)^2``).
+        outlier_scope: ``"layer"`` keeps ``outlier_fraction`` of every layer; ``"global"`` ranks
+            all layers' weights together (some layers then keep many more than others).
+        task_dataset: examples the saliency is computed on: anything ``dataset`` accepts, a list
+            of chat examples (``{"messages": [...]}`` or ``{"question": ..., "answer": ...}``,
+            loss on the answer tokens only) or a ``.jsonl`` file of them. ``None`` uses
+            ``dataset``.
         damp: GPTQ/decoupleQ Hessian dampening, as a fraction of the mean diagonal.
         act_order: GPTQ processes columns by decreasing Hessian diagonal.
         decoupleq_iters: alternating integer/float rounds of decoupleQ.
@@ -51,6 +64,9 @@ class HfQuantConfig(QuantizationConfigMixin):
         seqlen: int = 512,
         modules_to_not_convert: list[str] | None = None,
         outlier_fraction: float = 0.0,
+        saliency: str = "tacq",
+        outlier_scope: str = "layer",
+        task_dataset: Any = None,
         damp: float = 0.01,
         act_order: bool = False,
         decoupleq_iters: int = 4,
@@ -73,6 +89,9 @@ class HfQuantConfig(QuantizationConfigMixin):
             ["lm_head"] if modules_to_not_convert is None else modules_to_not_convert
         )
         self.outlier_fraction = outlier_fraction
+        self.saliency = saliency
+        self.outlier_scope = outlier_scope
+        self.task_dataset = task_dataset
         self.damp = damp
         self.act_order = act_order
         self.decoupleq_iters = decoupleq_iters
@@ -92,6 +111,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         _check_choice("bits", self.bits, SUPPORTED_BITS)
         _check_choice("group_size", self.group_size, SUPPORTED_GROUP_SIZES)
         _check_choice("method", self.method, SUPPORTED_METHODS)
+        _check_choice("saliency", self.saliency, SUPPORTED_SALIENCIES)
+        _check_choice("outlier_scope", self.outlier_scope, SUPPORTED_OUTLIER_SCOPES)
         _check_int("nsamples", self.nsamples, minimum=1)
         _check_int("seqlen", self.seqlen, minimum=2)
         _check_int("decoupleq_iters", self.decoupleq_iters, minimum=0)
@@ -123,12 +144,15 @@ class HfQuantConfig(QuantizationConfigMixin):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn" or self.outlier_fraction > 0
+        """Whether quantizing reads calibration text: the solvers' Hessians, or a data-driven saliency."""
+        return self.method != "rtn" or (self.outlier_fraction > 0 and self.saliency != "magnitude")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: a calibration set given as objects is recorded by description only."""
         out = {k: v for k, v in self.__dict__.items() if k not in _RUNTIME_ONLY}
         out["dataset"] = describe_dataset(self.dataset)
+        if self.task_dataset is not None:
+            out["task_dataset"] = describe_dataset(self.task_dataset)
         return out
 
 
@@ -136,8 +160,11 @@ def describe_dataset(dataset: Any) -> str:
     """A JSON-safe name for a calibration set (strings and paths pass through)."""
     if isinstance(dataset, str):
         return dataset
+    if isinstance(dataset, os.PathLike):
+        return os.fspath(dataset)
     if isinstance(dataset, (list, tuple)):
-        return f"custom ({len(dataset)} texts)"
+        kind = "examples" if dataset and isinstance(dataset[0], dict) else "texts"
+        return f"custom ({len(dataset)} {kind})"
     return f"custom ({type(dataset).__name__})"
 
 

@@ -6,6 +6,13 @@ float32 and the block's outputs as targets), solve each linear against its ``H``
 block's float parameters by block-wise minimization, and run the *quantized* block to produce
 the next block's inputs, so later blocks learn to absorb earlier blocks' errors. Only one
 block's weights and activations take part at a time.
+
+Weights kept in 16 bits (``outlier_fraction > 0``, TaCQ) are chosen once on the full-precision
+model before the sequential pass (:func:`hfquant.algorithms.tacq.keep_masks`). Each solve then
+leaves them out (no error fed back, no influence on the grid), and the layer stores, at those
+positions, the 16-bit residual ``W - grid`` so that ``W_hat = W`` there up to float16 rounding of
+the residual. Block-wise minimization moves the grid under them, so their residuals are
+recomputed from the original weights afterwards.
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfquant.algorithms.grid import QuantizedWeight
+from hfquant.algorithms.grid import QuantizedWeight, quantize_to_grid
 from hfquant.algorithms.rtn import rtn_quantize
+from hfquant.algorithms.tacq import grid_values, keep_masks
 from hfquant.config import HfQuantConfig
-from hfquant.nn.decoupled_linear import DecoupledLinear
+from hfquant.nn.decoupled_linear import STORAGE_DTYPE, DecoupledLinear
 from hfquant.nn.replace import linears_to_convert, set_module
 
 
@@ -52,9 +60,16 @@ def solve_layer(
     config: HfQuantConfig,
     keep_mask: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """Quantize one weight matrix with the configured method."""
+    """Quantize one weight matrix with the configured method; ``keep_mask`` weights are left out."""
     if config.method == "rtn":
-        return rtn_quantize(weight, config.bits, config.group_size)
+        if keep_mask is None:
+            return rtn_quantize(weight, config.bits, config.group_size)
+        from hfquant.algorithms.gptq import masked_minmax_grid
+
+        scales, zeros = masked_minmax_grid(weight, config.bits, config.group_size, keep_mask)
+        return QuantizedWeight(
+            quantize_to_grid(weight, scales, zeros, config.bits, config.group_size), scales, zeros
+        )
     if config.method == "gptq":
         from hfquant.algorithms.gptq import gptq_quantize
 
@@ -95,36 +110,77 @@ def quantize_model(
             "the model has no nn.Linear layer to quantize (all skipped by modules_to_not_convert?)"
         )
     report = QuantizationReport(config.method, config.bits, config.group_size, len(linears))
-    if not config.needs_calibration:
+    # rtn reads text only for a saliency without its own task set.
+    needs_ids = config.needs_calibration and (config.method != "rtn" or config.task_dataset is None)
+    ids = _calibration_ids(model, config, tokenizer) if needs_ids else None
+    masks: dict[str, torch.Tensor] = {}
+    if config.outlier_fraction > 0:
+        reads_task = config.task_dataset is not None and config.saliency != "magnitude"
+        masks = keep_masks(
+            model, linears, config, _tokenizer(model, config, tokenizer) if reads_task else None, ids
+        )
+    if config.method == "rtn":
         for name, linear in tqdm(linears.items(), desc="hfquant rtn", disable=not progress):
-            quantized = rtn_quantize(linear.weight.data, config.bits, config.group_size)
-            set_module(model, name, _to_module(quantized, linear, config))
+            quantized = solve_layer(linear.weight.data, None, config, masks.get(name))
+            set_module(model, name, _to_module(quantized, linear, config, masks.get(name)))
     else:
-        ids = _calibration_ids(model, config, tokenizer)
-        _quantize_sequential(model, linears, ids, config, report, progress)
+        _quantize_sequential(model, linears, ids, config, report, progress, masks)
     report.seconds = time.perf_counter() - start
     model.hfquant_report = report
     return report
 
 
-def _to_module(quantized: QuantizedWeight, linear: nn.Linear, config: HfQuantConfig) -> DecoupledLinear:
+def _to_module(
+    quantized: QuantizedWeight,
+    linear: nn.Linear,
+    config: HfQuantConfig,
+    keep_mask: torch.Tensor | None = None,
+) -> DecoupledLinear:
+    outliers = None
+    if keep_mask is not None and keep_mask.any():
+        rows, cols = keep_mask.nonzero(as_tuple=True)
+        grid = grid_values(
+            quantized.qweight,
+            quantized.scales.to(STORAGE_DTYPE),
+            quantized.zeros.to(STORAGE_DTYPE),
+            rows,
+            cols,
+            config.group_size,
+        )
+        outliers = (rows.int(), cols.int(), linear.weight.data[rows, cols].float() - grid)
     return DecoupledLinear.from_quantized(
-        quantized, config.bits, config.group_size, bias=linear.bias, dtype=linear.weight.dtype
+        quantized,
+        config.bits,
+        config.group_size,
+        bias=linear.bias,
+        outliers=outliers,
+        dtype=linear.weight.dtype,
     )
 
 
-def _calibration_ids(model: nn.Module, config: HfQuantConfig, tokenizer: Any) -> torch.Tensor:
-    from transformers import AutoTokenizer
+def refresh_kept_weights(module: DecoupledLinear, kept: torch.Tensor) -> None:
+    """Reset the 16-bit residuals so the kept weights equal ``kept`` again on the module's current grid."""
+    rows, cols = module.outlier_rows.long(), module.outlier_cols.long()
+    grid = grid_values(module.integers(), module.scales, module.zeros, rows, cols, module.group_size)
+    module.outlier_values.copy_((kept.float() - grid).to(STORAGE_DTYPE))
 
-    from hfquant.calibration import get_calibration_data
+
+def _tokenizer(model: nn.Module, config: HfQuantConfig, tokenizer: Any) -> Any:
+    from transformers import AutoTokenizer
 
     tokenizer = tokenizer or config.tokenizer or getattr(model, "name_or_path", None)
     if tokenizer is None:
         raise ValueError(
-            f"method={config.method!r} needs calibration text: pass a tokenizer in HfQuantConfig"
+            f"method={config.method!r} with saliency={config.saliency!r} needs calibration text: "
+            "pass a tokenizer in HfQuantConfig"
         )
-    if isinstance(tokenizer, str):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer
+
+
+def _calibration_ids(model: nn.Module, config: HfQuantConfig, tokenizer: Any) -> torch.Tensor:
+    from hfquant.calibration import get_calibration_data
+
+    tokenizer = _tokenizer(model, config, tokenizer)
     return get_calibration_data(config.dataset, tokenizer, config.nsamples, config.seqlen, seed=config.seed)
 
 
@@ -252,6 +308,7 @@ def _quantize_sequential(
     config: HfQuantConfig,
     report: QuantizationReport,
     progress: bool,
+    masks: dict[str, torch.Tensor],
 ) -> None:
     from hfquant.algorithms.blockwise import block_minimize
 
@@ -266,9 +323,16 @@ def _quantize_sequential(
             n.removeprefix(block_prefix): m for n, m in linears.items() if n.startswith(block_prefix)
         }
         hessians, targets = _run_full_precision(block, block_linears, batches)
+        kept: dict[str, torch.Tensor] = {}  # original values of the kept weights, per linear
         for name, linear in block_linears.items():
-            quantized = solve_layer(linear.weight.data, hessians[name], config)
-            set_module(block, name, _to_module(quantized, linear, config))
+            mask = masks.get(block_prefix + name)
+            quantized = solve_layer(linear.weight.data, hessians[name], config, mask)
+            module = _to_module(quantized, linear, config, mask)
+            if module.num_outliers:
+                kept[name] = linear.weight.data[
+                    module.outlier_rows.long(), module.outlier_cols.long()
+                ].clone()
+            set_module(block, name, module)
         del hessians
         before = block_error(block, batches, targets)
         after = before
@@ -276,6 +340,11 @@ def _quantize_sequential(
             after = block_minimize(
                 block, batches, targets, epochs=config.blockwise_epochs, lr=config.blockwise_lr
             )
+            if kept:
+                with torch.no_grad():
+                    for name, values in kept.items():
+                        refresh_kept_weights(block.get_submodule(name), values)
+                after = block_error(block, batches, targets)
         report.blocks.append(BlockReport(index, before, after))
         _mark_resident(model, block_prefix, next(block.buffers()).device)
         bar.set_postfix_str(f"block {index} mse {before:.3g} -> {after:.3g}")

