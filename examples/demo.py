@@ -21,7 +21,7 @@ from hfquant.export import bits_per_weight, folder_size, save_quantized
 from hfquant.models import default_model_path
 
 OUT = Path(os.environ.get("HFQUANT_DEMO_OUT", "demo-out")) / "SmolLM2-135M-Instruct-hfquant-w2g64"
-EVAL_WINDOWS = int(os.environ.get("HFQUANT_DEMO_WINDOWS", "24"))
+EVAL_WINDOWS = int(os.environ.get("HFQUANT_DEMO_WINDOWS", "16"))
 QUESTION = "What is the capital of France?"
 
 torch.manual_seed(0)

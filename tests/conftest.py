@@ -10,6 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton reads this when it is first imported, and torch.compile imports it too: set it before any
+# test module loads so CPU-only CI runs the Triton kernels in interpreter mode (tests/test_kernels.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TINY = {

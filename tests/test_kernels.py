@@ -1,7 +1,7 @@
 """Fused kernels vs the reference dequantize-and-matmul: Triton (interpreter on CPU, compiled on CUDA), C++ CPU path.
 
-``TRITON_INTERPRET=1`` must be set before triton kernels are defined; hfquant defines them lazily on
-first use, and only this module uses them on CPU, so setting it at import time here is enough.
+``TRITON_INTERPRET=1`` must be set before triton is first imported (torch.compile imports it too):
+tests/conftest.py sets it for the whole session; this module sets it as well so it also runs alone.
 """
 
 from __future__ import annotations
