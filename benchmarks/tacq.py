@@ -150,6 +150,7 @@ def main() -> None:
         "--method", default="rtn", help="rtn fits the default run in ~40 min on 2 shared cores"
     )
     parser.add_argument("--blockwise-epochs", type=int, default=0)
+    parser.add_argument("--decoupleq-iters", type=int, default=4)
     parser.add_argument(
         "--nsamples", type=int, default=8, help="calibration windows (solver and text saliency)"
     )
@@ -206,6 +207,7 @@ def main() -> None:
             seqlen=args.seqlen,
             blockwise_epochs=args.blockwise_epochs,
             blockwise_batch_size=4,
+            decoupleq_iters=args.decoupleq_iters,
             outlier_fraction=0.0 if saliency == "none" else args.fraction,
             saliency="tacq" if saliency == "none" else saliency,
             outlier_scope=scope,
@@ -292,7 +294,8 @@ def main() -> None:
         f"\n## tacq.py, {datetime.date.today()}: SmolLM2-135M-Instruct, {platform.machine()} CPU, "
         f"{torch.get_num_threads()} threads (os.cpu_count()={os.cpu_count()}), {minutes:.0f} min{status}\n\n"
         f"Kept weights: {args.fraction:.2%} of every quantized layer, scope {args.scope!r}. Solver: {args.method}, "
-        f"block-wise minimization {args.blockwise_epochs} epochs; calibration windows: {args.nsamples} x "
+        + (f"{args.decoupleq_iters} decoupleQ rounds, " if args.method == "decoupleq" else "")
+        + f"block-wise minimization {args.blockwise_epochs} epochs; calibration windows: {args.nsamples} x "
         f"{args.seqlen} tokens of Book of Mormon text{' (task data in (b))' if args.task_solver else ''}, read by "
         "the solver (not by rtn) and by a 'general' saliency. Saliency data: "
         f"'general' = those windows, 'task' = {args.nsamples} x {args.seqlen}-token windows of {len(code_task)} "
