@@ -47,11 +47,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hfquant import HfQuantConfig
-    from hfquant.export import bits_per_weight, folder_size, save_quantized
+    from hfquant.calibration import heldout_texts
+    from hfquant.eval import perplexity
+    from hfquant.export import QualityFigures, bits_per_weight, folder_size, save_quantized
     from hfquant.models import resolve_model
 
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    eval_text = Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else heldout_texts()
+    eval_name = args.eval_text or "held-out Book of Mormon chapters (never used for calibration)"
+
+    def measure(lm) -> float:
+        return perplexity(lm, tokenizer, eval_text, seqlen=512, max_windows=args.eval_windows)
+
+    ppl_before = None
+    if args.eval_windows:
+        full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        ppl_before = measure(full)
+        del full
     config = HfQuantConfig(
         bits=args.bits,
         group_size=args.group_size,
@@ -70,7 +83,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
     seconds = time.perf_counter() - start
-    out = save_quantized(model, args.out, tokenizer)
+    if ppl_before is not None:
+        model.hfquant_quality = QualityFigures(
+            text=eval_name,
+            perplexity_before=ppl_before,
+            perplexity_after=measure(model.eval()),
+            tokens=512 * args.eval_windows,
+        )
+    out = save_quantized(model, args.out, tokenizer, max_shard_size=args.max_shard_size)
     report = model.hfquant_report
     rows = [
         {
@@ -100,6 +120,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             }
         ]
     )
+    if ppl_before is not None:
+        quality = model.hfquant_quality
+        print_table(
+            [
+                {
+                    "text": eval_name,
+                    "perplexity before": f"{quality.perplexity_before:.3f}",
+                    "perplexity after": f"{quality.perplexity_after:.3f}",
+                    "x fp": f"{quality.perplexity_after / quality.perplexity_before:.2f}",
+                }
+            ]
+        )
+    if args.push_to_hub:
+        from hfquant.export import push_folder, write_model_card
+
+        write_model_card(model, out, args.push_to_hub)  # the card's usage snippet names the repo
+        url = push_folder(out, args.push_to_hub, private=args.private or None)
+        print(f"pushed {out} to {args.push_to_hub}: {url}")
     return 0
 
 
@@ -191,7 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--outlier-scope", default="layer", help="layer or global")
     q.add_argument("--blockwise-epochs", type=int, default=4)
     q.add_argument("--decoupleq-iters", type=int, default=4)
-    q.add_argument("--out", required=True, help="output folder (written atomically)")
+    q.add_argument("--out", required=True, help="output folder (written atomically, with a model card)")
+    q.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors file (e.g. 500MB); bigger models are sharded"
+    )
+    q.add_argument(
+        "--eval-windows",
+        type=int,
+        default=8,
+        help="512-token windows of --eval-text scored before and after, for the model card (0 skips)",
+    )
+    q.add_argument("--eval-text", default=None, help="text file for the perplexities (default: held-out Book of Mormon)")
+    q.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the saved folder to this Hub repo")
+    q.add_argument("--private", action="store_true", help="create the Hub repo private")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity on a text file (default: held-out Book of Mormon text)")

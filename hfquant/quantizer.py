@@ -21,6 +21,7 @@ from hfquant.export.checkpoint import (
     read_checkpoint,
     storage_state_dict,
 )
+from hfquant.export.hub import enable_export
 from hfquant.nn.decoupled_linear import DecoupledLinear
 from hfquant.nn.replace import linears_to_convert, set_module
 
@@ -64,6 +65,7 @@ class HfQuantQuantizer(HfQuantizer):
             set_module(model, name, module)
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
+        enable_export(model)
         if self.pre_quantized:
             for name, module in model.named_modules():
                 if isinstance(module, DecoupledLinear):
@@ -76,9 +78,12 @@ class HfQuantQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(
         self, model: PreTrainedModel
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        from hfquant import __version__
+
         config = self.quantization_config
         metadata = {
             "hfquant_format_version": str(FORMAT_VERSION),
+            "hfquant_version": __version__,
             "hfquant_bits": str(config.bits),
             "hfquant_group_size": str(config.group_size),
             "hfquant_method": config.method,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,35 @@ def tiny_chat_model_dir(tmp_path_factory) -> Path:
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+class FakeHfApi:
+    """Stands in for the Hub: records the calls and keeps a copy of each uploaded folder."""
+
+    calls: list[tuple[str, dict]] = []
+    remote: Path
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def create_repo(self, repo_id, **kwargs):
+        FakeHfApi.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        FakeHfApi.calls.append(("upload_folder", {"repo_id": repo_id, **kwargs}))
+        target = FakeHfApi.remote / repo_id
+        shutil.copytree(folder_path, target, dirs_exist_ok=True)
+        return type("CommitInfo", (), {"commit_url": f"https://hub.invalid/{repo_id}/commit/1"})()
+
+
+@pytest.fixture()
+def fake_hub(tmp_path, monkeypatch):
+    """No test reaches a Hub: ``huggingface_hub.HfApi`` as hfquant uses it is replaced by
+    :class:`FakeHfApi`, whose uploads land in ``tmp_path / "remote" / repo_id``."""
+    import hfquant.export.hub as hub
+
+    FakeHfApi.calls = []
+    FakeHfApi.remote = tmp_path / "remote"
+    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    return FakeHfApi

@@ -24,3 +24,15 @@ def test_quantize_save_then_load_chat_and_evaluate(tiny_chat_model_dir, tmp_path
     reply = run("load_and_chat.py", str(out), "Hello?")
     assert reply.strip()  # a random tiny model says something; the point is that the path runs
     assert "perplexity:" in run("evaluate.py", str(out), "1")
+
+
+def test_push_to_hub_example(tiny_chat_model_dir, tmp_path, monkeypatch, capsys, fake_hub):
+    """Run in-process so that the Hub can be faked at the network boundary (``HfApi``)."""
+    import runpy
+
+    run("quantize_and_save.py", str(tiny_chat_model_dir), "--out", str(tmp_path / "w2"), "--method", "rtn")
+    monkeypatch.setattr(sys, "argv", ["push_to_hub.py", str(tmp_path / "w2"), "me/w2", "--private"])
+    runpy.run_path(str(EXAMPLES / "push_to_hub.py"), run_name="__main__")
+    assert "uploaded" in capsys.readouterr().out
+    assert fake_hub.calls[0] == ("create_repo", {"repo_id": "me/w2", "private": True, "token": None, "exist_ok": True})
+    assert {"README.md", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in (tmp_path / "remote/me/w2").iterdir()}

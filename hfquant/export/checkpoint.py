@@ -24,6 +24,7 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 GRID_TENSORS = ("qweight", "scales", "zeros")
 OUTLIER_TENSORS = ("outlier_rows", "outlier_cols", "outlier_values")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+INDEX_FILE = "model.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
@@ -78,7 +79,11 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str,
 
 
 def read_checkpoint(files: list[str]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Headers of every file of a (possibly sharded) checkpoint; safetensors only."""
+    """Headers of every file of a (possibly sharded) checkpoint; safetensors only.
+
+    A sharded checkpoint's index must agree with its shards: every shard it lists is present and
+    whole, and every tensor it maps is in the shard it names.
+    """
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     for path in files:
@@ -87,10 +92,34 @@ def read_checkpoint(files: list[str]) -> tuple[dict[str, TensorInfo], dict[str, 
                 f"{os.path.basename(path)} is not a safetensors file: hfquant checkpoints are safetensors only "
                 "(pickle-based weight files are refused)"
             )
+        if not os.path.isfile(path):
+            raise CheckpointError(
+                f"shard {os.path.basename(path)} is missing from {os.path.dirname(path) or '.'}: "
+                f"the checkpoint index lists it (re-download or re-save the model)"
+            )
         file_tensors, file_metadata = read_safetensors_header(path)
         tensors.update(file_tensors)
         metadata.update(file_metadata)
+    if files:
+        _check_index(os.path.join(os.path.dirname(files[0]), INDEX_FILE), tensors)
     return tensors, metadata
+
+
+def _check_index(index_path: str, tensors: dict[str, TensorInfo]) -> None:
+    if not os.path.isfile(index_path):
+        return
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{INDEX_FILE} is corrupt: {err}") from err
+    for tensor, shard in weight_map.items():
+        info = tensors.get(tensor)
+        if info is None or os.path.basename(info.file) != shard:
+            raise CheckpointError(
+                f"{INDEX_FILE} maps tensor {tensor} to {shard}, but "
+                + ("no shard holds it" if info is None else f"it is in {os.path.basename(info.file)}")
+            )
 
 
 def check_metadata(metadata: dict[str, str], config: HfQuantConfig) -> None:
@@ -103,9 +132,12 @@ def check_metadata(metadata: dict[str, str], config: HfQuantConfig) -> None:
     if int(version) > FORMAT_VERSION:
         from hfquant import __version__
 
+        writer = metadata.get("hfquant_version")
+        install = f'pip install "hfquant>={writer}"' if writer else "pip install -U hfquant"
         raise CheckpointError(
             f"checkpoint format version {version} is newer than this hfquant {__version__} reads "
-            f"(up to {FORMAT_VERSION}): upgrade with `pip install -U hfquant`"
+            f"(up to {FORMAT_VERSION}); it was written by hfquant {writer or 'a newer release'}: "
+            f"upgrade with `{install}`"
         )
     for field in ("bits", "group_size"):
         stored = metadata.get(f"hfquant_{field}")

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from hfquant.config import HfQuantConfig
 from hfquant.nn.decoupled_linear import DecoupledLinear
 
 
@@ -30,7 +31,8 @@ def folder_size(path: str | os.PathLike) -> int:
 
 
 def save_quantized(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, **save_kwargs: Any) -> Path:
-    """``save_pretrained`` into a temporary sibling folder, then swap it in.
+    """``save_pretrained`` (weights, config, model card) and the tokenizer into a temporary
+    sibling folder, then swap it in.
 
     An interruption (error, Ctrl-C) at any point leaves either the previous folder or nothing,
     never a half-written checkpoint.
@@ -41,6 +43,10 @@ def save_quantized(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None
     backup = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
         model.save_pretrained(tmp, **save_kwargs)
+        if isinstance(getattr(model.config, "quantization_config", None), HfQuantConfig):
+            from hfquant.export.model_card import write_model_card
+
+            write_model_card(model, tmp, str(out))  # the card names the final folder, not tmp
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():

@@ -1,0 +1,189 @@
+"""The model card (``README.md``) written beside every saved hfquant checkpoint.
+
+A 2-bit model is only useful to others if its card says how it was made and what it costs in
+quality, so the card is generated from what the run knows: the settings in the quantization
+config, the bits per weight and file size actually stored, and the perplexities measured before
+and after (when the run measured them, see :class:`QualityFigures`). The template is
+``model_cards/hfquant.md`` (shipped as ``hfquant.model_cards``), rendered by ``huggingface_hub``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from hfquant.config import FORMAT_VERSION, HfQuantConfig
+from hfquant.export.save import bits_per_weight, folder_size
+
+TEMPLATE = "hfquant.md"
+METHOD_NAMES = {"rtn": "round to nearest", "gptq": "GPTQ", "decoupleq": "decoupleQ"}
+
+
+@dataclass
+class QualityFigures:
+    """Perplexity of the model before and after quantization on the same named text."""
+
+    text: str
+    perplexity_before: float
+    perplexity_after: float
+    tokens: int | None = None
+
+
+@dataclass
+class SourceInfo:
+    base_model: str | None = None
+    license: str | None = None
+    language: list[str] | None = None
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return "/" in name and not os.path.exists(name)
+
+
+def _front_matter(card_path: Path) -> dict[str, Any]:
+    try:
+        return ModelCard.load(card_path).data.to_dict()
+    except (OSError, ValueError):
+        return {}
+
+
+def source_info(name_or_path: str | os.PathLike | None) -> SourceInfo:
+    """Base model id, license and language of the model a card describes.
+
+    A local folder's ``README.md`` is read: an hfquant card (a reloaded quantized model) names
+    its own base model; any other card (a local copy of a base model) gives license and language
+    and, where it records one, the Hub id in ``model_name``. A Hub id is the base model itself;
+    its license is read from a cached ``README.md`` when there is one (no network).
+    """
+    if not name_or_path:
+        return SourceInfo()
+    name = str(name_or_path)
+    if os.path.isdir(name):
+        data = _front_matter(Path(name) / "README.md")
+        if "hfquant" in (data.get("tags") or []):
+            base = data.get("base_model")
+        else:
+            base = data.get("model_name")
+        base = base if isinstance(base, str) and _is_repo_id(base) else None
+    elif _is_repo_id(name):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "README.md")
+        data = _front_matter(Path(cached)) if isinstance(cached, str) else {}
+        base = name
+    else:
+        return SourceInfo()
+    language = data.get("language")
+    return SourceInfo(
+        base_model=base,
+        license=data.get("license"),
+        language=[language] if isinstance(language, str) else language,
+    )
+
+
+def _method_text(config: HfQuantConfig) -> str:
+    text = METHOD_NAMES[config.method]
+    if config.method != "rtn" and config.blockwise_epochs > 0:
+        text += f" + block-wise minimization ({config.blockwise_epochs} epochs)"
+    if config.outlier_fraction > 0:
+        text += f" + {config.saliency} kept weights"
+    return text
+
+
+def _calibration_text(config: HfQuantConfig) -> str:
+    if config.method == "rtn" and config.outlier_fraction == 0:
+        return "none (round to nearest is data-free)"
+    data = config.dataset if isinstance(config.dataset, str) else "user-supplied texts"
+    text = f"{data}, {config.nsamples} windows x {config.seqlen} tokens"
+    if config.outlier_fraction > 0 and config.saliency == "tacq":
+        task = config.task_dataset if isinstance(config.task_dataset, str | os.PathLike) else None
+        text += f"; task examples: {task or ('user-supplied examples' if config.task_dataset else data)}"
+    return text
+
+
+def _quality_text(quality: QualityFigures | None) -> str:
+    if quality is None:
+        return (
+            "Not measured in the run that wrote this card. Measure it with "
+            "`hfquant eval MODEL --text FILE` on the base model and on this one."
+        )
+    ratio = quality.perplexity_after / quality.perplexity_before
+    tokens = f" ({quality.tokens:,} tokens)" if quality.tokens else ""
+    return (
+        f"Perplexity on {quality.text}{tokens}, measured in the quantization run:\n\n"
+        "| model | perplexity | x full precision |\n|---|---|---|\n"
+        f"| full precision | {quality.perplexity_before:.2f} | 1.00 |\n"
+        f"| this model | {quality.perplexity_after:.2f} | {ratio:.2f} |"
+    )
+
+
+def tags(config: HfQuantConfig) -> list[str]:
+    out = ["hfquant", f"{config.bits}-bit", "quantized", config.method]
+    if config.method != "rtn" and config.blockwise_epochs > 0:
+        out.append("blockwise-minimization")
+    if config.outlier_fraction > 0:
+        out.append(config.saliency)
+    return out
+
+
+def render_model_card(model: Any, folder: str | os.PathLike, model_id: str | None = None) -> ModelCard:
+    """The card of ``model`` as saved in ``folder`` (whose weight files give the size on disk);
+    ``model_id`` is the Hub id or path the usage snippet loads (default: the folder)."""
+    from hfquant import __version__
+
+    config: HfQuantConfig = model.config.quantization_config
+    if isinstance(config, dict):
+        config = HfQuantConfig.from_dict(config)
+    source = source_info(getattr(model, "name_or_path", None))
+    quality = getattr(model, "hfquant_quality", None)
+    data = ModelCardData(
+        base_model=source.base_model,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license=source.license,
+        language=source.language,
+        tags=tags(config),
+    )
+    base = source.base_model or "This model"
+    model_id = model_id or str(Path(folder).resolve())
+    kept = config.outlier_fraction
+    template = resources.files("hfquant.model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    return ModelCard.from_template(
+        data,
+        template_str=template,
+        model_name=f"{base.split('/')[-1] if source.base_model else Path(model_id).name} "
+        f"({config.bits}-bit hfquant)",
+        base_model_line=f"[{base}](https://huggingface.co/{base})" if source.base_model else base,
+        bits=config.bits,
+        group_size_text="one group per row" if config.group_size == -1 else str(config.group_size),
+        method_text=_method_text(config),
+        calibration_text=_calibration_text(config),
+        kept_text=f"{kept:.2%} ({config.saliency}, per {config.outlier_scope})" if kept else "none",
+        bits_per_weight=f"{bits_per_weight(model):.3f}",
+        size_text=f"{folder_size(folder) / 1e6:.1f} MB",
+        skipped_text=", ".join(config.modules_to_not_convert or []) or "lm_head, embeddings, norms",
+        hfquant_version=__version__,
+        format_version=FORMAT_VERSION,
+        quality_text=_quality_text(quality),
+        model_id=model_id,
+        kept_storage_text=", and the kept weights as float16 values with int32 row/column indices"
+        if kept
+        else "",
+    )
+
+
+def write_model_card(model: Any, folder: str | os.PathLike, model_id: str | None = None) -> Path:
+    path = Path(folder) / "README.md"
+    render_model_card(model, folder, model_id).save(path)
+    return path
