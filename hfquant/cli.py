@@ -55,7 +55,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     eval_text = Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else heldout_texts()
-    eval_name = args.eval_text or "held-out Book of Mormon chapters (never used for calibration)"
+    eval_name = args.eval_text or "held-out Book of Mormon chapters never used for calibration"
 
     def measure(lm) -> float:
         return perplexity(lm, tokenizer, eval_text, seqlen=512, max_windows=args.eval_windows)

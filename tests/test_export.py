@@ -56,7 +56,7 @@ def test_card_fields(quantized, tmp_path, base_dir):
     assert f"{folder_size(out) / 1e6:.1f} MB" in text
     assert "| group size | 32 |" in text and "round to nearest" in text
     assert "| full precision | 20.00 | 1.00 |" in text and "| this model | 31.00 | 1.55 |" in text
-    assert "held-out text (4,096 tokens)" in text
+    assert "on held-out text (4,096 tokens):" in text
     for snippet in ("pip install hfquant", "import hfquant", f'from_pretrained("{out}")', f"hfquant chat {out}"):
         assert snippet in text
 

@@ -121,7 +121,7 @@ def _quality_text(quality: QualityFigures | None) -> str:
     ratio = quality.perplexity_after / quality.perplexity_before
     tokens = f" ({quality.tokens:,} tokens)" if quality.tokens else ""
     return (
-        f"Perplexity on {quality.text}{tokens}, measured in the quantization run:\n\n"
+        f"Perplexity measured in the quantization run on {quality.text}{tokens}:\n\n"
         "| model | perplexity | x full precision |\n|---|---|---|\n"
         f"| full precision | {quality.perplexity_before:.2f} | 1.00 |\n"
         f"| this model | {quality.perplexity_after:.2f} | {ratio:.2f} |"
@@ -172,7 +172,8 @@ def render_model_card(model: Any, folder: str | os.PathLike, model_id: str | Non
         kept_text=f"{kept:.2%} ({config.saliency}, per {config.outlier_scope})" if kept else "none",
         bits_per_weight=f"{bits_per_weight(model):.3f}",
         size_text=f"{folder_size(folder) / 1e6:.1f} MB",
-        skipped_text=", ".join(config.modules_to_not_convert or []) or "lm_head, embeddings, norms",
+        skipped_text=", ".join(config.modules_to_not_convert or ["lm_head"])
+        + "; embeddings and norms are not linear layers and keep the model's dtype",
         hfquant_version=__version__,
         format_version=FORMAT_VERSION,
         quality_text=_quality_text(quality),
