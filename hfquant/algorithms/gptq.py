@@ -52,8 +52,9 @@ def masked_minmax_grid(
     if pad:
         lo = torch.nn.functional.pad(lo, (0, pad), value=float("inf"))
         hi = torch.nn.functional.pad(hi, (0, pad), value=float("-inf"))
-    wmin = lo.reshape(out_features, ng, gs).amin(dim=2)
-    wmax = hi.reshape(out_features, ng, gs).amax(dim=2)
+    shape = (1, 1, -1) if group_size == 0 else (out_features, ng, gs)
+    wmin = lo.reshape(shape).amin(dim=2)
+    wmax = hi.reshape(shape).amax(dim=2)
     empty = torch.isinf(wmin)  # every weight of the group is kept: any grid will do
     wmin = wmin.masked_fill(empty, 0.0)
     wmax = wmax.masked_fill(empty, 0.0)
@@ -147,8 +148,9 @@ def gptq_solve(
     w_orig = w.float()
     work = w_orig.clone()
     work[:, inv.dead] = 0.0
-    if grid is None and perm is not None:
+    if grid is None and (perm is not None or group_size == 0):
         # act_order visits columns out of order, but stored groups are contiguous: the grid must be static.
+        # So must a per-tensor grid, which spans columns the solve has not reached yet.
         grid = masked_minmax_grid(work, bits, group_size, keep_mask)
     static = grid is not None
     gidx = group_index(in_features, group_size)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hfquant.algorithms.grid import num_groups
+from hfquant.algorithms.grid import grid_shape
 from hfquant.config import FORMAT_VERSION, HfQuantConfig
 from hfquant.nn.packing import packed_width
 
@@ -129,8 +129,8 @@ def plan_quantized_layers(
             )
         expected = {
             "qweight": ("I32", (out_f, packed_width(in_f, config.bits))),
-            "scales": (FLOAT_DTYPES, (out_f, num_groups(in_f, config.group_size))),
-            "zeros": (FLOAT_DTYPES, (out_f, num_groups(in_f, config.group_size))),
+            "scales": (FLOAT_DTYPES, grid_shape(out_f, in_f, config.group_size)),
+            "zeros": (FLOAT_DTYPES, grid_shape(out_f, in_f, config.group_size)),
         }
         for suffix, (dtypes, shape) in expected.items():
             _check_tensor(tensors, f"{name}.{suffix}", dtypes, shape, config)
