@@ -187,8 +187,9 @@ def _check_tensor(
         raise CheckpointError(
             f"missing tensor {key}: the checkpoint does not hold this quantized layer whole"
         )
-    if info.dtype not in (dtypes if isinstance(dtypes, tuple) else (dtypes,)):
-        raise CheckpointError(f"tensor {key} has dtype {info.dtype}, expected one of {list(dtypes)}")
+    allowed = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+    if info.dtype not in allowed:
+        raise CheckpointError(f"tensor {key} has dtype {info.dtype}, expected one of {list(allowed)}")
     if info.shape != shape:
         raise CheckpointError(
             f"tensor {key} has shape {list(info.shape)}, expected {list(shape)} for bits={config.bits}, "
