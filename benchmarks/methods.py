@@ -98,7 +98,7 @@ def main() -> None:
         f.write(header + table_lines([fp_row], with_header=True))
     for bits in (int(b) for b in args.bits.split(",")):
         for method in methods:
-            settings = dict(METHODS[method])
+            settings = {"blockwise_epochs": args.blockwise_epochs, **METHODS[method]}
             split = settings.pop("split", False)
             config = HfQuantConfig(
                 bits=bits,
@@ -107,7 +107,6 @@ def main() -> None:
                 nsamples=args.nsamples,
                 seqlen=args.seqlen,
                 decoupleq_iters=args.decoupleq_iters,
-                blockwise_epochs=args.blockwise_epochs,
                 blockwise_batch_size=4,
                 tokenizer=tokenizer,
                 **settings,
