@@ -176,11 +176,12 @@ def split_quantize(
     if method == "gptq":
         return best
     problem, unwide = _wide_problem(w, hessian.float(), cluster, clusters, group_size, damp)
-    _, _, _, best_obj = problem.solve(_wide(best.qweight, clusters, group_size), _wide_grid(best), True)
+    # Each float step also prices the integers it starts from on the grid they were solved on.
+    s, z, obj, best_obj = problem.solve(_wide(best.qweight, clusters, group_size), _wide_grid(best), True)
 
     def accept(q: torch.Tensor, theta: tuple[torch.Tensor, torch.Tensor], obj: torch.Tensor) -> None:
         nonlocal best_obj
-        if problem.shared:
+        if problem.shared:  # one grid for all rows: a step is taken whole or not at all
             better = torch.full_like(best_obj, float(obj.sum()) < float(best_obj.sum()), dtype=torch.bool)
         else:
             better = obj < best_obj
@@ -191,13 +192,12 @@ def split_quantize(
         best.zeros[:, rows] = z[:, rows]
         best_obj = torch.where(better, obj, best_obj)
 
-    q = best.qweight
-    for step in range(iters + 1):
-        if step:
-            q = integer_step(best.scales, best.zeros)
-            _, _, _, obj_q = problem.solve(_wide(q, clusters, group_size), _wide_grid(best), True)
-            accept(q, _wide_grid(best), obj_q)
-        s, z, obj, _ = problem.solve(_wide(q, clusters, group_size), _wide_grid(best), True)
+    accept(best.qweight, (s, z), obj)
+    for _ in range(iters):
+        grid = _wide_grid(best)
+        q = integer_step(best.scales, best.zeros)
+        s, z, obj, obj_q = problem.solve(_wide(q, clusters, group_size), grid, True)
+        accept(q, grid, obj_q)
         accept(q, (s, z), obj)
     return best
 
@@ -209,7 +209,7 @@ def _group_width(in_features: int, group_size: int) -> tuple[int, int]:
 
 def _wide(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
     """``[out, in]`` to ``[out, k * in_padded]``: k copies, each padded to whole groups."""
-    gs, padded = _group_width(t.shape[1], group_size)
+    _, padded = _group_width(t.shape[1], group_size)
     t = torch.nn.functional.pad(t.float(), (0, padded - t.shape[1]))
     return t.repeat(1, k)
 
