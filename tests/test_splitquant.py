@@ -148,8 +148,8 @@ def test_split_rtn_save_reload_bit_identical(tiny_model_dir, tmp_path, group_siz
 
 def test_split_decoupleq_end_to_end(tiny_tokenized_dir, tmp_path):
     config = HfQuantConfig(
-        bits=2, group_size=32, method="decoupleq", split_clusters=3, dataset=TINY_TEXTS, nsamples=4, seqlen=32,
-        decoupleq_iters=1, blockwise_epochs=1, blockwise_batch_size=2,
+        bits=2, group_size=-1, method="decoupleq", split_clusters=3, dataset=TINY_TEXTS, nsamples=4, seqlen=32,
+        decoupleq_iters=0, blockwise_epochs=1, blockwise_batch_size=2,
     )
     model = AutoModelForCausalLM.from_pretrained(tiny_tokenized_dir, quantization_config=config)
     assert all(b.error_after <= b.error_before * (1 + 1e-6) for b in model.hfquant_report.blocks)

@@ -38,7 +38,7 @@ from torch import nn
 
 from hfquant.algorithms.decoupleq import _FloatProblem
 from hfquant.algorithms.gptq import gptq_solve, masked_minmax_grid, prepare_hessian
-from hfquant.algorithms.grid import effective_group_size, expand_groups, num_groups
+from hfquant.algorithms.grid import effective_group_size, group_index, num_groups
 
 KMEANS_ITERS = 50
 
@@ -118,13 +118,10 @@ def cluster_grid(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each weight's own scale and zero (float32 ``[out, in]``), read from its cluster's grid."""
     out_features, in_features = cluster.shape
-    index = cluster.long().unsqueeze(0)
-
-    def per_weight(params: torch.Tensor) -> torch.Tensor:
-        full = torch.stack([expand_groups(p.float(), in_features, group_size) for p in params])
-        return full.expand(-1, out_features, -1).gather(0, index)[0]
-
-    return per_weight(scales), per_weight(zeros)
+    rows = torch.arange(out_features, device=cluster.device)[:, None] if scales.shape[1] > 1 else 0
+    groups = group_index(in_features, group_size, cluster.device)[None, :]
+    index = (cluster.long(), rows, groups)  # broadcast to [out, in]
+    return scales.float()[index], zeros.float()[index]
 
 
 def split_minmax_grid(
