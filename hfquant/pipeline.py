@@ -7,6 +7,9 @@ block's float parameters by block-wise minimization, and run the *quantized* blo
 the next block's inputs, so later blocks learn to absorb earlier blocks' errors. Only one
 block's weights and activations take part at a time.
 
+INQ (``method="inq"``) takes the place of the per-layer solves: it quantizes the block's linears
+share by share, retraining the still-float weights against the same targets in between.
+
 Weights kept in 16 bits (``outlier_fraction > 0``, TaCQ) are chosen once on the full-precision
 model before the sequential pass (:func:`hfquant.algorithms.tacq.keep_masks`). Each solve then
 leaves them out (no error fed back, no influence on the grid), and the layer stores, at those
@@ -376,15 +379,16 @@ def _quantize_sequential(
         kept: dict[str, torch.Tensor] = {}  # original values of the kept weights, per linear
         if inq:
             _inq_block(block, block_linears, batches, targets, config)
-        for name, linear in ({} if inq else block_linears).items():
-            mask = masks.get(block_prefix + name)
-            quantized = solve_layer(linear.weight.data, hessians[name], config, mask)
-            module = _to_module(quantized, linear, config, mask)
-            if isinstance(module, DecoupledLinear) and module.num_outliers:
-                kept[name] = linear.weight.data[
-                    module.outlier_rows.long(), module.outlier_cols.long()
-                ].clone()
-            set_module(block, name, module)
+        else:
+            for name, linear in block_linears.items():
+                mask = masks.get(block_prefix + name)
+                quantized = solve_layer(linear.weight.data, hessians[name], config, mask)
+                module = _to_module(quantized, linear, config, mask)
+                if isinstance(module, DecoupledLinear) and module.num_outliers:
+                    kept[name] = linear.weight.data[
+                        module.outlier_rows.long(), module.outlier_cols.long()
+                    ].clone()
+                set_module(block, name, module)
         del hessians
         before = block_error(block, batches, targets)
         after = before
