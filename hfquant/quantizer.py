@@ -1,7 +1,8 @@
 """transformers wiring: ``HfQuantizer`` for ``quant_method="hfquant"``.
 
 Thin on purpose (like transformers' own ``quantizer_*.py``): loading a quantized checkpoint swaps
-the linears for :class:`~hfquant.nn.DecoupledLinear` skeletons after checking the files, and
+the linears for skeletons of the config's module class (:class:`~hfquant.nn.DecoupledLinear`,
+:class:`~hfquant.nn.SplitLinear` or :class:`~hfquant.nn.PowerOfTwoLinear`) after checking the files, and
 quantizing at load hands the loaded model to :func:`hfquant.pipeline.quantize_model`.
 """
 
@@ -10,11 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer
 
 from hfquant.config import FORMAT_VERSION, HfQuantConfig
 from hfquant.export.checkpoint import (
+    check_cluster_indices,
     check_metadata,
     check_outlier_indices,
     plan_quantized_layers,
@@ -22,7 +25,7 @@ from hfquant.export.checkpoint import (
     storage_state_dict,
 )
 from hfquant.export.hub import enable_export
-from hfquant.nn.decoupled_linear import DecoupledLinear
+from hfquant.nn import DecoupledLinear, PowerOfTwoLinear, SplitLinear
 from hfquant.nn.replace import linears_to_convert, set_module
 
 
@@ -51,18 +54,7 @@ class HfQuantQuantizer(HfQuantizer):
         linears = linears_to_convert(model, self._skip_list(model))
         outliers = plan_quantized_layers(tensors, linears, config)
         for name, linear in linears.items():
-            dtype = linear.weight.dtype
-            module = DecoupledLinear(
-                linear.in_features,
-                linear.out_features,
-                config.bits,
-                config.group_size,
-                bias=linear.bias is not None,
-                num_outliers=outliers[name],
-                dtype=dtype,
-                device=linear.weight.device,
-            )
-            set_module(model, name, module)
+            set_module(model, name, _skeleton(linear, config, outliers[name]))
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
         enable_export(model)
@@ -70,6 +62,8 @@ class HfQuantQuantizer(HfQuantizer):
             for name, module in model.named_modules():
                 if isinstance(module, DecoupledLinear):
                     check_outlier_indices(module, name)
+                elif isinstance(module, SplitLinear):
+                    check_cluster_indices(module, name)
             return
         from hfquant.pipeline import quantize_model
 
@@ -87,6 +81,7 @@ class HfQuantQuantizer(HfQuantizer):
             "hfquant_bits": str(config.bits),
             "hfquant_group_size": str(config.group_size),
             "hfquant_method": config.method,
+            "hfquant_split_clusters": str(config.split_clusters),
         }
         return storage_state_dict(model), metadata
 
@@ -96,3 +91,22 @@ class HfQuantQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _skeleton(linear: nn.Linear, config: HfQuantConfig, num_outliers: int) -> nn.Module:
+    """An empty quantized module of the config's class, shaped like ``linear``, to load tensors into."""
+    kwargs = {"bias": linear.bias is not None, "dtype": linear.weight.dtype, "device": linear.weight.device}
+    if config.method == "inq":
+        return PowerOfTwoLinear(linear.in_features, linear.out_features, config.bits, **kwargs)
+    if config.split_clusters > 1:
+        return SplitLinear(
+            linear.in_features, linear.out_features, config.bits, config.group_size, config.split_clusters, **kwargs
+        )
+    return DecoupledLinear(
+        linear.in_features,
+        linear.out_features,
+        config.bits,
+        config.group_size,
+        num_outliers=num_outliers,
+        **kwargs,
+    )

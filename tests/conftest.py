@@ -86,6 +86,34 @@ def tiny_chat_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_tokenized_dir(request, tmp_path_factory) -> Path:
+    """A tiny random Llama or Qwen2 with the real SmolLM2 tokenizer: calibrated methods can run on it."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from hfquant.models import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    config = copy.deepcopy(TINY[request.param])
+    config.vocab_size = len(tokenizer)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(f"{request.param}-tok")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# Calibration text for tiny models: a few sentences, so no corpus is loaded.
+TINY_TEXTS = [
+    "The quick brown fox jumps over the lazy dog, and the dog sleeps on in the afternoon sun. " * 6,
+    "A small model learns little, but its layers still have to compute the same function after quantization. "
+    * 6,
+]
+
+
 class FakeHfApi:
     """Stands in for the Hub: records the calls and keeps a copy of each uploaded folder."""
 

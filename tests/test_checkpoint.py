@@ -16,7 +16,7 @@ def _ids(vocab: int = 320) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("bits,group_size", [(2, 64), (3, 32), (4, 128), (2, -1)])
+@pytest.mark.parametrize("bits,group_size", [(2, 64), (3, 32), (4, 128), (2, -1), (3, 0)])
 def test_quantize_save_reload_bit_identical(tiny_model_dir, tmp_path, bits, group_size):
     config = HfQuantConfig(bits=bits, group_size=group_size, method="rtn")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=config)

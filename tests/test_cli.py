@@ -61,3 +61,18 @@ def test_bad_settings_give_a_clear_error(tiny_chat_model_dir, tmp_path, capsys):
 def test_parser_defaults():
     args = build_parser().parse_args(["quantize", "--out", "d"])
     assert (args.model, args.bits, args.group_size, args.method) == (None, 2, 64, "decoupleq")
+    assert args.split_clusters == 0
+    args = build_parser().parse_args(["quantize", "--method", "inq", "--split-clusters", "3", "--out", "d"])
+    assert (args.method, args.split_clusters) == ("inq", 3)
+
+
+def test_split_quantize_from_the_command_line(tiny_chat_model_dir, tmp_path, capsys):
+    out = tmp_path / "split"
+    code = main(["quantize", str(tiny_chat_model_dir), "--method", "rtn", "--split-clusters", "3",
+                 "--group-size", "0", "--out", str(out)])
+    assert code == 0
+    assert "rtn + split 3" in capsys.readouterr().out
+    assert (out / "model.safetensors").exists()
+    code = main(["quantize", str(tiny_chat_model_dir), "--method", "inq", "--split-clusters", "3",
+                 "--out", str(tmp_path / "bad")])
+    assert code == 2 and "split_clusters applies to method rtn, gptq or decoupleq" in capsys.readouterr().err

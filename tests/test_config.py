@@ -30,8 +30,10 @@ def test_dataset_objects_recorded_by_description():
     [
         ("bits", 5, r"bits must be one of \[2, 3, 4\], got 5"),
         ("bits", True, "bits must be one of"),
-        ("group_size", 48, r"group_size must be one of \[32, 64, 128, -1\], got 48"),
-        ("method", "awq", r"method must be one of \['rtn', 'gptq', 'decoupleq'\], got 'awq'"),
+        ("group_size", 48, r"group_size must be one of \[32, 64, 128, -1, 0\], got 48"),
+        ("method", "awq", r"method must be one of \['rtn', 'gptq', 'decoupleq', 'inq'\], got 'awq'"),
+        ("split_clusters", -1, "split_clusters must be an integer >= 0"),
+        ("split_clusters", 9, "split_clusters must be at most 8"),
         ("nsamples", 0, "nsamples must be an integer >= 1"),
         ("seqlen", 1, "seqlen must be an integer >= 2"),
         ("outlier_fraction", 1.5, r"outlier_fraction must be a number in \[0, 1\)"),
@@ -43,6 +45,27 @@ def test_dataset_objects_recorded_by_description():
 def test_bad_values_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         HfQuantConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"method": "inq", "split_clusters": 3}, "split_clusters applies to method rtn, gptq or decoupleq"),
+        ({"method": "inq", "bits": 8}, r"bits must be one of \[2, 3, 4\], got 8"),
+        ({"split_clusters": 3, "outlier_fraction": 0.01}, "outlier_fraction .* not supported .* split_clusters"),
+        ({"method": "inq", "outlier_fraction": 0.01}, "outlier_fraction .* not supported with method='inq'"),
+    ],
+)
+def test_invalid_combinations_name_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        HfQuantConfig(**fields)
+
+
+def test_split_and_inq_round_trip():
+    config = HfQuantConfig(bits=3, method="rtn", split_clusters=3, group_size=0)
+    again = HfQuantConfig.from_dict(config.to_dict())
+    assert (again.split_clusters, again.group_size) == (3, 0)
+    assert HfQuantConfig(method="inq").needs_calibration
 
 
 def test_unknown_field_rejected():

@@ -60,6 +60,31 @@ def test_float_step_is_the_least_squares_optimum(group_size: int, with_keep: boo
         assert ours == pytest.approx(ref, rel=1e-6)
 
 
+@pytest.mark.parametrize("damp", [0.0, 0.05])
+def test_per_tensor_float_step_is_the_joint_least_squares_optimum(damp: float) -> None:
+    w, h = make_problem(12, 100, seed=6)
+    h = h.double()
+    q = torch.randint(0, 4, w.shape, generator=torch.Generator().manual_seed(8), dtype=torch.uint8)
+    scales, zeros = solve_float_step(w, h, q, 0, damp=damp, round_fp16=False)
+    assert scales.shape == zeros.shape == (1, 1)
+    delta = damp * float(h.diagonal().mean())
+    lt = torch.linalg.cholesky(h + delta * torch.eye(100, dtype=torch.float64)).T
+    # All rows stacked: one (scale, zero) pair explains the whole matrix.
+    a = torch.cat([torch.stack([lt @ q[r].double(), lt @ torch.ones(100, dtype=torch.float64)], 1) for r in range(12)])
+    target = torch.cat([lt @ w[r].double() for r in range(12)])
+    ref = torch.linalg.lstsq(a, target[:, None]).solution[:, 0]
+    torch.testing.assert_close(torch.cat([scales, zeros], 1)[0].double(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_per_tensor_decoupleq_is_monotone() -> None:
+    w, h = make_problem(16, 96, seed=3)
+    history: list[float] = []
+    qw = decoupleq_quantize(w, h, 2, 0, iters=3, history=history)
+    assert qw.scales.shape == (1, 1)
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(history, history[1:], strict=False))
+    assert layer_objective(w, qw.dequantize(0), h) < layer_objective(w, gptq_quantize(w, h, 2, 0).dequantize(0), h)
+
+
 def test_float_step_rounds_to_fp16_and_pins_unidentifiable_directions() -> None:
     w, h = make_problem(8, 128)
     q = torch.randint(0, 4, w.shape, generator=torch.Generator().manual_seed(1), dtype=torch.uint8)

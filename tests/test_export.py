@@ -254,3 +254,20 @@ def test_loads_in_other_dtypes(sharded, dtype, tol):
         logits = reloaded(_ids()).logits
     assert logits.dtype == dtype
     assert float((logits.float() - ref).abs().max() / ref.abs().max()) < tol
+
+
+@pytest.mark.parametrize(
+    "settings,tag,storage",
+    [
+        ({"method": "rtn", "split_clusters": 3, "group_size": 0}, "splitquant", "a packed cluster index per weight"),
+        ({"method": "inq", "blockwise_epochs": 1}, "inq", "signed power of two"),
+    ],
+)
+def test_card_for_other_methods(tiny_chat_model_dir, tmp_path, settings, tag, storage):
+    from conftest import TINY_TEXTS
+
+    config = HfQuantConfig(bits=3, dataset=TINY_TEXTS, nsamples=2, seqlen=32, blockwise_batch_size=2, **settings)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, quantization_config=config)
+    card = ModelCard.load(save_quantized(model, tmp_path / "q") / "README.md")
+    assert tag in card.data.tags and storage in card.text
+    assert f"| bits per weight (quantized layers, all storage counted) | {bits_per_weight(model):.3f} |" in card.text

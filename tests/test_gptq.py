@@ -49,6 +49,20 @@ def test_gptq_beats_rtn(bits: int, group_size: int) -> None:
         assert is_fp16(qw.scales) and is_fp16(qw.zeros)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_per_tensor_grid_is_one_pair(bits: int) -> None:
+    w, h = make_problem(24, 96, seed=bits)
+    qw = gptq_quantize(w, h, bits, 0)
+    assert qw.scales.shape == qw.zeros.shape == (1, 1)
+    assert is_fp16(qw.scales) and is_fp16(qw.zeros)
+    rtn = rtn_quantize(w, bits, 0)
+    assert rtn.scales.shape == (1, 1)
+    assert float(rtn.zeros) == pytest.approx(float(w.min())) and float(rtn.dequantize(0).max()) == pytest.approx(
+        float(w.max()), rel=1e-5
+    )
+    assert layer_objective(w, qw.dequantize(0), h) < layer_objective(w, rtn.dequantize(0), h)
+
+
 def test_diagonal_hessian_is_rtn_on_the_stored_grid() -> None:
     """Without cross terms GPTQ feeds nothing forward: integers are nearest levels of the float16 grid."""
     w, _ = make_problem(16, 200)

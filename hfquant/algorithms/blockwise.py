@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from hfquant.nn.decoupled_linear import STORAGE_DTYPE, DecoupledLinear
+from hfquant.nn.split_linear import SplitLinear
 
 Batches = list[tuple[torch.Tensor, dict[str, Any]]]
 
@@ -30,7 +31,7 @@ def trainable_float_parameters(block: nn.Module) -> dict[str, tuple[torch.Tensor
     found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, module in block.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, DecoupledLinear):
+        if isinstance(module, (DecoupledLinear, SplitLinear)):
             scales = module.scales.detach().clone()
             found[prefix + "scales"] = (scales, scales)
             found[prefix + "zeros"] = (module.zeros.detach().clone(), scales)

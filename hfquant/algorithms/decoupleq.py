@@ -31,6 +31,8 @@ Chosen otherwise:
     stage of this package, not part of this layer solver.
   * weights kept in 16 bits (``keep_mask``, TaCQ) are exact: they drop out of the float step's
     residual and feed no error in the integer step.
+  * a per-tensor grid (``group_size=0``) is one ``(s, z)`` for all rows: its float step solves the
+    sum of the rows' normal equations, and steps are accepted on the whole layer's objective.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class _FloatProblem:
     counts: torch.Tensor  # [out or 1, G]: 1_g^T 1_g, quantized weights per group
     group_sums: torch.Tensor  # [G, G, gs]: 1_g^T H restricted to group h
     delta: float  # absolute dampening added to H's diagonal in the solve
+    shared: bool  # one grid for all rows (per tensor): the rows' normal equations are summed
 
     @classmethod
     def build(
@@ -92,6 +95,7 @@ class _FloatProblem:
             counts=mask.sum(dim=2),
             group_sums=h_pad.reshape(ng, gs, ng, gs).sum(dim=1),
             delta=damp * float(hessian.diagonal().mean()),
+            shared=group_size == 0,
         )
 
     def solve(
@@ -162,6 +166,9 @@ class _FloatProblem:
         p_damped[:, idx, idx + ng] += q_sums
         p_damped[:, idx + ng, idx] += q_sums
         rhs = b + self.delta * torch.cat([torch.linalg.vecdot(xq, self.w), self.ind_w], dim=1).double()
+        if self.shared:
+            p_damped, rhs = p_damped.sum(dim=0, keepdim=True), rhs.sum(dim=0, keepdim=True)
+        diag = p_damped.diagonal(dim1=1, dim2=2)
         # The ridge must dominate the rounding noise of A^T H A (built in ``dtype``) to pin null directions.
         ridge_rel = 1e-6 if dtype == torch.float32 else 1e-10
         ridge = ridge_rel * diag.mean(dim=1, keepdim=True).clamp_min(1e-30)
@@ -174,6 +181,7 @@ class _FloatProblem:
             theta = to_fp16_grid(theta.float()).double()
 
         def objective(t: torch.Tensor) -> torch.Tensor:
+            t = t.expand(out_features, -1)
             return self.wtw - 2.0 * (t * b).sum(dim=1) + torch.einsum("ri,rij,rj->r", t, p, t)
 
         obj_prev = None if theta_prev is None else objective(theta_prev)
@@ -241,10 +249,14 @@ def decoupleq_quantize(
 
     def accept(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, obj: torch.Tensor) -> None:
         nonlocal best_obj
-        better = obj < best_obj
+        if problem.shared:  # one grid for all rows: a step is taken whole or not at all
+            better = torch.full_like(best_obj, float(obj.sum()) < float(best_obj.sum()), dtype=torch.bool)
+        else:
+            better = obj < best_obj
         best.qweight[better] = q[better]
-        best.scales[better] = s[better]
-        best.zeros[better] = z[better]
+        grid_rows = better[: best.scales.shape[0]]
+        best.scales[grid_rows] = s[grid_rows]
+        best.zeros[grid_rows] = z[grid_rows]
         best_obj = torch.where(better, obj, best_obj)
         if history is not None:
             history.append(float(best_obj.sum()))

@@ -52,8 +52,9 @@ def masked_minmax_grid(
     if pad:
         lo = torch.nn.functional.pad(lo, (0, pad), value=float("inf"))
         hi = torch.nn.functional.pad(hi, (0, pad), value=float("-inf"))
-    wmin = lo.reshape(out_features, ng, gs).amin(dim=2)
-    wmax = hi.reshape(out_features, ng, gs).amax(dim=2)
+    shape = (1, 1, -1) if group_size == 0 else (out_features, ng, gs)
+    wmin = lo.reshape(shape).amin(dim=2)
+    wmax = hi.reshape(shape).amax(dim=2)
     empty = torch.isinf(wmin)  # every weight of the group is kept: any grid will do
     wmin = wmin.masked_fill(empty, 0.0)
     wmax = wmax.masked_fill(empty, 0.0)
@@ -138,8 +139,13 @@ def gptq_solve(
     block_size: int = 128,
     grid: tuple[torch.Tensor, torch.Tensor] | None = None,
     keep_mask: torch.Tensor | None = None,
+    weight_grid: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> QuantizedWeight:
-    """GPTQ with a precomputed :class:`InverseHessian` (see :func:`gptq_quantize`)."""
+    """GPTQ with a precomputed :class:`InverseHessian` (see :func:`gptq_quantize`).
+
+    ``weight_grid`` is a fixed ``(scale, zero)`` per weight ([out, in] each, e.g. SplitQuant's grid
+    of each weight's cluster); it replaces ``grid``, and the result's scales and zeros are it.
+    """
     maxq = 2**bits - 1
     out_features, in_features = w.shape
     gs = effective_group_size(in_features, group_size)
@@ -147,11 +153,16 @@ def gptq_solve(
     w_orig = w.float()
     work = w_orig.clone()
     work[:, inv.dead] = 0.0
-    if grid is None and perm is not None:
+    if weight_grid is not None:
+        grid = weight_grid
+    elif grid is None and (perm is not None or group_size == 0):
         # act_order visits columns out of order, but stored groups are contiguous: the grid must be static.
+        # So must a per-tensor grid, which spans columns the solve has not reached yet.
         grid = masked_minmax_grid(work, bits, group_size, keep_mask)
     static = grid is not None
     gidx = group_index(in_features, group_size)
+    if weight_grid is not None:  # one "group" per column: column j reads grid column j
+        gidx = torch.arange(in_features)
     if static:
         scales, zeros = to_fp16_grid(grid[0].float()), to_fp16_grid(grid[1].float())
     else:

@@ -3,7 +3,8 @@
 ``Q`` holds integers in ``[0, 2**bits - 1]``; ``scales`` and ``zeros`` are floats per
 (output row, input group). Groups are contiguous column ranges of ``group_size``; when
 ``group_size`` does not divide the input width the last group is shorter (576-wide layers
-with group 128 end in a group of 64). ``group_size=-1`` means one group per output row.
+with group 128 end in a group of 64). ``group_size=-1`` means one group per output row; ``group_size=0`` means one scale and zero for
+the whole matrix, stored once as ``[1, 1]`` tensors that broadcast over the rows (per-tensor).
 The offset form (decoupleQ's ``s * Q + z``) keeps the float part linear in its unknowns,
 which is what makes the closed-form float step of decoupleQ a plain least-squares solve.
 """
@@ -20,16 +21,23 @@ class QuantizedWeight:
     """Integers and float grid of one linear weight, before packing."""
 
     qweight: torch.Tensor  # uint8 [out, in], values in [0, 2**bits - 1]
-    scales: torch.Tensor  # float32 [out, n_groups]
-    zeros: torch.Tensor  # float32 [out, n_groups]
+    scales: torch.Tensor  # float32 [out, n_groups], or [1, 1] per tensor
+    zeros: torch.Tensor  # float32 [out, n_groups], or [1, 1] per tensor
 
     def dequantize(self, group_size: int) -> torch.Tensor:
         return dequantize_grid(self.qweight, self.scales, self.zeros, group_size)
 
 
 def effective_group_size(in_features: int, group_size: int) -> int:
-    """Group width in columns; ``-1`` (per output channel) spans the whole row."""
-    return in_features if group_size == -1 else group_size
+    """Group width in columns; ``-1`` (per output channel) and ``0`` (per tensor) span the whole row."""
+    return in_features if group_size in (-1, 0) else group_size
+
+
+def grid_shape(out_features: int, in_features: int, group_size: int) -> tuple[int, int]:
+    """Shape of the stored scales and zeros: ``[out, n_groups]``, or ``[1, 1]`` per tensor."""
+    if group_size == 0:
+        return 1, 1
+    return out_features, num_groups(in_features, group_size)
 
 
 def num_groups(in_features: int, group_size: int) -> int:
@@ -44,7 +52,7 @@ def group_index(in_features: int, group_size: int, device: torch.device | None =
 
 
 def expand_groups(params: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """Broadcast ``[out, n_groups]`` grid parameters to ``[out, in]``."""
+    """Broadcast ``[out, n_groups]`` grid parameters to ``[out, in]`` (``[1, in]`` per tensor)."""
     return params[:, group_index(in_features, group_size, params.device)]
 
 
@@ -60,6 +68,8 @@ def minmax_grid(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tens
         # Pad the ragged last group with its own first value so padding never widens the range.
         w = torch.cat([w, w[:, -1:].expand(out_features, pad)], dim=1)
     groups = w.reshape(out_features, ng, gs)
+    if group_size == 0:
+        groups = groups.reshape(1, 1, -1)
     wmin = groups.amin(dim=2)
     wmax = groups.amax(dim=2)
     scales = (wmax - wmin) / maxq
@@ -87,6 +97,12 @@ def dequantize_grid(
     s = expand_groups(scales.float(), in_features, group_size)
     z = expand_groups(zeros.float(), in_features, group_size)
     return qweight.float() * s + z
+
+
+def grid_at(params: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, in_features: int, group_size: int):
+    """Grid parameters of the weights at ``(rows, cols)`` (a per-tensor grid has one value for all)."""
+    groups = cols // effective_group_size(in_features, group_size)
+    return params[rows if params.shape[0] > 1 else torch.zeros_like(rows), groups]
 
 
 def layer_objective(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:

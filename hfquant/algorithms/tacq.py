@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfquant.algorithms.grid import effective_group_size
+from hfquant.algorithms.grid import grid_at
 from hfquant.algorithms.rtn import rtn_quantize
 from hfquant.config import HfQuantConfig
 
@@ -331,5 +331,6 @@ def grid_values(
 ) -> torch.Tensor:
     """``scales * Q + zeros`` at the positions ``(rows, cols)`` only, in float32, with the same
     arithmetic as :func:`~hfquant.algorithms.grid.dequantize_grid`."""
-    groups = cols // effective_group_size(qweight.shape[1], group_size)
-    return qweight[rows, cols].float() * scales.float()[rows, groups] + zeros.float()[rows, groups]
+    in_features = qweight.shape[1]
+    s = grid_at(scales.float(), rows, cols, in_features, group_size)
+    return qweight[rows, cols].float() * s + grid_at(zeros.float(), rows, cols, in_features, group_size)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hfquant.algorithms.grid import num_groups
+from hfquant.algorithms.grid import grid_shape
+from hfquant.algorithms.splitquant import index_bits
 from hfquant.config import FORMAT_VERSION, HfQuantConfig
 from hfquant.nn.packing import packed_width
 
@@ -139,7 +140,7 @@ def check_metadata(metadata: dict[str, str], config: HfQuantConfig) -> None:
             f"(up to {FORMAT_VERSION}); it was written by hfquant {writer or 'a newer release'}: "
             f"upgrade with `{install}`"
         )
-    for field in ("bits", "group_size"):
+    for field in ("bits", "group_size", "split_clusters"):
         stored = metadata.get(f"hfquant_{field}")
         if stored is not None and int(stored) != getattr(config, field):
             raise CheckpointError(
@@ -159,14 +160,14 @@ def plan_quantized_layers(
             raise CheckpointError(
                 f"tensor {name}.weight is a full-precision weight, but config.json says layer {name} is quantized"
             )
-        expected = {
-            "qweight": ("I32", (out_f, packed_width(in_f, config.bits))),
-            "scales": (FLOAT_DTYPES, (out_f, num_groups(in_f, config.group_size))),
-            "zeros": (FLOAT_DTYPES, (out_f, num_groups(in_f, config.group_size))),
-        }
-        for suffix, (dtypes, shape) in expected.items():
+        for suffix, (dtypes, shape) in expected_tensors(config, out_f, in_f).items():
             _check_tensor(tensors, f"{name}.{suffix}", dtypes, shape, config)
         present = [s for s in OUTLIER_TENSORS if f"{name}.{s}" in tensors]
+        if present and (config.method == "inq" or config.split_clusters > 1):
+            raise CheckpointError(
+                f"layer {name} has kept-weight tensors {present}, which method={config.method!r} with "
+                f"split_clusters={config.split_clusters} does not store"
+            )
         if present and len(present) != len(OUTLIER_TENSORS):
             missing = sorted(set(OUTLIER_TENSORS) - set(present))
             raise CheckpointError(f"layer {name} has kept-weight tensors {present} but is missing {missing}")
@@ -187,6 +188,25 @@ def plan_quantized_layers(
     return outliers
 
 
+def expected_tensors(
+    config: HfQuantConfig, out_f: int, in_f: int
+) -> dict[str, tuple[tuple[str, ...] | str, tuple[int, ...]]]:
+    """Suffix -> (dtypes, shape) of the tensors a quantized layer of this config stores (kept weights aside)."""
+    codes = ("I32", (out_f, packed_width(in_f, config.bits)))
+    if config.method == "inq":
+        return {"qweight": codes, "exponent": ("I8", (out_f,))}
+    grid = grid_shape(out_f, in_f, config.group_size)
+    if config.split_clusters > 1:
+        k = config.split_clusters
+        return {
+            "qweight": codes,
+            "cluster": ("I32", (out_f, packed_width(in_f, index_bits(k)))),
+            "scales": (FLOAT_DTYPES, (k, *grid)),
+            "zeros": (FLOAT_DTYPES, (k, *grid)),
+        }
+    return {"qweight": codes, "scales": (FLOAT_DTYPES, grid), "zeros": (FLOAT_DTYPES, grid)}
+
+
 def _check_tensor(
     tensors: dict[str, TensorInfo],
     key: str,
@@ -199,12 +219,14 @@ def _check_tensor(
         raise CheckpointError(
             f"missing tensor {key}: the checkpoint does not hold this quantized layer whole"
         )
-    if info.dtype not in (dtypes if isinstance(dtypes, tuple) else (dtypes,)):
-        raise CheckpointError(f"tensor {key} has dtype {info.dtype}, expected one of {list(dtypes)}")
+    allowed = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+    if info.dtype not in allowed:
+        raise CheckpointError(f"tensor {key} has dtype {info.dtype}, expected one of {list(allowed)}")
     if info.shape != shape:
         raise CheckpointError(
             f"tensor {key} has shape {list(info.shape)}, expected {list(shape)} for bits={config.bits}, "
-            f"group_size={config.group_size} (in {os.path.basename(info.file)})"
+            f"group_size={config.group_size}, method={config.method}, split_clusters={config.split_clusters} "
+            f"(in {os.path.basename(info.file)})"
         )
 
 
@@ -222,13 +244,23 @@ def check_outlier_indices(module: nn.Module, name: str) -> None:
         )
 
 
+def check_cluster_indices(module: nn.Module, name: str) -> None:
+    """SplitQuant cluster indices must name one of the layer's clusters (checked once loaded)."""
+    top = int(module.clusters_index().max()) if module.cluster.numel() else 0
+    if top >= module.clusters:
+        raise CheckpointError(
+            f"tensor {name}.cluster holds cluster index {top}, but the layer has {module.clusters} clusters"
+        )
+
+
 def storage_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with each quantized layer's float parts in their 16-bit storage dtype."""
-    from hfquant.nn.decoupled_linear import STORAGE_DTYPE, DecoupledLinear
+    from hfquant.nn import DecoupledLinear, SplitLinear
+    from hfquant.nn.decoupled_linear import STORAGE_DTYPE
 
     state = model.state_dict()
     for name, module in model.named_modules():
-        if isinstance(module, DecoupledLinear):
+        if isinstance(module, (DecoupledLinear, SplitLinear)):
             for suffix in ("scales", "zeros", "outlier_values"):
                 key = f"{name}.{suffix}"
                 if key in state:

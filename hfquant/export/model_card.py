@@ -23,7 +23,13 @@ from hfquant.config import FORMAT_VERSION, HfQuantConfig
 from hfquant.export.save import bits_per_weight, folder_size
 
 TEMPLATE = "hfquant.md"
-METHOD_NAMES = {"rtn": "round to nearest", "gptq": "GPTQ", "decoupleq": "decoupleQ"}
+METHOD_NAMES = {
+    "rtn": "round to nearest",
+    "gptq": "GPTQ",
+    "decoupleq": "decoupleQ",
+    "inq": "INQ (incremental power-of-two quantization)",
+}
+GROUP_SIZE_NAMES = {-1: "one group per row", 0: "one group per matrix"}
 
 
 @dataclass
@@ -92,9 +98,15 @@ def source_info(name_or_path: str | os.PathLike | None) -> SourceInfo:
     )
 
 
+def _split(config: HfQuantConfig) -> bool:
+    return config.split_clusters > 1
+
+
 def _method_text(config: HfQuantConfig) -> str:
     text = METHOD_NAMES[config.method]
-    if config.method != "rtn" and config.blockwise_epochs > 0:
+    if _split(config):
+        text = f"SplitQuant ({config.split_clusters} clusters) on {text}"
+    if config.method not in ("rtn", "inq") and config.blockwise_epochs > 0:
         text += f" + block-wise minimization ({config.blockwise_epochs} epochs)"
     if config.outlier_fraction > 0:
         text += f" + {config.saliency} kept weights"
@@ -128,9 +140,27 @@ def _quality_text(quality: QualityFigures | None) -> str:
     )
 
 
+def _storage_text(config: HfQuantConfig) -> str:
+    if config.method == "inq":
+        return (
+            f"packed {config.bits}-bit sign and exponent codes (each weight zero or a signed power of "
+            "two) and one int8 exponent per row"
+        )
+    text = f"packed {config.bits}-bit integers"
+    if _split(config):
+        text += ", a packed cluster index per weight and, per cluster, a float16 scale and zero per group"
+    else:
+        text += ", a float16 scale and zero per group"
+    if config.outlier_fraction:
+        text += ", and the kept weights as float16 values with int32 row/column indices"
+    return text
+
+
 def tags(config: HfQuantConfig) -> list[str]:
     out = ["hfquant", f"{config.bits}-bit", "quantized", config.method]
-    if config.method != "rtn" and config.blockwise_epochs > 0:
+    if _split(config):
+        out.append("splitquant")
+    if config.method not in ("rtn", "inq") and config.blockwise_epochs > 0:
         out.append("blockwise-minimization")
     if config.outlier_fraction > 0:
         out.append(config.saliency)
@@ -166,7 +196,7 @@ def render_model_card(model: Any, folder: str | os.PathLike, model_id: str | Non
         f"({config.bits}-bit hfquant)",
         base_model_line=f"[{base}](https://huggingface.co/{base})" if source.base_model else base,
         bits=config.bits,
-        group_size_text="one group per row" if config.group_size == -1 else str(config.group_size),
+        group_size_text=GROUP_SIZE_NAMES.get(config.group_size, str(config.group_size)),
         method_text=_method_text(config),
         calibration_text=_calibration_text(config),
         kept_text=f"{kept:.2%} ({config.saliency}, per {config.outlier_scope})" if kept else "none",
@@ -178,9 +208,7 @@ def render_model_card(model: Any, folder: str | os.PathLike, model_id: str | Non
         format_version=FORMAT_VERSION,
         quality_text=_quality_text(quality),
         model_id=model_id,
-        kept_storage_text=", and the kept weights as float16 values with int32 row/column indices"
-        if kept
-        else "",
+        storage_text=_storage_text(config),
     )
 
 

@@ -11,15 +11,16 @@ from typing import Any
 from torch import nn
 
 from hfquant.config import HfQuantConfig
-from hfquant.nn.decoupled_linear import DecoupledLinear
+from hfquant.nn import QUANTIZED_MODULES
 
 
 def bits_per_weight(model: nn.Module) -> float:
-    """Stored bits of the quantized layers (integers, 16-bit grid, kept weights and their indices)
-    divided by the number of weights those layers had before quantization."""
-    layers = [m for m in model.modules() if isinstance(m, DecoupledLinear)]
+    """Stored bits of the quantized layers (integers, 16-bit grids, cluster indices, exponents, kept
+    weights and their indices: each module's ``storage_bits()``) divided by the number of weights
+    those layers had before quantization."""
+    layers = [m for m in model.modules() if isinstance(m, QUANTIZED_MODULES)]
     if not layers:
-        raise ValueError("the model has no DecoupledLinear layer: it is not quantized by hfquant")
+        raise ValueError("the model has no quantized hfquant layer: it is not quantized by hfquant")
     stored = sum(m.storage_bits() for m in layers)
     weights = sum(m.in_features * m.out_features for m in layers)
     return stored / weights

@@ -102,8 +102,8 @@ def _fake_qmatmul(
 
 
 def supports(bits: int, group_size: int, in_features: int) -> bool:
-    """Shapes the operator handles: blocks of 32 values must never straddle two groups."""
-    return bits in (2, 3, 4) and (group_size == -1 or group_size >= in_features or group_size % 32 == 0)
+    """Shapes the operator handles: blocks of 32 values must never straddle two groups; no per-tensor grid."""
+    return bits in (2, 3, 4) and group_size != 0 and (group_size == -1 or group_size >= in_features or group_size % 32 == 0)
 
 
 def qmatmul(

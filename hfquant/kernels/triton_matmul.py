@@ -29,8 +29,8 @@ def _kernels() -> ModuleType:
 
 
 def supports(bits: int, group_size: int, in_features: int) -> bool:
-    """Whether the kernels apply: triton installed and a 2, 3 or 4-bit layer."""
-    return bits in (2, 3, 4) and triton_installed()
+    """Whether the kernels apply: triton installed and a 2, 3 or 4-bit layer with per-row grids."""
+    return bits in (2, 3, 4) and group_size != 0 and triton_installed()
 
 
 def _next_pow2(n: int) -> int:

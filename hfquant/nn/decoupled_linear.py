@@ -1,6 +1,7 @@
 """``DecoupledLinear``: a linear layer stored as packed integers, a float grid and sparse 16-bit weights.
 
-``W_hat = scales * Q + zeros`` per (output row, input group), plus a sparse set of kept weights
+``W_hat = scales * Q + zeros`` per (output row, input group) -- or one pair for the whole matrix
+when ``group_size=0`` (scales and zeros are then ``[1, 1]``) -- plus a sparse set of kept weights
 added on top (``W_hat[r, c] += outlier_values[i]``). Integers live packed in int32 words
 (see :mod:`hfquant.nn.packing`); scales, zeros and the kept values are stored in 16 bits on disk.
 """
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfquant.algorithms.grid import QuantizedWeight, dequantize_grid, num_groups
+from hfquant.algorithms.grid import QuantizedWeight, dequantize_grid, grid_shape
 from hfquant.kernels import cpu as cpu_kernel
 from hfquant.kernels import triton_matmul
 from hfquant.nn.packing import pack_int, packed_width, unpack_int
@@ -39,13 +40,13 @@ class DecoupledLinear(nn.Module):
         self.bits = bits
         self.group_size = group_size
         dtype = dtype or torch.get_default_dtype()
-        ng = num_groups(in_features, group_size)
+        shape = grid_shape(out_features, in_features, group_size)
         self.register_buffer(
             "qweight",
             torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.int32, device=device),
         )
-        self.register_buffer("scales", torch.ones(out_features, ng, dtype=dtype, device=device))
-        self.register_buffer("zeros", torch.zeros(out_features, ng, dtype=dtype, device=device))
+        self.register_buffer("scales", torch.ones(shape, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("outlier_rows", torch.zeros(num_outliers, dtype=torch.int32, device=device))
         self.register_buffer("outlier_cols", torch.zeros(num_outliers, dtype=torch.int32, device=device))
         self.register_buffer("outlier_values", torch.zeros(num_outliers, dtype=dtype, device=device))
