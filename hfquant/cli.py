@@ -91,7 +91,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             perplexity_after=measure(model.eval()),
             tokens=512 * args.eval_windows,
         )
-    out = save_quantized(model, args.out, tokenizer, max_shard_size=args.max_shard_size)
+    # With --push-to-hub the card's usage snippet names the repo.
+    out = save_quantized(model, args.out, tokenizer, args.push_to_hub, max_shard_size=args.max_shard_size)
     report = model.hfquant_report
     rows = [
         {
@@ -134,9 +135,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             ]
         )
     if args.push_to_hub:
-        from hfquant.export import push_folder, write_model_card
+        from hfquant.export import push_folder
 
-        write_model_card(model, out, args.push_to_hub)  # the card's usage snippet names the repo
         url = push_folder(out, args.push_to_hub, private=args.private or None)
         print(f"pushed {out} to {args.push_to_hub}: {url}")
     return 0

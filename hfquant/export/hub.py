@@ -87,8 +87,7 @@ def push_to_hub(
     """Save ``model`` (with its tokenizer and a card naming ``repo_id``) and upload the folder."""
     tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(model)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_quantized(model, Path(tmp) / "model", tokenizer, max_shard_size=max_shard_size)
-        write_model_card(model, folder, repo_id)  # the usage snippet loads the repo
+        folder = save_quantized(model, Path(tmp) / "model", tokenizer, repo_id, max_shard_size=max_shard_size)
         return push_folder(
             folder,
             repo_id,

@@ -102,11 +102,16 @@ def _split(config: HfQuantConfig) -> bool:
     return config.split_clusters > 1
 
 
+def _blockwise(config: HfQuantConfig) -> bool:
+    """Block-wise minimization ran after the solve (rtn has no solve; INQ retrains instead)."""
+    return config.method not in ("rtn", "inq") and config.blockwise_epochs > 0
+
+
 def _method_text(config: HfQuantConfig) -> str:
     text = METHOD_NAMES[config.method]
     if _split(config):
         text = f"SplitQuant ({config.split_clusters} clusters) on {text}"
-    if config.method not in ("rtn", "inq") and config.blockwise_epochs > 0:
+    if _blockwise(config):
         text += f" + block-wise minimization ({config.blockwise_epochs} epochs)"
     if config.outlier_fraction > 0:
         text += f" + {config.saliency} kept weights"
@@ -160,7 +165,7 @@ def tags(config: HfQuantConfig) -> list[str]:
     out = ["hfquant", f"{config.bits}-bit", "quantized", config.method]
     if _split(config):
         out.append("splitquant")
-    if config.method not in ("rtn", "inq") and config.blockwise_epochs > 0:
+    if _blockwise(config):
         out.append("blockwise-minimization")
     if config.outlier_fraction > 0:
         out.append(config.saliency)

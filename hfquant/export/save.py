@@ -31,9 +31,16 @@ def folder_size(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
 
 
-def save_quantized(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None, **save_kwargs: Any) -> Path:
+def save_quantized(
+    model: Any,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    model_id: str | None = None,
+    **save_kwargs: Any,
+) -> Path:
     """``save_pretrained`` (weights, config, model card) and the tokenizer into a temporary
-    sibling folder, then swap it in.
+    sibling folder, then swap it in. The card's usage snippet loads ``model_id`` (a Hub repo the
+    folder is meant for), else the final folder.
 
     An interruption (error, Ctrl-C) at any point leaves either the previous folder or nothing,
     never a half-written checkpoint.
@@ -43,11 +50,12 @@ def save_quantized(model: Any, out_dir: str | os.PathLike, tokenizer: Any = None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     backup = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
-        model.save_pretrained(tmp, **save_kwargs)
+        # The class's save_pretrained: hfquant's per-model override would write a card naming tmp.
+        type(model).save_pretrained(model, tmp, **save_kwargs)
         if isinstance(getattr(model.config, "quantization_config", None), HfQuantConfig):
             from hfquant.export.model_card import write_model_card
 
-            write_model_card(model, tmp, str(out))  # the card names the final folder, not tmp
+            write_model_card(model, tmp, model_id or str(out))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():

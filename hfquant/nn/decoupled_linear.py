@@ -20,6 +20,16 @@ from hfquant.nn.packing import pack_int, packed_width, unpack_int
 STORAGE_DTYPE = torch.float16  # on-disk dtype of scales, zeros and kept weights
 
 
+def frozen_bias(
+    out_features: int, bias: bool, dtype: torch.dtype, device: torch.device | str | None
+) -> nn.Parameter | None:
+    """The bias of a quantized layer: a parameter (so ``model.to`` and accelerate move it) that
+    training never updates."""
+    if not bias:
+        return None
+    return nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+
+
 class DecoupledLinear(nn.Module):
     """Drop-in replacement of ``nn.Linear`` holding a decoupled integer/float quantized weight."""
 
@@ -50,11 +60,7 @@ class DecoupledLinear(nn.Module):
         self.register_buffer("outlier_rows", torch.zeros(num_outliers, dtype=torch.int32, device=device))
         self.register_buffer("outlier_cols", torch.zeros(num_outliers, dtype=torch.int32, device=device))
         self.register_buffer("outlier_values", torch.zeros(num_outliers, dtype=dtype, device=device))
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-            if bias
-            else None
-        )
+        self.bias = frozen_bias(out_features, bias, dtype, device)
 
     @classmethod
     def from_quantized(

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hfquant.algorithms.inq import power_of_two_values
+from hfquant.nn.decoupled_linear import frozen_bias
 from hfquant.nn.packing import pack_int, packed_width, unpack_int
 
 
@@ -34,11 +35,7 @@ class PowerOfTwoLinear(nn.Module):
         words = packed_width(in_features, bits)
         self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32, device=device))
         self.register_buffer("exponent", torch.zeros(out_features, dtype=torch.int8, device=device))
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-            if bias
-            else None
-        )
+        self.bias = frozen_bias(out_features, bias, dtype, device)
 
     @classmethod
     def from_codes(

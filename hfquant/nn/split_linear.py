@@ -13,7 +13,7 @@ from torch import nn
 
 from hfquant.algorithms.grid import grid_shape
 from hfquant.algorithms.splitquant import SplitWeight, cluster_grid, index_bits
-from hfquant.nn.decoupled_linear import STORAGE_DTYPE
+from hfquant.nn.decoupled_linear import STORAGE_DTYPE, frozen_bias
 from hfquant.nn.packing import pack_int, packed_width, unpack_int
 
 
@@ -45,11 +45,7 @@ class SplitLinear(nn.Module):
         self.register_buffer("cluster", torch.zeros(out_features, cluster_words, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.ones(shape, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.zeros(shape, dtype=dtype, device=device))
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-            if bias
-            else None
-        )
+        self.bias = frozen_bias(out_features, bias, dtype, device)
 
     @classmethod
     def from_quantized(
