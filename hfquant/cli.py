@@ -113,7 +113,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 "group size": args.group_size,
                 "layers": report.layers,
                 "bits/weight": f"{bits_per_weight(model):.3f}",
-                "kept weights": f"{args.outlier_fraction:.2%} ({args.saliency}, {args.outlier_scope})"
+                "kept weights": f"{args.outlier_fraction:.2%} ({config.saliency}, {config.outlier_scope})"
                 if args.outlier_fraction
                 else "none",
                 "size (MB)": f"{folder_size(out) / 1e6:.1f}",
@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         "examples ({'messages': [...]} or {'question', 'answer'}); default: --dataset",
     )
     q.add_argument("--saliency", default="tacq", help="tacq, magnitude or hessian")
-    q.add_argument("--outlier-scope", default="layer", help="layer or global")
+    q.add_argument(
+        "--outlier-scope", default=None, help="layer or global (default: global for tacq, layer otherwise)"
+    )
     q.add_argument("--blockwise-epochs", type=int, default=4)
     q.add_argument("--decoupleq-iters", type=int, default=4)
     q.add_argument("--out", required=True, help="output folder (written atomically, with a model card)")

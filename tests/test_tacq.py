@@ -16,6 +16,7 @@ from hfquant.algorithms.tacq import (
     quantization_change,
     saliency_scores,
     select_keep_masks,
+    task_batches,
     task_statistics,
 )
 from hfquant.cli import main
@@ -117,6 +118,13 @@ def test_chat_labels_cover_the_answer_only(tokenizer):
     assert len(answer) <= 4  # "Paris", end-of-turn and newline
 
 
+def test_every_chat_example_is_used(tokenizer):
+    """``nsamples`` counts calibration windows; a few dozen chat answers are all the task signal."""
+    batches = task_batches(QA * 5, tokenizer, nsamples=4, seqlen=64, batch_size=3)
+    assert sum(b.input_ids.shape[0] for b in batches) == 20
+    assert all((b.labels != IGNORE).any(dim=1).all() for b in batches)
+
+
 def test_gradients_accumulate_over_batches(tiny_chat_model_dir, tokenizer):
     """The accumulated gradient is that of the mean loss, whatever the batching (one backward per batch)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir).eval()
@@ -133,7 +141,9 @@ def test_gradients_accumulate_over_batches(tiny_chat_model_dir, tokenizer):
 def test_kept_weights_exact_and_reload_bit_identical(tiny_chat_model_dir, tokenizer, tmp_path):
     fp = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
     original = {n: m.weight.detach().clone() for n, m in linears_to_convert(fp, ["lm_head"]).items()}
-    model = _quantize(tiny_chat_model_dir, tokenizer, outlier_fraction=0.01, task_dataset=QA)
+    model = _quantize(
+        tiny_chat_model_dir, tokenizer, outlier_fraction=0.01, task_dataset=QA, outlier_scope="layer"
+    )
     layers = {n: m for n, m in model.named_modules() if isinstance(m, DecoupledLinear)}
     assert set(layers) == set(original)
     for name, m in layers.items():
@@ -216,6 +226,11 @@ def test_config_fields_validated():
         ValueError, match=r"saliency must be one of \['tacq', 'magnitude', 'hessian'\], got 'fisher'"
     ):
         HfQuantConfig(saliency="fisher")
+    # TaCQ's scores are task-loss estimates, comparable across layers; the baselines' are not.
+    assert HfQuantConfig(saliency="tacq").outlier_scope == "global"
+    assert HfQuantConfig(saliency="magnitude").outlier_scope == "layer"
+    assert HfQuantConfig(saliency="hessian").outlier_scope == "layer"
+    assert HfQuantConfig(saliency="tacq", outlier_scope="layer").outlier_scope == "layer"
     with pytest.raises(ValueError, match=r"outlier_scope must be one of \['layer', 'global'\], got 'row'"):
         HfQuantConfig(outlier_scope="row")
     assert HfQuantConfig(method="rtn", outlier_fraction=0.01).needs_calibration
@@ -236,7 +251,10 @@ def test_cli_outlier_flags(tiny_chat_model_dir, tmp_path, capsys):
         ]
     )  # fmt: skip
     assert code == 0
-    assert "tacq, layer" in capsys.readouterr().out
+    assert "tacq, global" in capsys.readouterr().out  # TaCQ ranks all layers together by default
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert all(m.num_outliers > 0 for m in model.modules() if isinstance(m, DecoupledLinear))
+    layers = [m for m in model.modules() if isinstance(m, DecoupledLinear)]
+    total = sum(m.in_features * m.out_features for m in layers)
+    assert sum(m.num_outliers for m in layers) == round(0.01 * total)
     assert model.config.quantization_config.task_dataset == str(task)
+    assert model.config.quantization_config.outlier_scope == "global"

@@ -24,7 +24,8 @@ Baselines at the same budget:
   alone causes). ``diag(H)`` is collected in the same full-precision pre-pass, so both scopes work.
 
 Selection keeps the ``outlier_fraction`` highest scores of every layer (``"layer"``) or of all
-layers together (``"global"``). Memory: gradients live in the weights' ``.grad`` (one float
+layers together (``"global"``, TaCQ's default: its scores are estimates of the same task-loss
+change in every layer, so ranking them together puts the budget where the task is). Memory: gradients live in the weights' ``.grad`` (one float
 tensor per quantized weight, the size of the model), with gradient checkpointing where the model
 supports it, so activations stay at one block's worth per batch.
 """
@@ -122,9 +123,9 @@ def task_batches(
     seed: int = 0,
     batch_size: int = GRADIENT_BATCH_SIZE,
 ) -> list[TaskBatch]:
-    """Batches of task examples: chat rows (the first ``nsamples``, answer-only loss, each cut to its
-    last ``seqlen`` tokens so the answer survives), or ``nsamples`` random ``seqlen``-token windows
-    of a text source."""
+    """Batches of task examples: every chat row (answer-only loss, each cut to its last ``seqlen``
+    tokens so the answer survives: a few dozen short answers are the whole task signal, so none
+    is dropped), or ``nsamples`` random ``seqlen``-token windows of a text source."""
     rows = _chat_rows(task_dataset)
     if rows is None:
         from hfquant.calibration import get_calibration_data
@@ -132,7 +133,7 @@ def task_batches(
         return batches_from_ids(
             get_calibration_data(task_dataset, tokenizer, nsamples, seqlen, seed), batch_size
         )
-    examples = [chat_example_tokens(row, tokenizer) for row in rows[:nsamples]]
+    examples = [chat_example_tokens(row, tokenizer) for row in rows]
     batches = []
     for start in range(0, len(examples), batch_size):
         chunk = [(ids[-seqlen:], labels[-seqlen:]) for ids, labels in examples[start : start + batch_size]]
