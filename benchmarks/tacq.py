@@ -84,10 +84,10 @@ def load_facts() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 
 @torch.no_grad()
-def qa_scores(model, tokenizer, questions: list[dict[str, Any]], max_new_tokens: int) -> tuple[float, float]:
-    """(accuracy of greedy chat answers, mean NLL of the gold answer tokens)."""
+def greedy_replies(model, tokenizer, questions: list[dict[str, Any]], max_new_tokens: int) -> list[str]:
+    """The model's greedy chat reply to every question (batched, left padding)."""
     tokenizer.padding_side = "left"
-    correct = 0
+    replies = []
     for start in range(0, len(questions), 16):
         chunk = questions[start : start + 16]
         prompts = [
@@ -100,8 +100,15 @@ def qa_scores(model, tokenizer, questions: list[dict[str, Any]], max_new_tokens:
         out = model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
-        replies = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-        correct += sum(is_correct(reply, r["answers"]) for reply, r in zip(replies, chunk, strict=True))
+        replies += tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    return replies
+
+
+@torch.no_grad()
+def qa_scores(model, tokenizer, questions: list[dict[str, Any]], max_new_tokens: int) -> tuple[float, float]:
+    """(accuracy of greedy chat answers, mean NLL of the gold answer tokens)."""
+    replies = greedy_replies(model, tokenizer, questions, max_new_tokens)
+    correct = sum(is_correct(reply, r["answers"]) for reply, r in zip(replies, questions, strict=True))
     nll, count = 0.0, 0
     for r in questions:
         ids, labels = chat_example_tokens(
@@ -172,6 +179,13 @@ def main() -> None:
     )
     parser.add_argument("--qa-test", type=int, default=20, help="evaluated questions (of 86)")
     parser.add_argument("--max-new-tokens", type=int, default=10)
+    parser.add_argument(
+        "--qa-answers",
+        default="gold",
+        choices=["gold", "model"],
+        help="answers of the QA task examples: the short gold answer, or the full-precision model's own "
+        "reply where it is correct (the gold answer elsewhere)",
+    )
     parser.add_argument("--code-files", type=int, default=20, help="stdlib files per side (task / held-out)")
     parser.add_argument("--windows", type=int, default=1, help="512-token windows per perplexity")
     parser.add_argument(
@@ -185,8 +199,6 @@ def main() -> None:
     code_task, code_heldout = stdlib_files(args.code_files, args.code_files)
     qa_train, qa_test = load_facts()
     qa_test = qa_test[:: max(1, len(qa_test) // args.qa_test)][: args.qa_test]
-    qa_examples = [{"messages": qa_messages(r["question"], r["answers"][0])} for r in qa_train]
-    qa_texts = [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in qa_examples]
     tasks = args.tasks.split(",")
 
     def ppl(model, texts) -> float:
@@ -204,6 +216,17 @@ def main() -> None:
     start = time.perf_counter()
     full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     fp = evaluate(full, None)
+    answers = [r["answers"][0] for r in qa_train]
+    if args.qa_answers == "model":
+        # The behaviour to keep is the model's own: its correct reply, else the short gold answer.
+        replies = [reply.strip().splitlines()[0] if reply.strip() else "" for reply in
+                   greedy_replies(full, tokenizer, qa_train, 32)]  # fmt: skip
+        answers = [
+            reply if is_correct(reply, r["answers"]) else gold
+            for reply, r, gold in zip(replies, qa_train, answers, strict=True)
+        ]
+    qa_examples = [{"messages": qa_messages(r["question"], a)} for r, a in zip(qa_train, answers, strict=True)]
+    qa_texts = [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in qa_examples]
     del full
     print(f"full precision: {fp} ({time.perf_counter() - start:.0f} s)", flush=True)
     task_sets = {"code": (code_task, code_task), "qa": (qa_texts, qa_examples)}
@@ -331,7 +354,10 @@ def main() -> None:
         f"seeds and its standard deviation){' (task data in (b))' if args.task_solver else ''}, read by "
         "the solver (not by rtn) and by a 'general' saliency. Saliency data: "
         f"'general' = those windows, 'task' = {args.nsamples} x {args.seqlen}-token windows of {len(code_task)} "
-        f"stdlib files (code) or {len(qa_examples)} chat Q&A examples, loss on the answer (QA). Code: perplexity "
+        f"stdlib files (code) or {len(qa_examples)} chat Q&A examples, loss on the answer "
+        + ("(the short gold answer)" if args.qa_answers == "gold" else "(the full-precision model's own reply "
+           "where correct, else the gold answer)")
+        + " (QA). Code: perplexity "
         f"on {args.windows} x 512 tokens of {len(code_heldout)} other stdlib files, retained = fp ppl / ppl. "
         f"QA: {len(qa_test)} held-out questions of benchmarks/data/facts.jsonl, greedy chat answer "
         f"({args.max_new_tokens} new tokens), normalised exact match in the first line, retained = acc / fp acc; "
