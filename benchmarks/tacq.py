@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument(
         "--task-solver", action="store_true", help="(b) also calibrates the solver on the task"
     )
-    parser.add_argument("--qa-test", type=int, default=20, help="evaluated questions (of 86)")
+    parser.add_argument("--qa-test", type=int, default=20, help="evaluated questions (of the 165 held out)")
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument(
         "--qa-answers",

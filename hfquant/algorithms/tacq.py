@@ -25,9 +25,10 @@ Baselines at the same budget:
 
 Selection keeps the ``outlier_fraction`` highest scores of every layer (``"layer"``) or of all
 layers together (``"global"``, TaCQ's default: its scores are estimates of the same task-loss
-change in every layer, so ranking them together puts the budget where the task is). Memory: gradients live in the weights' ``.grad`` (one float
-tensor per quantized weight, the size of the model), with gradient checkpointing where the model
-supports it, so activations stay at one block's worth per batch.
+change in every layer, so ranking them together puts the budget where the task is). Memory:
+gradients live in the weights' ``.grad`` (one float tensor per quantized weight, the size of the
+model), with gradient checkpointing where the model supports it, so activations stay at one
+block's worth per batch.
 """
 
 from __future__ import annotations
