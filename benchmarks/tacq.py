@@ -6,8 +6,9 @@
 Rows: no kept weights, then ``--fraction`` of the weights of every quantized layer kept in 16 bits,
 chosen by magnitude, by the Hessian diagonal or by TaCQ. Each saliency is computed (a) on the
 general calibration text (Book of Mormon) or (b) on the task's own examples; the solver's
-Hessians come from the general text in both cases (``--task-solver`` also calibrates the solver
-on the task data, so that (b) changes the "none" and "magnitude" rows too).
+Hessians come from the general text in both cases unless ``--solver-data`` says otherwise: ``task`` calibrates the solver
+on the task data in (b), ``mixed`` on the task data joined with as much general text, so that (b)
+changes the "none" and "magnitude" rows too.
 
 Tasks:
   * code: perplexity on held-out Python standard-library files; the task examples are other
@@ -43,7 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfquant import DecoupledLinear, HfQuantConfig
 from hfquant.algorithms.tacq import chat_example_tokens
-from hfquant.calibration import heldout_texts
+from hfquant.calibration import bookofmormon_texts, heldout_texts
 from hfquant.cli import print_table
 from hfquant.eval import perplexity
 from hfquant.export import bits_per_weight
@@ -128,6 +129,30 @@ def stdlib_files(n_task: int, n_heldout: int) -> tuple[list[str], list[str]]:
     return texts[0::2][:n_task], texts[1::2][:n_heldout]
 
 
+SOLVER_DATA = {
+    "general": "",
+    "task": " (in (b), the task data instead)",
+    "mixed": " (in (b), the task data joined with as many characters of that text)",
+}
+
+
+def solver_texts(task_texts: list[str], solver_data: str) -> list[str]:
+    """The solver's calibration texts in (b): the task's, alone or with as much general text.
+
+    ``mixed`` keeps the quantized model fit for both: calibrated on the task alone, the solver
+    wrecks general text (W2 general perplexity in the thousands), on general text alone the task.
+    """
+    if solver_data != "mixed":
+        return task_texts
+    budget, general = sum(len(t) for t in task_texts), []
+    for text in bookofmormon_texts("calibration"):
+        if budget <= 0:
+            break
+        general.append(text[:budget])
+        budget -= len(general[-1])
+    return task_texts + general
+
+
 def densify(model: Any) -> Any:
     """Swap each DecoupledLinear for an nn.Linear holding its ``dequantize()``: the same function
     (``forward`` is ``F.linear(x, dequantize(), bias)``), without unpacking the integers at every
@@ -175,7 +200,10 @@ def main() -> None:
         help="calibration seeds (which windows are drawn); with several, a cell is the mean and its spread",
     )
     parser.add_argument(
-        "--task-solver", action="store_true", help="(b) also calibrates the solver on the task"
+        "--solver-data",
+        default="general",
+        choices=["general", "task", "mixed"],
+        help="what the solver is calibrated on in (b): general text, the task data, or both in equal parts",
     )
     parser.add_argument("--qa-test", type=int, default=20, help="evaluated questions (of the 165 held out)")
     parser.add_argument("--max-new-tokens", type=int, default=10)
@@ -230,6 +258,7 @@ def main() -> None:
     del full
     print(f"full precision: {fp} ({time.perf_counter() - start:.0f} s)", flush=True)
     task_sets = {"code": (code_task, code_task), "qa": (qa_texts, qa_examples)}
+    solver_sets = {task: solver_texts(texts, args.solver_data) for task, (texts, _) in task_sets.items()}
 
     def quantize(
         bits: int, group: int, saliency: str, task: str | None, scope: str | None
@@ -246,7 +275,7 @@ def main() -> None:
     def quantize_once(
         bits: int, group: int, saliency: str, task: str | None, scope: str | None, seed: int
     ) -> dict[str, float]:
-        solver_data = task_sets[task][0] if task and args.task_solver else "bookofmormon"
+        solver_data = solver_sets[task] if task and args.solver_data != "general" else "bookofmormon"
         config = HfQuantConfig(
             bits=bits,
             group_size=group,
@@ -309,7 +338,7 @@ def main() -> None:
                 kept = "none" if saliency == "none" else f"{saliency} {args.fraction:.2%} ({scope or default})"
                 for calibration in args.calibrations.split(","):
                     # Without kept weights or with magnitude, saliency data changes nothing unless the solver uses it.
-                    data_free = saliency in ("none", "magnitude") and not args.task_solver
+                    data_free = saliency in ("none", "magnitude") and args.solver_data == "general"
                     if calibration == "task" and (
                         data_free or saliency not in args.task_saliencies.split(",")
                     ):
@@ -351,7 +380,7 @@ def main() -> None:
         + (f"{args.decoupleq_iters} decoupleQ rounds, " if args.method == "decoupleq" else "")
         + f"block-wise minimization {args.blockwise_epochs} epochs; calibration windows: {args.nsamples} x "
         f"{args.seqlen} tokens of Book of Mormon text, seeds {args.seeds} (a cell with '±' is the mean over the "
-        f"seeds and its standard deviation){' (task data in (b))' if args.task_solver else ''}, read by "
+        f"seeds and its standard deviation){SOLVER_DATA[args.solver_data]}, read by "
         "the solver (not by rtn) and by a 'general' saliency. Saliency data: "
         f"'general' = those windows, 'task' = {args.nsamples} x {args.seqlen}-token windows of {len(code_task)} "
         f"stdlib files (code) or {len(qa_examples)} chat Q&A examples, loss on the answer "
