@@ -51,8 +51,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         outlier_scope: ``"layer"`` keeps ``outlier_fraction`` of every layer; ``"global"`` ranks
             all layers' weights together (some layers then keep many more than others). Default:
             ``"global"`` for ``saliency="tacq"``, whose scores estimate the task-loss change in the
-            same unit in every layer (measured on the default model at W3 g64: fact QA 23.0% vs
-            11.5% per layer, code perplexity 24.0 vs 26.5; ``benchmarks/RESULTS.md``), and
+            same unit in every layer (measured on the default model at W3 g64, 2 seeds: fact QA
+            21.5% vs 20.3% per layer, code perplexity 20.85 vs 21.14; ``benchmarks/RESULTS.md``), and
             ``"layer"`` for the baselines, whose scores do not compare across layers.
         task_dataset: examples the saliency is computed on: anything ``dataset`` accepts, a list
             of chat examples (``{"messages": [...]}`` or ``{"question": ..., "answer": ...}``,
