@@ -6,9 +6,10 @@
 Rows: no kept weights, then ``--fraction`` of the weights of every quantized layer kept in 16 bits,
 chosen by magnitude, by the Hessian diagonal or by TaCQ. Each saliency is computed (a) on the
 general calibration text (Book of Mormon) or (b) on the task's own examples; the solver's
-Hessians come from the general text in both cases unless ``--solver-data`` says otherwise: ``task`` calibrates the solver
-on the task data in (b), ``mixed`` on the task data joined with as much general text, so that (b)
-changes the "none" and "magnitude" rows too.
+Hessians come from the general text in both cases unless ``--solver-data`` says otherwise:
+``task`` calibrates the solver on the task data in (b), ``mixed`` on the task data joined with as
+much general text (the TaCQ paper's protocol: every method sees the same calibration data), so
+that (b) changes the "none" and "magnitude" rows too.
 
 Tasks:
   * code: perplexity on held-out Python standard-library files; the task examples are other

@@ -164,29 +164,24 @@ def task_statistics(
     batches: list[TaskBatch],
     gradients: bool,
     hessian_diag: bool,
-    per_example: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``dL/dW`` of every linear (``gradients``) and ``diag(E[x x^T])`` of its inputs (``hessian_diag``).
+    """``sum_n |dL_n/dW|`` of every linear (``gradients``) and ``diag(E[x x^T])`` of its inputs
+    (``hessian_diag``).
 
-    ``L`` is the mean token loss over all batches, so the accumulated gradient does not depend on
-    how the examples are batched. With ``per_example``, the result is instead ``sum_n |dL_n/dW|``
-    over the examples ``n`` (``L_n``: the mean token loss of example ``n``, one backward each), so
-    that weights two examples pull in opposite directions still count for both. Only the linears'
+    ``L_n`` is the mean token loss of example ``n`` (one backward each, whatever the batching), so
+    weights that two examples pull in opposite directions still count for both. Only the linears'
     weights require gradients meanwhile; the model's ``requires_grad`` flags, training mode and
     gradient-checkpointing setting are restored after.
     """
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
-    if per_example:
+    if gradients:
         batches = [one for batch in batches for one in _single_examples(batch)]
-    total = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in batches)
-    if gradients and total == 0:
-        raise ValueError("the task examples have no token to take the loss on")
+        if all(int((b.labels[:, 1:] != IGNORE).sum()) == 0 for b in batches):
+            raise ValueError("the task examples have no token to take the loss on")
     diag = {n: torch.zeros(m.in_features, device=m.weight.device) for n, m in linears.items()}
     counts = dict.fromkeys(linears, 0)
-    absolute = (
-        {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in linears.items()}
-        if (gradients and per_example)
-        else {}
+    grads = (
+        {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in linears.items()} if gradients else {}
     )
     state = {"mask": None}  # tokens of the current batch's first forward (recomputation skipped)
 
@@ -234,13 +229,11 @@ def task_statistics(
                         ignore_index=IGNORE,
                         reduction="sum",
                     )
-                    if per_example:
-                        (loss / max(int((batch.labels[:, 1:] != IGNORE).sum()), 1)).backward()
-                        for name, m in linears.items():
-                            absolute[name] += m.weight.grad.abs()
+                    (loss / max(int((batch.labels[:, 1:] != IGNORE).sum()), 1)).backward()
+                    for name, m in linears.items():
+                        if m.weight.grad is not None:
+                            grads[name] += m.weight.grad.abs()
                             m.weight.grad = None
-                    else:
-                        (loss / total).backward()
                 del logits
     finally:
         state["mask"] = None
@@ -249,10 +242,7 @@ def task_statistics(
         if checkpointing and not was_checkpointing:
             model.activation_checkpointing_disable()
         model.train(was_training)
-        grads = absolute
-        for name, m in linears.items():
-            if gradients and not per_example and m.weight.grad is not None:
-                grads[name] = m.weight.grad.float()
+        for m in linears.values():
             m.weight.grad = None
         for p, flag in flags.items():
             p.requires_grad_(flag)
@@ -343,9 +333,7 @@ def keep_masks(
     else:
         batches = batches_from_ids(calibration_ids)
     tacq = config.saliency == "tacq"
-    grads, diags = task_statistics(
-        model, linears, batches, gradients=tacq, hessian_diag=not tacq, per_example=tacq
-    )
+    grads, diags = task_statistics(model, linears, batches, gradients=tacq, hessian_diag=not tacq)
     scores = {}
     for name, m in linears.items():
         scores[name] = saliency_scores(
