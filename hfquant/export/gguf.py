@@ -1,0 +1,571 @@
+"""GGUF export for llama.cpp: ``save_gguf(model, tokenizer, path, type="q4_1")``.
+
+The metadata (architecture hyperparameters, tokenizer, chat template) and the Hugging Face to GGUF
+tensor names, with the Llama q/k row permutation, come from llama.cpp's own converter
+(``convert_hf_to_gguf.py`` and its ``conversion`` package) in the llama.cpp source that ``make
+llamacpp`` unpacks under ``.venv/llama.cpp`` (``$HFQUANT_LLAMACPP_SRC`` overrides). Tensors are
+written with the ``gguf`` package's ``GGUFWriter``.
+
+Block types (``GGUF_TYPES``): ``q4_0``, ``q4_1``, ``q8_0`` (blocks of 32), ``q2_k``, ``q3_k``,
+``q4_k`` (super-blocks of 256), and ``f16`` / ``f32``. How each weight is written:
+
+* **lossless**: a ``DecoupledLinear`` whose stored grid is exactly the type's grid (W4 g32 with
+  float16 scale and zero is ``Q4_1``: ``w = d * q + m``; a W4 g32 grid with ``zero = -8 * scale``
+  is ``Q4_0``) is written from its integers and float16 scale/zero, with no requantization. A
+  future GGUF-typed format hands its blocks over the same way: a module with a ``gguf_blocks(qtype)``
+  method returning :class:`GGUFBlocks` (its stored integers and scales) is written as is.
+* **requantized**: any other weight is dequantized and quantized to the type: with
+  ``gguf.quants.quantize`` for the 32-blocks, with :func:`quantize_k` (min-max sub-block grids,
+  6- or 4-bit sub-block scales under float16 super-block factors) for the K-quants, which ``gguf``
+  can only dequantize.
+* **fallback**: a row length the type cannot hold gets the type llama.cpp's ``llama-quantize``
+  falls back to (``tensor_type_fallback``): ``q2_k`` and ``q3_k`` -> ``q4_0``, ``q4_k`` -> ``q5_0``;
+  a row that is not a multiple of 32 either -> ``f16``. The export summary lists every fallback.
+
+Embedding and output head: ``embedding_type`` / ``output_type``. The output head defaults to
+``q8_0`` (llama.cpp's presets use ``q6_k``, whose 256-wide rows fall back to ``q8_0`` on 576-wide
+models anyway); with tied embeddings the token embedding is the output head and gets the output
+type, otherwise it gets the main type (with its fallback). 1-D tensors (norms, biases) are F32.
+
+GGUF has no sparse 16-bit weights: models with kept weights (``outlier_*``) are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+LLAMACPP_SDIST_VERSION = "0.3.36"
+
+# Allowed values of ``type`` / ``embedding_type`` / ``output_type``.
+GGUF_TYPES = ("q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k", "f16", "f32")
+# llama.cpp's tensor_type_fallback (src/llama-quant.cpp) for rows a 256-block type cannot hold.
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0"}
+# The general.file_type written for each main type (llama.cpp's names for the mostly-X files).
+_FILE_TYPE = {
+    "q4_0": "MOSTLY_Q4_0",
+    "q4_1": "MOSTLY_Q4_1",
+    "q8_0": "MOSTLY_Q8_0",
+    "q2_k": "MOSTLY_Q2_K",
+    "q3_k": "MOSTLY_Q3_K_M",
+    "q4_k": "MOSTLY_Q4_K_M",
+    "f16": "MOSTLY_F16",
+    "f32": "ALL_F32",
+}
+QK_K = 256
+
+
+class GGUFExportError(ValueError):
+    """A model, option or path that cannot be exported to GGUF (the message says why)."""
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as err:  # pragma: no cover - gguf is a dev dependency
+        raise ImportError("GGUF export needs the 'gguf' package: pip install gguf") from err
+    return gguf
+
+
+def qtype_of(name: str):
+    """``gguf.GGMLQuantizationType`` of a type name (``"q4_1"``, ``"Q4_K"``, ``"f16"``, ...)."""
+    gguf = _gguf()
+    try:
+        return gguf.GGMLQuantizationType[name.upper()]
+    except KeyError:
+        raise GGUFExportError(f"unknown GGUF type {name!r}") from None
+
+
+def check_type(name: str, what: str = "type") -> str:
+    key = str(name).lower()
+    if key not in GGUF_TYPES:
+        raise GGUFExportError(f"unsupported GGUF {what} {name!r}: expected one of {', '.join(GGUF_TYPES)}")
+    return key
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocks: the integers and scales each type stores, packed into GGUF's byte layout.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GGUFBlocks:
+    """The values one GGUF block type stores for a ``[rows, cols]`` weight, before byte packing.
+
+    ``q`` holds the unsigned stored integers ``[rows, n_blocks, block_size]``; the other fields are
+    per block (``[rows, n_blocks]``, float16) or per sub-block (``[rows, n_blocks, n_sub]``, the
+    small integers). Dequantized weight, per type:
+
+    * ``q4_0``: ``d * (q - 8)``; ``q4_1``: ``d * q + m``; ``q8_0``: ``d * (q - 128)``
+    * ``q2_k``: ``d * sc * q - dmin * mn`` (16 sub-blocks of 16, 4-bit ``sc``, ``mn``, 2-bit ``q``)
+    * ``q3_k``: ``d * (sc - 32) * (q - 4)`` (16 sub-blocks of 16, 6-bit ``sc``, 3-bit ``q``)
+    * ``q4_k``: ``d * sc * q - dmin * mn`` (8 sub-blocks of 32, 6-bit ``sc``, ``mn``, 4-bit ``q``)
+
+    A solver that works on a type's grid hands these over and the export writes them unchanged.
+    """
+
+    qtype: str
+    q: np.ndarray
+    d: np.ndarray
+    m: np.ndarray | None = None  # q4_1
+    dmin: np.ndarray | None = None  # k-quants with mins
+    sc: np.ndarray | None = None
+    mn: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, nb, bs = self.q.shape
+        return rows, nb * bs
+
+    def take_rows(self, index: np.ndarray) -> GGUFBlocks:
+        def pick(a):
+            return None if a is None else a[index]
+
+        return GGUFBlocks(self.qtype, self.q[index], self.d[index], pick(self.m), pick(self.dmin), pick(self.sc), pick(self.mn))
+
+    def dequantize(self) -> np.ndarray:
+        """The weight these values encode (float32 ``[rows, cols]``), from the formulas above."""
+        rows, cols = self.shape
+        q = self.q.astype(np.float32)
+        d = self.d.astype(np.float32)[..., None]
+        t = self.qtype
+        if t == "q4_0":
+            w = d * (q - 8)
+        elif t == "q4_1":
+            w = d * q + self.m.astype(np.float32)[..., None]
+        elif t == "q8_0":
+            w = d * (q - 128)
+        else:
+            n_sub = self.sc.shape[-1]
+            q = q.reshape(rows, -1, n_sub, QK_K // n_sub)
+            sc = self.sc.astype(np.float32)[..., None]
+            if t == "q3_k":
+                w = d[..., None] * (sc - 32) * (q - 4)
+            else:
+                w = d[..., None] * sc * q - self.dmin.astype(np.float32)[..., None, None] * self.mn.astype(np.float32)[..., None]
+        return w.reshape(rows, cols).astype(np.float32)
+
+    def pack(self) -> np.ndarray:
+        """GGUF's bytes: uint8 ``[rows, bytes_per_row]`` (what ``gguf.quants.quantize`` returns)."""
+        rows, nb, _ = self.q.shape
+        q = self.q.astype(np.uint8).reshape(rows * nb, -1)
+
+        def f16(a):
+            return np.ascontiguousarray(a, dtype=np.float16).reshape(rows * nb, 1).view(np.uint8)
+
+        t = self.qtype
+        if t in ("q4_0", "q4_1"):
+            qs = q[:, :16] | (q[:, 16:] << 4)
+            parts = [f16(self.d)] + ([f16(self.m)] if t == "q4_1" else []) + [qs]
+        elif t == "q8_0":
+            parts = [f16(self.d), (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)]
+        elif t == "q2_k":
+            sc = self.sc.astype(np.uint8).reshape(rows * nb, 16) | (self.mn.astype(np.uint8).reshape(rows * nb, 16) << 4)
+            parts = [sc, _pack_2bit(q), f16(self.d), f16(self.dmin)]
+        elif t == "q3_k":
+            s = self.sc.astype(np.uint8).reshape(rows * nb, 16)
+            low, high = s & 0xF, s >> 4
+            scales = np.concatenate(
+                [low[:, :8] | (low[:, 8:] << 4), (high.reshape(-1, 4, 4) << np.array([0, 2, 4, 6], np.uint8)[:, None]).sum(1, dtype=np.uint8)],
+                axis=1,
+            )
+            hmask = ((q >> 2).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[:, None]).sum(1, dtype=np.uint8)
+            parts = [hmask, _pack_2bit(q & 3), scales, f16(self.d)]
+        elif t == "q4_k":
+            sc = self.sc.astype(np.uint8).reshape(rows * nb, 8)
+            mn = self.mn.astype(np.uint8).reshape(rows * nb, 8)
+            scales = np.concatenate(
+                [
+                    sc[:, :4] | ((sc[:, 4:] >> 4) << 6),
+                    mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+                    (sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4),
+                ],
+                axis=1,
+            )
+            q4 = q.reshape(-1, 4, 2, 32)
+            qs = (q4[:, :, 0] | (q4[:, :, 1] << 4)).reshape(-1, 128)
+            parts = [f16(self.d), f16(self.dmin), scales, qs]
+        else:
+            raise GGUFExportError(f"no block packing for {t}")
+        return np.concatenate(parts, axis=1).reshape(rows, -1)
+
+
+def _pack_2bit(q: np.ndarray) -> np.ndarray:
+    """256 2-bit values per row into 64 bytes: value ``h*128 + s*32 + l`` at bits ``2s`` of byte ``h*32 + l``."""
+    q = q.reshape(-1, 2, 4, 32)
+    return (q << (np.arange(4, dtype=np.uint8) * 2)[:, None]).sum(2, dtype=np.uint8).reshape(-1, 64)
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float16)
+
+
+def quantize_k(w: np.ndarray, qtype: str) -> GGUFBlocks:
+    """Quantize ``[rows, cols]`` (cols a multiple of 256) to a K-quant's blocks.
+
+    Each sub-block gets its min-max grid (asymmetric with a non-positive minimum for ``q2_k`` /
+    ``q4_k``, symmetric for ``q3_k``), the sub-block scales are rounded to their 4- or 6-bit
+    integers under the super-block's float16 factors, and the weights are rounded on the grid
+    those stored values give. (llama.cpp's own quantizer searches the sub-block scales further.)
+    """
+    rows, cols = w.shape
+    n_sub = {"q2_k": 16, "q3_k": 16, "q4_k": 8}[qtype]
+    sub = w.astype(np.float32).reshape(rows, cols // QK_K, n_sub, QK_K // n_sub)
+    if qtype == "q3_k":
+        imax = np.abs(sub).argmax(-1)[..., None]
+        scale = -np.take_along_axis(sub, imax, -1)[..., 0] / 4  # the largest magnitude maps to -4
+        jmax = np.abs(scale).argmax(-1)[..., None]
+        d = _f16(-np.take_along_axis(scale, jmax, -1)[..., 0] / 32)
+        df = d.astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = np.where(df[..., None] != 0, np.rint(scale / df[..., None]), 0).clip(-32, 31)
+            step = (df[..., None] * sc)[..., None]
+            qv = np.where(step != 0, np.rint(sub / step), 0).clip(-4, 3)
+        return GGUFBlocks(
+            "q3_k", (qv + 4).astype(np.uint8).reshape(rows, -1, QK_K), d, sc=(sc + 32).astype(np.uint8)
+        )
+    nmax, smax = (3, 15) if qtype == "q2_k" else (15, 63)
+    lo = np.minimum(sub.min(-1), 0)
+    hi = np.maximum(sub.max(-1), lo)
+    scale = (hi - lo) / nmax
+    mins = -lo
+    d = _f16(scale.max(-1) / smax)
+    dmin = _f16(mins.max(-1) / smax)
+    df, dminf = d.astype(np.float32)[..., None], dmin.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(df != 0, np.rint(scale / df), 0).clip(0, smax)
+        mn = np.where(dminf != 0, np.rint(mins / dminf), 0).clip(0, smax)
+        step = (df * sc)[..., None]
+        qv = np.where(step != 0, np.rint((sub + (dminf * mn)[..., None]) / step), 0).clip(0, nmax)
+    return GGUFBlocks(
+        qtype, qv.astype(np.uint8).reshape(rows, -1, QK_K), d, dmin=dmin, sc=sc.astype(np.uint8), mn=mn.astype(np.uint8)
+    )
+
+
+def quantize_tensor(w: np.ndarray, qtype: str) -> np.ndarray:
+    """Bytes (uint8 ``[rows, bytes_per_row]``) or float array of ``w`` in ``qtype``.
+
+    The K-quants go through :func:`quantize_k`; every other type is ``gguf.quants.quantize``.
+    """
+    if qtype in ("q2_k", "q3_k", "q4_k"):
+        return quantize_k(w, qtype).pack()
+    return _gguf().quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype_of(qtype))
+
+
+def block_size(qtype: str) -> int:
+    gguf = _gguf()
+    return gguf.GGML_QUANT_SIZES[qtype_of(qtype)][0]
+
+
+def decoupled_blocks(module: nn.Module, qtype: str) -> GGUFBlocks | None:
+    """The stored values of a ``DecoupledLinear`` as ``qtype`` blocks when its grid *is* that type's
+    grid (W4 g32, float16 scale and zero: ``q4_1``; also ``q4_0`` when every zero is
+    ``-8 * scale``), else None (the weight must be requantized)."""
+    from hfquant.nn import DecoupledLinear
+
+    if not isinstance(module, DecoupledLinear) or qtype not in ("q4_0", "q4_1"):
+        return None
+    if module.bits != 4 or module.group_size != 32 or module.in_features % 32 or module.num_outliers:
+        return None
+    scales, zeros = module.scales.detach().cpu(), module.zeros.detach().cpu()
+    d, m = scales.to(torch.float16), zeros.to(torch.float16)
+    if not (torch.equal(d.float(), scales.float()) and torch.equal(m.float(), zeros.float())):
+        return None  # not float16 values: the stored grid is finer than GGUF's
+    rows = module.out_features
+    q = module.integers().cpu().numpy().reshape(rows, -1, 32)
+    if qtype == "q4_1":
+        return GGUFBlocks("q4_1", q, d.numpy(), m=m.numpy())
+    if not torch.equal(m.float(), (-8 * d.float()).to(torch.float16).float()) or not torch.equal(
+        (-8 * d.float()).to(torch.float16).float(), -8 * d.float()
+    ):
+        return None
+    return GGUFBlocks("q4_0", q, d.numpy())
+
+
+# --------------------------------------------------------------------------------------------------
+# llama.cpp's converter and tools
+# --------------------------------------------------------------------------------------------------
+
+
+def llamacpp_dir() -> Path:
+    """Where ``make llamacpp`` keeps llama.cpp: ``$HFQUANT_LLAMACPP`` or ``<venv>/llama.cpp``."""
+    return Path(os.environ.get("HFQUANT_LLAMACPP") or Path(sys.prefix) / "llama.cpp")
+
+
+def llamacpp_source() -> Path:
+    """The vendored llama.cpp source tree (``$HFQUANT_LLAMACPP_SRC`` overrides)."""
+    if os.environ.get("HFQUANT_LLAMACPP_SRC"):
+        return Path(os.environ["HFQUANT_LLAMACPP_SRC"])
+    return llamacpp_dir() / f"llama_cpp_python-{LLAMACPP_SDIST_VERSION}" / "vendor" / "llama.cpp"
+
+
+def llamacpp_tool(name: str) -> Path:
+    """Path of a built llama.cpp tool (``llama-perplexity``, ...); ``$HFQUANT_LLAMACPP_BIN`` overrides the folder."""
+    folder = Path(os.environ.get("HFQUANT_LLAMACPP_BIN") or llamacpp_dir() / "bin")
+    return folder / name
+
+
+def _converter_class(arch: str):
+    """llama.cpp's converter class for a Hugging Face architecture name."""
+    src = llamacpp_source()
+    if not (src / "conversion" / "__init__.py").is_file():
+        raise GGUFExportError(
+            f"llama.cpp's converter is not at {src}: run `make llamacpp` (it unpacks the llama.cpp source of "
+            f"llama-cpp-python=={LLAMACPP_SDIST_VERSION}) or set HFQUANT_LLAMACPP_SRC to a llama.cpp checkout"
+        )
+    _gguf()  # the installed gguf package, imported first, is the one the converter then uses
+    if str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+    from conversion import get_model_class
+
+    try:
+        return get_model_class(arch)
+    except NotImplementedError as err:
+        raise GGUFExportError(f"llama.cpp's converter does not support the architecture {arch!r}") from err
+
+
+@contextlib.contextmanager
+def _quiet_converter():
+    loggers = [logging.getLogger(name) for name in ("hf-to-gguf", "gguf.gguf_writer", "gguf.vocab", "gguf")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorRecord:
+    name: str  # GGUF name
+    shape: tuple[int, ...]
+    requested: str
+    written: str
+    how: str  # "lossless", "requantized", "float", "fallback (...)"
+
+
+@dataclass
+class GGUFExportSummary:
+    path: Path
+    type: str
+    tensors: list[TensorRecord] = field(default_factory=list)
+    file_bytes: int = 0
+
+    @property
+    def weights(self) -> int:
+        return sum(int(np.prod(t.shape)) for t in self.tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """File bits over all tensor elements (metadata and vocabulary included)."""
+        return 8 * self.file_bytes / max(1, self.weights)
+
+    def rows(self) -> list[dict[str, object]]:
+        """One row per (requested, written, how): the export summary table."""
+        groups: Counter = Counter()
+        examples: dict[tuple[str, str, str], str] = {}
+        for t in self.tensors:
+            key = (t.requested, t.written, t.how)
+            groups[key] += 1
+            examples.setdefault(key, t.name)
+        return [
+            {"requested": r, "written": w, "how": h, "tensors": n, "e.g.": examples[(r, w, h)]}
+            for (r, w, h), n in sorted(groups.items())
+        ]
+
+
+def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from hfquant.nn import QUANTIZED_MODULES
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)}
+
+
+def _check_no_kept_weights(quantized: dict[str, nn.Module]) -> None:
+    kept = [name for name, m in quantized.items() if getattr(m, "num_outliers", 0)]
+    if kept:
+        raise GGUFExportError(
+            f"GGUF has no sparse 16-bit weights: {len(kept)} layer(s) keep weights in 16 bits "
+            f"(outlier_fraction > 0, e.g. {kept[0]}); export a model quantized without kept weights"
+        )
+
+
+def _source_tensors(model: nn.Module, quantized: dict[str, nn.Module]) -> dict[str, Any]:
+    """Hugging Face tensor name -> float tensor or quantized module, as the checkpoint names them."""
+    out: dict[str, Any] = {}
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if mod_name in quantized:
+            out[f"{prefix}weight"] = module
+            if getattr(module, "bias", None) is not None:
+                out[f"{prefix}bias"] = module.bias.detach()
+            continue
+        if any(mod_name.startswith(q + ".") for q in quantized):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            out[f"{prefix}{pname}"] = p.detach()
+    if _tied(model.config):
+        out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
+    return out
+
+
+def _tied(config) -> bool:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
+
+
+def _dequantized(module: nn.Module) -> torch.Tensor:
+    if not hasattr(module, "dequantize"):
+        raise GGUFExportError(f"cannot read the weight of {type(module).__name__}")
+    return module.dequantize(torch.float32).detach().cpu()
+
+
+def _bid(name: str) -> int | None:
+    return next((int(part) for part in name.split(".") if part.isdecimal()), None)
+
+
+def save_gguf(
+    model: nn.Module,
+    tokenizer: Any,
+    path: str | os.PathLike,
+    type: str = "q4_1",  # noqa: A002 - the CLI's --type
+    embedding_type: str | None = None,
+    output_type: str | None = None,
+    model_name: str | None = None,
+) -> GGUFExportSummary:
+    """Write ``model`` (float or hfquant-quantized) and ``tokenizer`` as one GGUF file for llama.cpp.
+
+    ``type`` is the block type of the linear weights (``GGUF_TYPES``); ``embedding_type`` and
+    ``output_type`` those of the token embedding and output head (see the module docstring for
+    defaults and fallbacks). The file is written to a temporary file in the same folder and moved
+    into place: an error leaves no partial file. Returns a summary of how each tensor was written.
+    """
+    gguf = _gguf()
+    main = check_type(type, "type")
+    out_type = check_type(output_type, "output type") if output_type else "q8_0"
+    emb_type = check_type(embedding_type, "embedding type") if embedding_type else None
+    quantized = _linear_modules(model)
+    _check_no_kept_weights(quantized)
+    target = Path(path)
+    if target.is_dir():
+        raise GGUFExportError(f"{target} is a folder: give the path of the .gguf file to write")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent.resolve())
+    except OSError as err:
+        raise GGUFExportError(f"cannot write {target}: {err.strerror or err}") from err
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        summary = _write(model, tokenizer, tmp, main, emb_type, out_type, quantized, model_name, gguf)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    summary.path = target
+    summary.file_bytes = target.stat().st_size
+    return summary
+
+
+def _write(model, tokenizer, tmp: Path, main, emb_type, out_type, quantized, model_name, gguf) -> GGUFExportSummary:
+    config = model.config
+    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    cls = _converter_class(arch)
+    tied = _tied(config)
+    if emb_type is None:
+        emb_type = out_type if tied else main
+    summary = GGUFExportSummary(tmp, main)
+    with tempfile.TemporaryDirectory(prefix="hfquant-gguf-") as folder, _quiet_converter():
+        folder = Path(folder)
+        config_dict = config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config_dict["architectures"] = [arch]
+        (folder / "config.json").write_text(json.dumps(config_dict, indent=2, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        name = model_name or Path(str(getattr(config, "_name_or_path", "") or "model")).name or "model"
+        conv = cls(folder, getattr(gguf.LlamaFileType, _FILE_TYPE[main]), tmp, eager=True, model_name=name)
+        writer = conv.gguf_writer
+        try:
+            for hf_name, source in _source_tensors(model, quantized).items():
+                _add_tensor(conv, writer, hf_name, source, main, emb_type, out_type, summary)
+            conv.prepare_metadata(vocab_only=False)
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+        finally:
+            writer.close()
+    return summary
+
+
+def _add_tensor(conv, writer, hf_name: str, source: Any, main, emb_type, out_type, summary) -> None:
+    gguf = _gguf()
+    bid = _bid(hf_name)
+    if isinstance(source, torch.Tensor):
+        pairs = [(n, t, None) for n, t in conv.modify_tensors(source.float().cpu(), hf_name, bid)]
+    else:
+        # A quantized layer: pass its row numbers through the converter to learn the GGUF name and
+        # row order (Llama's q/k permutation), then move the stored rows accordingly.
+        rows = source.out_features
+        index = torch.arange(rows, dtype=torch.float32).unsqueeze(1)
+        pairs = []
+        for n, t in conv.modify_tensors(index, hf_name, bid):
+            perm = t.reshape(-1).round().long()
+            if t.shape != (rows, 1) or not torch.equal(perm.sort().values, torch.arange(rows)):
+                raise GGUFExportError(
+                    f"llama.cpp's converter transforms {hf_name} beyond a row permutation; quantized layers "
+                    "of this architecture cannot be exported"
+                )
+            pairs.append((n, source, perm.numpy()))
+    for new_name, data, perm in pairs:
+        shape = tuple(data.shape) if perm is None else (data.out_features, data.in_features)
+        if len(shape) <= 1 or new_name.endswith("_norm.weight"):
+            requested = "f32"
+        elif new_name == "token_embd.weight":
+            requested = emb_type
+        elif new_name == "output.weight":
+            requested = out_type
+        else:
+            requested = main
+        written, how = requested, None
+        cols = shape[-1]
+        if len(shape) > 1 and cols % block_size(written):
+            reason = f"fallback: {cols} columns not a multiple of {block_size(written)}"
+            written = FALLBACK.get(written, "f16")
+            if cols % block_size(written):
+                written = "f16"
+            how = reason
+        qtype = qtype_of(written)
+        if perm is not None:
+            blocks = data.gguf_blocks(written) if hasattr(data, "gguf_blocks") else decoupled_blocks(data, written)
+            if blocks is not None:
+                array, how = blocks.take_rows(perm).pack(), how or "lossless"
+            else:
+                w = _dequantized(data).numpy()[perm]
+                array, how = quantize_tensor(w, written), how or "requantized"
+        else:
+            w = data.numpy().astype(np.float32)
+            array = quantize_tensor(w, written)
+            how = how or ("float" if written in ("f32", "f16") else "requantized")
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            writer.add_tensor(new_name, np.ascontiguousarray(array))
+        else:
+            writer.add_tensor(new_name, np.ascontiguousarray(array), raw_shape=None, raw_dtype=qtype)
+        summary.tensors.append(TensorRecord(new_name, shape, requested, written, how))

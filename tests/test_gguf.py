@@ -1,0 +1,436 @@
+"""GGUF export (hfquant/export/gguf.py): block packing, every type read back with gguf's own
+dequantize, tiny models through the whole export, bad inputs, and the default model run by
+llama.cpp's own tools (built by `make llamacpp`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+gguf = pytest.importorskip("gguf")
+
+from hfquant.export.gguf import (  # noqa: E402
+    GGUF_TYPES,
+    GGUFBlocks,
+    GGUFExportError,
+    llamacpp_source,
+    llamacpp_tool,
+    quantize_k,
+    quantize_tensor,
+    save_gguf,
+)
+
+TYPES = ("q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k")
+K_TYPES = ("q2_k", "q3_k", "q4_k")
+
+needs_converter = pytest.mark.skipif(
+    not (llamacpp_source() / "conversion").is_dir(),
+    reason=f"llama.cpp's converter is absent ({llamacpp_source()}): run `make llamacpp` or set HFQUANT_LLAMACPP_SRC",
+)
+
+
+def tool(name: str):
+    path = llamacpp_tool(name)
+    if not path.is_file():
+        pytest.skip(f"{name} is not built ({path}): run `make llamacpp` or set HFQUANT_LLAMACPP_BIN")
+    return path
+
+
+def gguf_dequantize(tensor) -> np.ndarray:
+    """gguf's own dequantization of a tensor read by GGUFReader, as ``[rows, cols]``."""
+    w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    return np.asarray(w, dtype=np.float32).reshape(-1, int(tensor.shape[0]))
+
+
+def expected_stored(w: np.ndarray, written: str) -> np.ndarray:
+    """What a requantized weight must read back as: gguf's quantize -> dequantize for the types gguf
+    quantizes, hfquant's K-quant blocks (their own formula, independent of the byte layout) otherwise."""
+    if written in K_TYPES:
+        return quantize_k(w, written).dequantize()
+    qtype = gguf.GGMLQuantizationType[written.upper()]
+    return np.asarray(gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype), dtype=np.float32).reshape(w.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Blocks and their bytes
+# ------------------------------------------------------------------------------------------------
+
+
+def random_blocks(qtype: str, rows: int = 6, cols: int = 512, seed: int = 0) -> GGUFBlocks:
+    rng = np.random.default_rng(seed)
+    nb = cols // (256 if qtype in K_TYPES else 32)
+    qmax = {"q4_0": 15, "q4_1": 15, "q8_0": 255, "q2_k": 3, "q3_k": 7, "q4_k": 15}[qtype]
+    q = rng.integers(0, qmax + 1, (rows, nb, 256 if qtype in K_TYPES else 32), dtype=np.uint8)
+    d = rng.normal(0, 0.01, (rows, nb)).astype(np.float16)
+    if qtype in ("q4_0", "q8_0"):
+        return GGUFBlocks(qtype, q, d)
+    if qtype == "q4_1":
+        return GGUFBlocks(qtype, q, d, m=rng.normal(0, 0.1, (rows, nb)).astype(np.float16))
+    n_sub, smax = {"q2_k": (16, 15), "q3_k": (16, 63), "q4_k": (8, 63)}[qtype]
+    sc = rng.integers(0, smax + 1, (rows, nb, n_sub), dtype=np.uint8)
+    if qtype == "q3_k":
+        return GGUFBlocks(qtype, q, d, sc=sc)
+    mn = rng.integers(0, smax + 1, (rows, nb, n_sub), dtype=np.uint8)
+    return GGUFBlocks(qtype, q, d, dmin=np.abs(d), sc=sc, mn=mn)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_packed_blocks_read_back_exactly_by_gguf(qtype):
+    """Every stored integer and scale lands where gguf (and so llama.cpp) reads it."""
+    blocks = random_blocks(qtype)
+    packed = blocks.pack()
+    assert packed.dtype == np.uint8
+    assert packed.shape[1] == 512 // gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype.upper()]][0] * (
+        gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype.upper()]][1]
+    )
+    back = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[qtype.upper()])
+    np.testing.assert_array_equal(back.reshape(blocks.shape), blocks.dequantize())
+
+
+@pytest.mark.parametrize("qtype", K_TYPES)
+def test_k_quantizer_is_on_grid_and_close(qtype):
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.02, (16, 768)).astype(np.float32)
+    blocks = quantize_k(w, qtype)
+    assert int(blocks.q.max()) <= {"q2_k": 3, "q3_k": 7, "q4_k": 15}[qtype]
+    assert int(blocks.sc.max()) <= (15 if qtype == "q2_k" else 63)
+    deq = blocks.dequantize()
+    rel = np.sqrt(((deq - w) ** 2).mean() / (w**2).mean())
+    assert rel < {"q2_k": 0.6, "q3_k": 0.35, "q4_k": 0.15}[qtype], rel
+    # More bits, less error.
+    if qtype == "q4_k":
+        assert rel < np.sqrt(((quantize_k(w, "q3_k").dequantize() - w) ** 2).mean() / (w**2).mean())
+    np.testing.assert_array_equal(
+        gguf.quants.dequantize(quantize_tensor(w, qtype), gguf.GGMLQuantizationType[qtype.upper()]).reshape(w.shape), deq
+    )
+
+
+def test_constant_and_zero_rows_quantize_without_nan():
+    w = np.zeros((2, 256), np.float32)
+    w[1] = 0.5
+    for qtype in K_TYPES:
+        deq = quantize_k(w, qtype).dequantize()
+        assert np.isfinite(deq).all()
+        np.testing.assert_allclose(deq[0], 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny models through the whole export
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from hfquant.models import default_model_path
+
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+def tiny_llama(tokenizer, tie: bool = True, seed: int = 0):
+    """A random Llama with 256-multiple widths (every K-quant holds its rows) and the real tokenizer."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=tie,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def hf_to_gguf_weights(model) -> dict[str, np.ndarray]:
+    """The float weight llama.cpp expects under each GGUF name: names from gguf's tensor map, q/k
+    rows in llama.cpp's rotary order (the permutation convert_hf_to_gguf applies), written here
+    independently of the export code."""
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+
+    def permute(w, n_head):
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    from hfquant.nn import DecoupledLinear
+
+    out = {}
+    for hf_name, module in model.named_modules():
+        if isinstance(module, DecoupledLinear | torch.nn.Linear | torch.nn.Embedding):
+            if hf_name == "lm_head" and config.tie_word_embeddings:
+                continue
+            w = module.dequantize(torch.float32) if isinstance(module, DecoupledLinear) else module.weight.detach()
+            w = w.float().numpy()
+            if hf_name.endswith("q_proj"):
+                w = permute(w, config.num_attention_heads)
+            elif hf_name.endswith("k_proj"):
+                w = permute(w, config.num_key_value_heads)
+            out[names.get_name(hf_name + ".weight", try_suffixes=(".weight",))] = w
+    return out
+
+
+@needs_converter
+@pytest.mark.parametrize("qtype", TYPES)
+def test_every_type_reads_back_as_gguf_quantization_of_the_weights(tokenizer, tmp_path, qtype):
+    """(a)/(b): each tensor of a 256-wide Llama, read back with gguf's own dequantize, is the type's
+    quantization of the model's weight; K-quants hold every row (no fallback)."""
+    model = tiny_llama(tokenizer)
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    summary = save_gguf(model, tokenizer, path, type=qtype)
+    written = {t.name: t for t in summary.tensors}
+    assert all("fallback" not in t.how for t in summary.tensors)
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == set(written)
+    expected = hf_to_gguf_weights(model)
+    for name, w in expected.items():
+        record = written[name]
+        want = qtype if name != "token_embd.weight" else "q8_0"  # tied: the embedding is the output head
+        assert record.written == want and tensors[name].tensor_type.name == want.upper()
+        np.testing.assert_array_equal(gguf_dequantize(tensors[name]), expected_stored(w, want), err_msg=name)
+    norms = [t for t in reader.tensors if t.name.endswith("norm.weight")]
+    assert norms and all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in norms)
+    fields = reader.fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["llama.block_count"].contents() == 2
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert len(fields["tokenizer.ggml.tokens"].contents()) == len(tokenizer)
+    assert "im_start" in fields["tokenizer.chat_template"].contents()
+
+
+@needs_converter
+def test_w4_g32_decoupled_model_exports_to_q4_1_losslessly(tokenizer, tmp_path):
+    """A hfquant W4 g32 model is Q4_1: written from its integers and float16 scale/zero, and gguf reads
+    back exactly hfquant's dequantized weight."""
+    from hfquant import HfQuantConfig
+    from hfquant.nn import DecoupledLinear
+
+    base = tmp_path / "base"
+    tiny_llama(tokenizer, tie=False).save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=HfQuantConfig(bits=4, group_size=32, method="rtn"), dtype=torch.float32
+    )
+    assert any(isinstance(m, DecoupledLinear) for m in model.modules())
+    summary = save_gguf(model, tokenizer, tmp_path / "w4.gguf", type="q4_1", output_type="f32", embedding_type="f16")
+    hows = {t.name: t.how for t in summary.tensors}
+    assert all(hows[n] == "lossless" for n in hows if n.startswith("blk.") and not n.endswith("norm.weight"))
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "w4.gguf").tensors}
+    for name, w in hf_to_gguf_weights(model).items():
+        got = gguf_dequantize(tensors[name])
+        if name == "token_embd.weight":
+            np.testing.assert_array_equal(got, w.astype(np.float16).astype(np.float32))
+        else:
+            np.testing.assert_array_equal(got, w, err_msg=name)  # exact: no requantization
+
+
+@needs_converter
+def test_576_wide_rows_fall_back_like_llama_quantize(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64 * 9, intermediate_size=768, num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3,
+        vocab_size=len(tokenizer), tie_word_embeddings=True,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    summary = save_gguf(model, tokenizer, tmp_path / "q4k.gguf", type="q4_k")
+    by_name = {t.name: t for t in summary.tensors}
+    assert by_name["blk.0.attn_q.weight"].written == "q5_0"  # 576 columns: llama.cpp's fallback for Q4_K
+    assert "fallback" in by_name["blk.0.attn_q.weight"].how
+    assert by_name["blk.0.ffn_down.weight"].written == "q4_k"  # 768 columns hold super-blocks of 256
+    assert any("fallback" in r["how"] for r in summary.rows())
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "q4k.gguf").tensors}
+    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q5_0
+    summary = save_gguf(model, tokenizer, tmp_path / "q2k.gguf", type="q2_k")
+    assert {t.name: t.written for t in summary.tensors}["blk.0.attn_v.weight"] == "q4_0"
+
+
+@needs_converter
+def test_transformers_reads_the_export_back(tokenizer, tmp_path):
+    """(b) An independent reader: transformers' GGUF loader (its own name map and inverse q/k
+    permutation) gives back, for Q4_K, the weights gguf's dequantization of our blocks implies."""
+    model = tiny_llama(tokenizer, tie=False)
+    save_gguf(model, tokenizer, tmp_path / "m.gguf", type="q4_k", output_type="q4_k", embedding_type="q4_k")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    for (name, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
+        w = p.detach().numpy()
+        want = quantize_k(w, "q4_k").dequantize() if w.ndim == 2 else w
+        np.testing.assert_allclose(q.detach().numpy(), want, rtol=0, atol=1e-6, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs: clear errors, no partial file
+# ------------------------------------------------------------------------------------------------
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@needs_converter
+def test_kept_weights_are_refused(tokenizer, tmp_path):
+    from hfquant import HfQuantConfig
+
+    base = tmp_path / "base"
+    tiny_llama(tokenizer).save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(
+        base,
+        quantization_config=HfQuantConfig(bits=4, group_size=32, method="rtn", outlier_fraction=0.01, saliency="magnitude"),
+        dtype=torch.float32,
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(GGUFExportError, match="GGUF has no sparse 16-bit weights"):
+        save_gguf(model, tokenizer, out / "m.gguf", type="q4_1")
+    assert leftovers(out) == []
+
+
+def test_unsupported_type_lists_the_allowed_ones(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    for kwargs in ({"type": "q5_k"}, {"type": "q4_1", "output_type": "iq2_xxs"}, {"type": "q4_1", "embedding_type": "bf17"}):
+        with pytest.raises(GGUFExportError, match="expected one of " + ", ".join(GGUF_TYPES)):
+            save_gguf(model, None, tmp_path / "m.gguf", **kwargs)
+    assert leftovers(tmp_path) == []
+
+
+@needs_converter
+def test_unwritable_paths_are_clear_errors(tokenizer, tmp_path):
+    model = tiny_llama(tokenizer)
+    (tmp_path / "file").write_text("x")
+    for bad, message in [
+        (tmp_path / "missing" / "m.gguf", "cannot write"),
+        (tmp_path / "file" / "m.gguf", "cannot write"),
+        (tmp_path, "is a folder"),
+    ]:
+        with pytest.raises(GGUFExportError, match=message):
+            save_gguf(model, tokenizer, bad, type="q8_0")
+    assert leftovers(tmp_path) == ["file"]
+
+
+@needs_converter
+def test_an_error_mid_write_leaves_no_file(tokenizer, tmp_path, monkeypatch):
+    import hfquant.export.gguf as module
+
+    calls = []
+
+    def failing(w, qtype):
+        calls.append(qtype)
+        if len(calls) == 4:
+            raise RuntimeError("disk on fire")
+        return quantize_tensor(w, qtype)
+
+    monkeypatch.setattr(module, "quantize_tensor", failing)
+    (tmp_path / "m.gguf").write_bytes(b"previous")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        save_gguf(tiny_llama(tokenizer), tokenizer, tmp_path / "m.gguf", type="q4_0")
+    assert leftovers(tmp_path) == ["m.gguf"]
+    assert (tmp_path / "m.gguf").read_bytes() == b"previous"  # the old file is untouched
+
+
+@needs_converter
+def test_cli_export_gguf(tokenizer, tmp_path, capsys):
+    from hfquant.cli import main
+
+    folder = tmp_path / "model"
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert main(["export-gguf", str(folder), str(tmp_path / "m.gguf"), "--type", "q4_0"]) == 0
+    out = capsys.readouterr().out
+    assert "q4_0" in out and "bits/weight" in out
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.file_type"].contents() == 2  # MOSTLY_Q4_0
+    assert main(["export-gguf", str(folder), str(tmp_path / "x.gguf"), "--type", "q9"]) == 2
+    assert "unsupported GGUF type 'q9'" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The default model in llama.cpp itself
+# ------------------------------------------------------------------------------------------------
+
+PROMPT = "The Book of Mormon is a sacred text that"
+NEW_TOKENS = 16
+CHUNKS = 6  # 512-token windows scored by both sides
+SEQLEN = 512
+
+
+def llama_greedy(model_path, n: int) -> str:
+    """llama.cpp's greedy continuation (llama-simple: greedy sampler, prompt tokenized as the GGUF says)."""
+    run = subprocess.run(
+        [str(tool("llama-simple")), "-m", str(model_path), "-n", str(n), PROMPT],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith(PROMPT), run.stdout
+    return run.stdout[len(PROMPT):].rstrip("\n")
+
+
+def hf_greedy(model, tokenizer, n: int) -> str:
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=n, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def llama_perplexity(model_path, text_file) -> float:
+    run = subprocess.run(
+        [str(tool("llama-perplexity")), "-m", str(model_path), "-f", str(text_file), "-c", str(SEQLEN), "-b", str(SEQLEN),
+         "--chunks", str(CHUNKS), "-t", "2", "--no-repack"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr)
+    assert found, (run.stdout + run.stderr)[-3000:]
+    return float(found.group(1))
+
+
+def hf_perplexity(model, tokenizer, text: str) -> float:
+    """llama-perplexity's measure in transformers: consecutive SEQLEN-token chunks of the file's tokens
+    (no BOS: the model does not add one), each scoring only its second half (llama.cpp's ``first = n_ctx/2``)."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    windows = ids[: CHUNKS * SEQLEN].view(CHUNKS, SEQLEN)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            logits = model(input_ids=window[None]).logits[0].float()
+            first = SEQLEN // 2
+            nll += torch.nn.functional.cross_entropy(logits[first - 1 : -1], window[first:], reduction="sum").item()
+            count += SEQLEN - first
+    return float(np.exp(nll / count))
+
+
+@pytest.fixture(scope="module")
+def heldout_file(tmp_path_factory):
+    from hfquant.calibration import heldout_texts
+
+    path = tmp_path_factory.mktemp("text") / "heldout.txt"
+    path.write_text("\n\n".join(heldout_texts()), encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+@needs_converter
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_1"])
+def test_default_model_in_llama_cpp_matches_hfquant(qtype, tmp_path, heldout_file):
+    """(c) The default model as Q8_0 (float weights, requantized) and as Q4_1 (hfquant RTN W4 g32,
+    written losslessly): llama.cpp's greedy continuation equals transformers' for 16 tokens and its
+    perplexity on held-out text is within 1% of hfquant's on the same tokens and windows."""
+    tool("llama-simple"), tool("llama-perplexity")
+    from hfquant import HfQuantConfig
+    from hfquant.models import default_model_path
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if qtype == "q4_1":
+        config = HfQuantConfig(bits=4, group_size=32, method="rtn")
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = tmp_path / f"smollm2-{qtype}.gguf"
+    summary = save_gguf(model, tokenizer, out, type=qtype)
+    if qtype == "q4_1":
+        assert all(t.how == "lossless" for t in summary.tensors if t.requested == "q4_1")
+    assert llama_greedy(out, NEW_TOKENS) == hf_greedy(model, tokenizer, NEW_TOKENS)
+    ppl_llama = llama_perplexity(out, heldout_file)
+    ppl_hf = hf_perplexity(model, tokenizer, heldout_file.read_text(encoding="utf-8"))
+    print(f"{qtype}: llama.cpp {ppl_llama:.4f}, hfquant {ppl_hf:.4f}", file=sys.stderr)
+    assert abs(ppl_llama / ppl_hf - 1) < 0.01, (ppl_llama, ppl_hf)
