@@ -6,14 +6,16 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+# Triton reads this when it is first imported, and transformers imports it (so does torch.compile):
+# set it before those imports so CPU-only CI runs the Triton kernels in interpreter mode
+# (tests/test_kernels.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Triton reads this when it is first imported, and torch.compile imports it too: set it before any
-# test module loads so CPU-only CI runs the Triton kernels in interpreter mode (tests/test_kernels.py).
-os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TINY = {
@@ -104,14 +106,6 @@ def tiny_tokenized_dir(request, tmp_path_factory) -> Path:
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-# Calibration text for tiny models: a few sentences, so no corpus is loaded.
-TINY_TEXTS = [
-    "The quick brown fox jumps over the lazy dog, and the dog sleeps on in the afternoon sun. " * 6,
-    "A small model learns little, but its layers still have to compute the same function after quantization. "
-    * 6,
-]
 
 
 class FakeHfApi:

@@ -5,15 +5,65 @@ path. One input row (batch-1 decode) uses a GEMV kernel that reduces over K in r
 (batched decode, prefill) use a tiled ``tl.dot`` kernel. Kept 16-bit weights are not in the kernels:
 the caller adds them with one ``index_add`` on the output (``y[:, r] += x[:, c] * v``), which costs
 O(rows x kept weights) and keeps the dense kernels branch-free.
+
+Every launch configuration the dispatcher can pick is declared in :data:`LAUNCH_CONFIGS`, the one
+table that :func:`launch_config` chooses from and that :mod:`hfquant.kernels.aot` compiles ahead of
+time for each supported GPU architecture (tests/test_kernels_compile.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass, replace
 from functools import cache
 from types import ModuleType
 
 import torch
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One way of launching a kernel: its tile sizes and Triton's ``num_warps`` / ``num_stages``."""
+
+    kernel: str  # "gemv" (one input row) or "gemm" (several rows, tl.dot)
+    block_m: int  # input rows per program (1 for the GEMV kernel)
+    block_n: int  # output rows per program
+    block_k: int  # reduction step
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.kernel} {self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
+        )
+
+    def constexprs(self) -> dict[str, int]:
+        """The tile sizes as the kernel's ``BLOCK_*`` compile-time arguments."""
+        blocks = {"BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
+        return blocks if self.kernel == "gemv" else {"BLOCK_M": self.block_m, **blocks}
+
+
+GEMV = LaunchConfig("gemv", 1, 32, 128)
+# tl.dot kernel: the smallest BLOCK_M of 16, 32, 64 that holds the rows, 64 beyond. Float32 tiles
+# take twice the shared memory per pipeline stage: three stages of the 64-row tile need 176 KiB,
+# more than an A100 grants one program (163 KiB); two fit every target (99 KiB on sm_86/89).
+GEMM = tuple(LaunchConfig("gemm", block_m, 64, 64) for block_m in (16, 32, 64))
+GEMM_FP32 = tuple(replace(c, num_stages=2) for c in GEMM)
+# Every configuration qmatmul launches, by activation dtype (the AOT test compiles each of them).
+LAUNCH_CONFIGS: dict[torch.dtype, tuple[LaunchConfig, ...]] = {
+    torch.float16: (GEMV, *GEMM),
+    torch.bfloat16: (GEMV, *GEMM),
+    torch.float32: (GEMV, *GEMM_FP32),
+}
+
+
+def launch_config(rows: int, dtype: torch.dtype) -> LaunchConfig:
+    """The configuration :func:`qmatmul` launches for ``rows`` input rows of ``dtype``."""
+    gemv, *gemm = LAUNCH_CONFIGS[dtype]
+    if rows == 1:
+        return gemv
+    return next((c for c in gemm if rows <= c.block_m), gemm[-1])
 
 
 @cache
@@ -33,10 +83,6 @@ def supports(bits: int, group_size: int, in_features: int) -> bool:
     return bits in (2, 3, 4) and group_size != 0 and triton_installed()
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def qmatmul(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -46,27 +92,27 @@ def qmatmul(
     group_size: int,
     in_features: int,
     bias: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """``x @ W_grid.T (+ bias)`` in float32 for a 2-D ``x`` (fp16, bf16 or fp32) on the kernels' device."""
+    """``x @ W_grid.T (+ bias)`` in float32 for a 2-D ``x`` (fp16, bf16 or fp32) on the kernels' device.
+
+    ``config`` overrides :func:`launch_config` (benchmarks compare configurations with it).
+    """
     mod = _kernels()
     m_rows, n_out = x.shape[0], qweight.shape[0]
+    config = config or launch_config(m_rows, x.dtype)
     gs = in_features if group_size == -1 else group_size
     x = x.contiguous()
     y = torch.empty(m_rows, n_out, dtype=torch.float32, device=x.device)
     args = (qweight.contiguous(), scales.contiguous(), zeros.contiguous(), bias if bias is not None else y, y)
-    if m_rows == 1:
-        block_n, block_k = 32, 128
-        grid = (1, -(-n_out // block_n))
-        mod.gemv_kernel[grid](
-            x, *args, n_out, in_features, qweight.shape[1], scales.shape[1],
-            BITS=bits, GS=gs, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        )  # fmt: skip
+    sizes = (n_out, in_features, qweight.shape[1], scales.shape[1])
+    meta = dict(
+        BITS=bits, GS=gs, HAS_BIAS=bias is not None, **config.constexprs(),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    grid_n = -(-n_out // config.block_n)
+    if config.kernel == "gemv":
+        mod.gemv_kernel[(m_rows, grid_n)](x, *args, *sizes, **meta)
     else:
-        block_m = min(64, max(16, _next_pow2(m_rows)))
-        block_n, block_k = 64, 64
-        grid = (-(-m_rows // block_m), -(-n_out // block_n))
-        mod.gemm_kernel[grid](
-            x, *args, m_rows, n_out, in_features, qweight.shape[1], scales.shape[1],
-            BITS=bits, GS=gs, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        )  # fmt: skip
+        mod.gemm_kernel[(-(-m_rows // config.block_m), grid_n)](x, *args, m_rows, *sizes, **meta)
     return y
