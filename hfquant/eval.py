@@ -52,3 +52,25 @@ def perplexity(
     finally:
         model.train(was_training)
     return math.exp(total_nll / (n_windows * (seqlen - 1)))
+
+
+def domain_perplexities(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    domains: dict[str, str | Sequence[str]],
+    seqlen: int = 512,
+    max_windows: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """``perplexity`` on each named text (the yardstick: :func:`hfquant.corpora.heldout_domains`)."""
+    return {
+        name: perplexity(model, tokenizer, texts, seqlen=seqlen, max_windows=max_windows, progress=progress)
+        for name, texts in domains.items()
+    }
+
+
+def mean_ratio(perplexities: dict[str, float], reference: dict[str, float], names: Sequence[str]) -> float:
+    """Arithmetic mean over ``names`` of ``perplexities[name] / reference[name]`` (x full precision)."""
+    if not names:
+        raise ValueError("mean_ratio needs at least one domain name")
+    return sum(perplexities[name] / reference[name] for name in names) / len(names)

