@@ -1,0 +1,654 @@
+"""Issue 16 part B in one run on one CUDA GPU: kernel correctness, speed, memory, quantization time.
+
+    pip install --no-deps -e . && python benchmarks/gpu.py OUT          # GPU machine, about 8 minutes
+    python benchmarks/gpu.py OUT --sections layers e2e                    # a subset
+    python benchmarks/gpu.py OUT --smoke                                  # CPU, tiny shapes, seconds
+
+Sections, each in its own process with a time budget (a CUDA error poisons its process, a slow
+section is cut off: either loses only that section; each logs its progress as it goes):
+
+* ``env``: versions, GPU, whether bitsandbytes imports.
+* ``correctness``: every kernel (2/3/4 bits, groups of 32/64/128, a ragged last group, kept 16-bit
+  weights) against the reference dequantize-and-matmul at Llama-7B shapes, batch 1/4/16/512, in
+  float16 and bfloat16.
+* ``generate``: a tiny chat model built from a config and a tokenizer trained on the spot, quantized
+  at load (RTN), ``generate()`` on the GPU against the CPU, save and reload, ``hfquant chat --device``.
+* ``layers``: per-layer latency at the Llama-7B shapes, fp16 cuBLAS vs hfquant W2/W3/W4 g64 (and
+  bitsandbytes NF4 when it imports).
+* ``e2e``: a Llama-2-7B-shaped model with random weights, fp16 vs W2 g64 vs W4 g64 (quantized
+  modules built from random codes): decode tokens/s at batch 1 and 8, prefill tokens/s at 512,
+  weight and peak memory.
+* ``quantize``: decoupleQ + block-wise minimization at the library defaults on 2 blocks of the
+  7B-shaped model (random calibration token ids: speed does not depend on them), time per stage
+  (Hessian pass, solve, block-wise epochs), extrapolated to 32 blocks; peak GPU and host memory.
+
+Writes ``OUT/<section>.md`` and ``.json``, ``OUT/gpu.log`` (everything the sections print),
+``OUT/results.md`` (all tables under a dated header naming the GPU, to append to
+benchmarks/RESULTS.md) and ``OUT/summary.md``, printed last. Needs only torch, transformers,
+triton and hfquant (no Hub, no data sets). Speed does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
+RAGGED_SHAPE = (4096, 4000)  # 4000 = 31 x 128 + 32: a short last group at g64 and g128
+
+
+class Section:
+    """What a section writes: tables (markdown), summary lines, and a progress log."""
+
+    def __init__(self, name: str, out: Path, smoke: bool) -> None:
+        self.name, self.out, self.smoke = name, out, smoke
+        self.device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+        self.min_seconds = 0.0 if smoke else 0.2  # per timing (smoke runs check the code, not speed)
+        self.repeats = 1 if smoke else 3  # runs per decode timing, median taken
+        self.markdown: list[str] = []
+        self.summary: list[str] = []
+        self.data: dict = {}
+
+    def log(self, text: str) -> None:
+        line = f"[{datetime.datetime.now():%H:%M:%S}] {self.name}: {text}"
+        print(line, flush=True)
+        with (self.out / f"{self.name}.progress").open("a") as f:
+            f.write(line + "\n")
+
+    def table(self, title: str, rows: list[dict]) -> None:
+        self.markdown.append(f"### {title}\n\n{markdown_table(rows)}\n")
+        self.log(f"{title}\n{markdown_table(rows)}")
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)"
+    headers = list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(r.get(h, "")) for h in headers) + " |" for r in rows])
+
+
+def time_call(fn: Callable[[], object], sync: Callable[[], None], min_seconds: float = 0.2) -> float:
+    """Median seconds per call over timed batches of 10 calls, after warm-up."""
+    for _ in range(3):
+        fn()
+    sync()
+    samples: list[float] = []
+    while sum(samples) * 10 < min_seconds or len(samples) < 3:
+        start = time.perf_counter()
+        for _ in range(10):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - start) / 10)
+    return sorted(samples)[len(samples) // 2]
+
+
+def random_layer(
+    out_f: int, in_f: int, bits: int, group_size: int, dtype, device, kept: int = 0
+) -> nn.Module:
+    """A ``DecoupledLinear`` from random packed integers, a plausible grid and ``kept`` random 16-bit weights."""
+    from hfquant.nn import DecoupledLinear
+
+    g = torch.Generator(device=device).manual_seed(out_f * 7 + in_f + bits)
+    layer = DecoupledLinear(in_f, out_f, bits, group_size, False, kept, dtype=dtype, device=device)
+    q = layer.qweight
+    q.copy_(torch.randint(-(2**31), 2**31 - 1, q.shape, dtype=torch.int32, device=device, generator=g))
+    s = layer.scales
+    s.copy_(torch.rand(s.shape, device=device, generator=g) * 0.02 + 0.002)
+    layer.zeros.copy_(-s * (2**bits - 1) / 2)
+    if kept:
+        pos = torch.randperm(out_f * in_f, device=device, generator=g)[:kept]
+        layer.outlier_rows.copy_(pos // in_f)
+        layer.outlier_cols.copy_(pos % in_f)
+        layer.outlier_values.copy_(torch.randn(kept, device=device, generator=g) * 0.1)
+    return layer
+
+
+def llama_config(smoke: bool, layers: int, vocab: int | None = None):
+    from transformers import LlamaConfig
+
+    if smoke:
+        size = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+    else:
+        size = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+    return LlamaConfig(
+        **size, num_hidden_layers=layers, vocab_size=vocab or (320 if smoke else 32000),
+        max_position_embeddings=2048, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def quantize_linears_(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replace every linear but ``lm_head`` by ``make(linear)``, freeing each dense weight at once."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, make(module))
+            del module
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------- sections
+
+
+def section_env(sec: Section) -> None:
+    import transformers
+
+    import hfquant
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "hfquant": hfquant.__version__,
+        "device": sec.device,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    try:
+        import bitsandbytes
+
+        info["bitsandbytes"] = bitsandbytes.__version__
+    except Exception as err:  # noqa: BLE001 - any import problem means: no NF4 rows
+        info["bitsandbytes"] = f"unavailable ({type(err).__name__})"
+    if sec.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info |= {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
+                 "gpu memory (GiB)": f"{props.total_memory / 2**30:.1f}", "SMs": props.multi_processor_count}  # fmt: skip
+    sec.table("Environment", [{"item": k, "value": v} for k, v in info.items()])
+    sec.data = info
+    sec.summary.append(
+        " / ".join(f"{k} {info[k]}" for k in ("gpu", "torch", "transformers", "triton") if k in info)
+    )
+
+
+def section_correctness(sec: Section) -> None:
+    from hfquant.kernels import triton_matmul
+
+    shapes = [(40, 200), (96, 256)] if sec.smoke else [*LLAMA7B_SHAPES, RAGGED_SHAPE]
+    batches = (1, 4, 17) if sec.smoke else (1, 4, 16, 512)
+    rows, failures, worst = [], 0, 0.0
+    for bits in (2, 3, 4):
+        for gs in (32, 64, 128):
+            for out_f, in_f in [s for s in shapes if s != RAGGED_SHAPE or s[1] % gs]:
+                kept = out_f * in_f // 500  # 0.2% kept 16-bit weights
+                base = random_layer(out_f, in_f, bits, gs, torch.float16, sec.device, kept)
+                for dtype in (torch.float16, torch.bfloat16):
+                    layer = base.to(dtype)
+                    w = layer.dequantize(torch.float32)
+                    errs = []
+                    for batch in batches:
+                        x = torch.randn(batch, in_f, device=sec.device, dtype=dtype)
+                        ref = x.float() @ w.T
+                        with torch.no_grad():
+                            y = layer(x).float()
+                        errs.append(((y - ref).abs().max() / ref.abs().max()).item())
+                    err = max(errs)
+                    ok = err < 2e-2 and all(e == e for e in errs)  # NaN fails
+                    failures += not ok
+                    worst = max(worst, err)
+                    configs = sorted({triton_matmul.launch_config(b, dtype).name for b in batches})
+                    rows.append({"bits": bits, "group": gs, "out x in": f"{out_f} x {in_f}", "kept": kept,
+                                 "dtype": str(dtype).removeprefix("torch."), "max rel err": f"{err:.2e}",
+                                 "ok": "yes" if ok else "NO", "configs": ", ".join(configs)})  # fmt: skip
+                    if not ok:
+                        sec.log(f"FAILED: {rows[-1]}")
+                del base
+            sec.log(f"W{bits} g{gs} done, worst so far {worst:.2e}")
+    path = "Triton kernels" if sec.device == "cuda" else "CPU path (smoke)"
+    sec.table(f"Correctness vs dequantize + matmul ({path}; batches {batches}, max over batches)", rows)
+    sec.data = {"failures": failures, "checks": len(rows), "worst": worst}
+    sec.summary.append(
+        f"{len(rows) - failures}/{len(rows)} layer checks ok, worst relative error {worst:.2e}"
+    )
+    if failures:
+        raise AssertionError(f"{failures} correctness checks failed (see the table)")
+
+
+def tiny_chat_model(path: Path) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer trained here and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["Hello, how are you? I am a tiny model on a GPU. " * 20], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<unk>",
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    config = llama_config(True, 2, vocab=len(tokenizer))
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def section_generate(sec: Section) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfquant import HfQuantConfig
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = tiny_chat_model(Path(tmp) / "tiny")
+        config = HfQuantConfig(bits=2, group_size=32, method="rtn")
+        model = AutoModelForCausalLM.from_pretrained(
+            src, dtype=torch.float32, quantization_config=config
+        ).eval()
+        ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            cpu_logits = model(ids).logits
+        model.to(sec.device)
+        with torch.no_grad():
+            dev_logits = model(ids.to(sec.device)).logits.cpu()
+            out = model.generate(ids.to(sec.device), max_new_tokens=16, do_sample=False, pad_token_id=0)
+        err = ((dev_logits - cpu_logits).abs().max() / cpu_logits.abs().max()).item()
+        rows.append({"check": f"W2 g32 logits, {sec.device} vs cpu (max rel err)", "result": f"{err:.2e}"})
+        rows.append({"check": "generate() new tokens", "result": f"{out.shape[1] - ids.shape[1]} per row"})
+        saved = Path(tmp) / "w2"
+        model.save_pretrained(saved)
+        AutoTokenizer.from_pretrained(src).save_pretrained(saved)  # chat needs it next to the weights
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            saved, dtype=torch.float16 if sec.device == "cuda" else None
+        )
+        reloaded.to(sec.device).eval()
+        with torch.no_grad():
+            again = reloaded.generate(ids.to(sec.device), max_new_tokens=16, do_sample=False, pad_token_id=0)
+        rows.append(
+            {
+                "check": "reloaded checkpoint generate() new tokens",
+                "result": f"{again.shape[1] - ids.shape[1]}",
+            }
+        )
+        chat = "skipped (smoke run)"
+        if not sec.smoke:  # a fresh interpreter: tens of seconds on a CPU-only test machine
+            cmd = [str(Path(sys.executable).with_name("hfquant")), "chat", str(saved), "--device", sec.device]
+            proc = subprocess.run(
+                cmd, input="Hello, how are you?\n", capture_output=True, text=True, timeout=60
+            )
+            sec.log(f"$ {' '.join(cmd)}\nrc {proc.returncode}\n{proc.stdout[-1000:]}\n{proc.stderr[-2000:]}")
+            chat = f"exit code {proc.returncode}"
+        rows.append({"check": f"hfquant chat --device {sec.device}", "result": chat})
+    sec.table("generate() and chat on a tiny quantized chat model", rows)
+    sec.summary.append(f"tiny W2 model {sec.device} vs cpu logits {err:.1e}, chat {chat}")
+    # float32 on CUDA: the kernels' tl.dot runs in TF32 (10-bit mantissa)
+    if not err < 1e-2 or chat not in ("exit code 0", "skipped (smoke run)"):
+        raise AssertionError("generate/chat check failed (see the table and the log)")
+
+
+def nf4_maker(dtype: torch.dtype) -> Callable[[nn.Linear], nn.Module] | None:
+    """bitsandbytes NF4 from a dense linear, or None when bitsandbytes does not import."""
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # noqa: BLE001 - any import problem: no NF4 row
+        return None
+
+    def make(lin: nn.Linear) -> nn.Module:
+        q = bnb.nn.Linear4bit(
+            lin.in_features, lin.out_features, bias=False, compute_dtype=dtype, quant_type="nf4"
+        )
+        q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+        return q.cuda()
+
+    return make
+
+
+def section_layers(sec: Section) -> None:
+    dtype = torch.float16 if sec.device == "cuda" else torch.float32
+    shapes = [(64, 128), (160, 64)] if sec.smoke else LLAMA7B_SHAPES
+    batches = (1, 4) if sec.smoke else (1, 4, 16, 512)
+    nf4 = nf4_maker(dtype) if sec.device == "cuda" else None
+    rows = []
+    for out_f, in_f in shapes:
+        dense = nn.Linear(in_f, out_f, bias=False, device=sec.device, dtype=dtype)
+        layers = {f"W{b} g64": random_layer(out_f, in_f, b, 64, dtype, sec.device) for b in (2, 3, 4)}
+        if nf4:
+            layers["bnb NF4"] = nf4(dense)
+        for batch in batches:
+            x = torch.randn(batch, in_f, device=sec.device, dtype=dtype)
+            with torch.no_grad():
+                t_fp = time_call(lambda: F.linear(x, dense.weight), sec.sync, sec.min_seconds)  # noqa: B023
+                row = {"out x in": f"{out_f} x {in_f}", "rows": batch, "fp16 (us)": f"{t_fp * 1e6:.1f}"}
+                for name, layer in layers.items():
+                    t = time_call(lambda layer=layer: layer(x), sec.sync, sec.min_seconds)  # noqa: B023
+                    row[f"{name} (us)"] = f"{t * 1e6:.1f}"
+                    row[f"{name} x fp16"] = f"{t_fp / t:.2f}"
+            rows.append(row)
+            sec.log(str(row))
+    sec.table(f"Per-layer latency, {dtype} activations, median (speed-up = fp16 time / layer time)", rows)
+    batch1 = [r for r in rows if r["rows"] == 1]
+    sec.summary.append(
+        "batch-1 W2 g64 speed-up vs fp16: "
+        + ", ".join(f"{r['out x in']} {r['W2 g64 x fp16']}" for r in batch1)
+    )
+    if not nf4 and sec.device == "cuda":
+        sec.summary.append("bitsandbytes not importable: no NF4 column")
+
+
+def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, sync, repeats: int) -> float:
+    """Greedy decode speed with the KV cache: (t(N tokens) - t(1 token)) / (N - 1), prefill excluded."""
+
+    def run(n: int) -> float:
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        sync()
+        return time.perf_counter() - start
+
+    run(4)  # warm-up (and kernel compilation)
+    t1 = sorted(run(1) for _ in range(repeats))[repeats // 2]
+    tn = sorted(run(new_tokens) for _ in range(repeats))[repeats // 2]
+    return prompt.shape[0] * (new_tokens - 1) / (tn - t1)
+
+
+def section_e2e(sec: Section) -> None:
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float16 if sec.device == "cuda" else torch.float32
+    layers = 2 if sec.smoke else 32
+    new_tokens = 8 if sec.smoke else 32
+    prefill_len = 64 if sec.smoke else 512
+    config = llama_config(sec.smoke, layers)
+    builds: list[tuple[str, int | None]] = [
+        ("fp16" if dtype == torch.float16 else "fp32", None),
+        ("W2 g64", 2),
+        ("W4 g64", 4),
+    ]
+    rows, base = [], None
+    for name, bits in builds:
+        if sec.device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.device(sec.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        if bits:
+            quantize_linears_(
+                model,
+                lambda lin, bits=bits: random_layer(
+                    lin.out_features, lin.in_features, bits, 64, dtype, sec.device
+                ),
+            )
+        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        linear_bytes = sum(
+            t.numel() * t.element_size()
+            for n, m in model.named_modules() if n.startswith("model.layers.")
+            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+        )  # fmt: skip
+        if sec.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        row = {"model": name}
+        for batch in (1, 8):
+            prompt = torch.randint(0, config.vocab_size, (batch, 16), device=sec.device)
+            row[f"decode b{batch} (tok/s)"] = decode_tokens_per_s(
+                model, prompt, new_tokens, sec.sync, sec.repeats
+            )
+            sec.log(f"{name}: decode batch {batch} {row[f'decode b{batch} (tok/s)']:.1f} tokens/s")
+        prompt = torch.randint(0, config.vocab_size, (1, prefill_len), device=sec.device)
+        with torch.no_grad():
+            t = time_call(lambda m=model, p=prompt: m(p, use_cache=False), sec.sync, sec.min_seconds)
+        row[f"prefill {prefill_len} (tok/s)"] = prefill_len / t
+        row["block weights (GiB)"] = linear_bytes / 2**30
+        row["all weights (GiB)"] = weights / 2**30
+        row["peak (GiB)"] = (
+            torch.cuda.max_memory_allocated() / 2**30 if sec.device == "cuda" else float("nan")
+        )
+        base = base or row
+        row["decode b1 x fp16"] = row["decode b1 (tok/s)"] / base["decode b1 (tok/s)"]
+        row["block weights x fp16"] = row["block weights (GiB)"] / base["block weights (GiB)"]
+        rows.append(row)
+        sec.log(f"{name}: {row}")
+        del model
+    text = [{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    sec.table(
+        f"Llama-2-7B-shaped model ({layers} blocks, random weights), greedy decode of {new_tokens} tokens after a "
+        f"16-token prompt (prefill excluded), prefill of {prefill_len} tokens; block weights = decoder blocks only",
+        text,
+    )
+    sec.data = {"rows": rows}
+    w2 = next(r for r in rows if r["model"] == "W2 g64")
+    sec.summary.append(
+        f"W2 decode b1 {w2['decode b1 x fp16']:.2f}x fp16 (goal 2.5x), W2 block weights "
+        f"{w2['block weights x fp16']:.3f}x fp16 (goal 0.2x)"
+    )
+
+
+# Where the driver looks each stage up (the driver as refactored, then the older pipeline module):
+# the quantize section wraps these to time each stage with the GPU synchronized.
+STAGES = {
+    "hessian pass": ["hfquant.driver.sequential:full_precision_pass", "hfquant.pipeline:_run_full_precision"],
+    "solve": ["hfquant.driver.sequential:solve_block", "hfquant.pipeline:solve_layer"],
+    "block-wise epochs": ["hfquant.driver.sequential:refine_block", "hfquant.pipeline:block_minimize"],
+}
+CALIBRATION = ["hfquant.driver.sequential:calibration_ids", "hfquant.pipeline:_calibration_ids"]
+
+
+def _patch(target: str, make: Callable[[Callable], Callable]) -> bool:
+    module_name, attr = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return False
+    if not hasattr(module, attr):
+        return False
+    setattr(module, attr, make(getattr(module, attr)))
+    return True
+
+
+def section_quantize(sec: Section) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from hfquant import HfQuantConfig
+
+    try:
+        from hfquant.driver import quantize_model
+    except ImportError:  # before the driver refactor
+        from hfquant.pipeline import quantize_model
+
+    blocks, total_blocks = 2, 32
+    config = llama_config(sec.smoke, blocks)
+    qconfig = HfQuantConfig(
+        bits=2, group_size=64, method="decoupleq", **({"nsamples": 4, "seqlen": 32} if sec.smoke else {})
+    )
+    seconds = {stage: 0.0 for stage in STAGES}
+
+    def random_ids(model, cfg, *args, **kwargs):
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(0, model.config.vocab_size, (cfg.nsamples, cfg.seqlen), generator=gen)
+
+    if not any(_patch(t, lambda _fn: random_ids) for t in CALIBRATION):
+        raise RuntimeError(f"no calibration entry point to replace among {CALIBRATION}")
+
+    def timed(stage: str):
+        def wrap(fn):
+            def run(*args, **kwargs):
+                sec.sync()
+                start = time.perf_counter()
+                result = fn(*args, **kwargs)
+                sec.sync()
+                seconds[stage] += time.perf_counter() - start
+                sec.log(f"{stage}: +{time.perf_counter() - start:.1f}s")
+                return result
+
+            return run
+
+        return wrap
+
+    hooked = [stage for stage, targets in STAGES.items() if any([_patch(t, timed(stage)) for t in targets])]
+    dtype = torch.float16 if sec.device == "cuda" else torch.float32
+    with torch.device(sec.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if sec.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sec.log(f"quantizing {blocks} blocks: nsamples {qconfig.nsamples} x seqlen {qconfig.seqlen}, "
+            f"decoupleq_iters {qconfig.decoupleq_iters}, blockwise_epochs {qconfig.blockwise_epochs}")  # fmt: skip
+    start = time.perf_counter()
+    quantize_model(model, qconfig, progress=False)
+    sec.sync()
+    wall = time.perf_counter() - start
+    staged = sum(seconds.values())
+    per_block = staged / blocks
+    rest = wall - staged  # calibration capture, module swaps, propagation to the next block
+    estimate = rest / blocks * total_blocks + per_block * total_blocks
+    rows = [
+        {"stage": s, "seconds (2 blocks)": f"{t:.1f}", "share": f"{t / wall:.0%}"} for s, t in seconds.items()
+    ]
+    rows.append(
+        {
+            "stage": "other (capture, swaps, propagation)",
+            "seconds (2 blocks)": f"{rest:.1f}",
+            "share": f"{rest / wall:.0%}",
+        }
+    )
+    rows.append({"stage": "total", "seconds (2 blocks)": f"{wall:.1f}", "share": "100%"})
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if sec.device == "cuda" else float("nan")
+    peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    sec.table(
+        f"decoupleQ + block-wise minimization, W2 g64, library defaults, {blocks} blocks of the 7B-shaped model "
+        f"(stages timed: {', '.join(hooked) or 'none found'}); extrapolated to {total_blocks} blocks: "
+        f"{estimate / 60:.1f} min; peak GPU {peak_gpu:.1f} GiB, peak host {peak_host:.1f} GiB",
+        rows,
+    )
+    sec.data = {
+        "seconds": seconds,
+        "wall": wall,
+        "estimate_32": estimate,
+        "peak_gpu": peak_gpu,
+        "peak_host": peak_host,
+    }
+    sec.summary.append(
+        f"7B quantization estimate {estimate / 60:.1f} min for {total_blocks} blocks (goal < 30), "
+        + ", ".join(f"{s} {t / wall:.0%}" for s, t in seconds.items())
+        + f"; peak GPU {peak_gpu:.1f} GiB, host {peak_host:.1f} GiB"
+    )
+
+
+SECTIONS: dict[str, tuple[int, Callable[[Section], None]]] = {  # name: (budget in seconds, function)
+    "env": (20, section_env),
+    "correctness": (140, section_correctness),
+    "generate": (40, section_generate),
+    "layers": (60, section_layers),
+    "e2e": (100, section_e2e),
+    "quantize": (120, section_quantize),
+}
+
+
+def run_section(name: str, out: Path, smoke: bool) -> dict:
+    """Run one section here; write and return its record (ok, seconds, markdown, summary, data)."""
+    sec = Section(name, out, smoke)
+    start = time.perf_counter()
+    record = {"section": name, "device": sec.device}
+    try:
+        SECTIONS[name][1](sec)
+        record["ok"] = True
+    except Exception:  # noqa: BLE001 - logged; the other sections go on
+        sec.log(traceback.format_exc())
+        sec.summary.append("FAILED: " + traceback.format_exc().strip().splitlines()[-1][:300])
+        record["ok"] = False
+    record |= {"seconds": time.perf_counter() - start, "markdown": "\n".join(sec.markdown),
+               "summary": sec.summary, "data": sec.data}  # fmt: skip
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1, default=str))
+    (out / f"{name}.md").write_text(record["markdown"])
+    return record
+
+
+def run_isolated(name: str, out: Path, smoke: bool, log) -> dict:
+    """Run one section in a child process under its time budget; on a crash or timeout, say so."""
+    budget = SECTIONS[name][0]
+    cmd = [sys.executable, __file__, str(out), "--section", name] + (["--smoke"] if smoke else [])
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget)
+        log.write(proc.stdout + proc.stderr)
+        why = f"exit code {proc.returncode}"
+    except subprocess.TimeoutExpired as err:
+        log.write(
+            f"{(err.stdout or b'').decode(errors='replace')}{(err.stderr or b'').decode(errors='replace')}"
+        )
+        why = f"cut off after its {budget} s budget"
+    log.flush()
+    result = out / f"{name}.json"
+    if result.exists():
+        return json.loads(result.read_text())
+    progress = out / f"{name}.progress"
+    last = progress.read_text().strip().splitlines()[-3:] if progress.exists() else []
+    return {"section": name, "ok": False, "seconds": time.perf_counter() - start, "markdown": "",
+            "summary": [f"FAILED: {why}; last progress: {' | '.join(last)[-400:]}"], "data": {}}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="folder for the tables, the log and the summary")
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, all sections in this process")
+    parser.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)  # child process
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.section:
+        run_section(args.section, args.out, args.smoke)
+        return
+    records = []
+    with (args.out / "gpu.log").open("a") as log:
+        for name in args.sections:
+            (args.out / f"{name}.json").unlink(missing_ok=True)
+            (args.out / f"{name}.progress").unlink(missing_ok=True)
+            record = (
+                run_section(name, args.out, True) if args.smoke else run_isolated(name, args.out, False, log)
+            )
+            records.append(record)
+            print(f"== {name}: {'ok' if record['ok'] else 'FAILED'} in {record['seconds']:.0f} s", flush=True)
+    env = next((r["data"] for r in records if r["section"] == "env"), {})
+    machine = env.get("gpu") or ("CPU smoke run" if args.smoke else "unknown device")
+    header = (
+        f"\n## gpu.py, {datetime.date.today()}: {machine} (torch {env.get('torch', torch.__version__)}, "
+        f"transformers {env.get('transformers', '?')}, triton {env.get('triton', '?')})\n\n"
+    )
+    (args.out / "results.md").write_text(header + "\n".join(r["markdown"] for r in records if r["markdown"]))
+    summary = [f"# gpu.py summary: {machine}"] + [
+        f"- {r['section']} ({'ok' if r['ok'] else 'FAILED'}, {r['seconds']:.0f} s): {'; '.join(r['summary'])}"
+        for r in records
+    ]
+    (args.out / "summary.md").write_text("\n".join(summary) + "\n")
+    print("\n".join(summary))
+    sys.exit(0 if all(r["ok"] for r in records) else 1)
+
+
+if __name__ == "__main__":
+    main()

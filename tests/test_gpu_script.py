@@ -1,0 +1,23 @@
+"""benchmarks/gpu.py (issue 16 part B, one run on a GPU machine) runs end to end in ``--smoke`` mode:
+CPU, tiny shapes, every section in one process, so a GPU session does not find a crash first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu.py"
+
+
+def test_gpu_script_smoke_run(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "--smoke"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert result.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary is printed last
+    for section in ("env", "correctness", "generate", "layers", "e2e", "quantize"):
+        assert f"- {section} (ok," in summary
+        assert (tmp_path / f"{section}.md").read_text()
+    assert "| hessian pass |" in (tmp_path / "results.md").read_text()
