@@ -43,6 +43,7 @@ HFQUANT_METHODS = {
     "gptq": {"method": "gptq", "blockwise_epochs": 0},
     "decoupleq": {"method": "decoupleq", "blockwise_epochs": 0},
     "decoupleq+bw": {"method": "decoupleq"},
+    "decoupleq+bw+e2e": {"method": "decoupleq"},  # then end-to-end tuning: two rows, before and after
 }
 PEERS = ("hqq", "autoround")
 DATA_FREE = ("rtn", "hqq")
@@ -70,6 +71,18 @@ def parse_settings(items: list[str]) -> dict[str, object]:
 def quantize_hfquant(path: str, tokenizer, bits: int, group_size: int, settings: dict) -> PreTrainedModel:
     config = HfQuantConfig(bits=bits, group_size=group_size, tokenizer=tokenizer, **settings)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config)
+
+
+def tune_e2e(model: PreTrainedModel, path: str, windows: torch.Tensor, validation: torch.Tensor, args) -> str:
+    """End-to-end tuning of the float part against the full-precision model; returns the KL path."""
+    from hfquant.algorithms.end_to_end import tune_end_to_end
+
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    result = tune_end_to_end(
+        model, lambda ids: teacher(input_ids=ids, use_cache=False).logits, windows, validation,
+        epochs=args.e2e_epochs, lr=args.e2e_lr, batch_size=2, seed=args.seed,
+    )
+    return " -> ".join(f"{kl:.4f}" for kl in result.validation_kl) + f" (kept epoch {result.best_epoch})"
 
 
 def quantize_hqq(path: str, bits: int, group_size: int) -> tuple[PreTrainedModel, float]:
@@ -117,6 +130,22 @@ def quantize_autoround(
     return model.eval(), bits + (16 + bits) / group_size
 
 
+def record(yardstick: Yardstick, model, stage: tuple[str, float, str], bits, group_size, dataset, bpw, args) -> dict:
+    """Score the model, append its row to RESULTS.md and print it."""
+    method, seconds, note = stage
+    row = {
+        "config": f"W{bits} g{group_size}",
+        "method": method + (f" {args.label}" if args.label and method in HFQUANT_METHODS else "") + (f" [{note}]" if note else ""),
+        "calibration": "-" if method in DATA_FREE else dataset,
+        **yardstick.columns(yardstick.score(model)),
+        "bits/weight": f"{bpw:.3f}",
+        "time (s)": f"{seconds:.0f}",
+    }
+    append_results([row])
+    print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="w2g64,w3g64,w4g64")
@@ -128,6 +157,8 @@ def main() -> None:
     parser.add_argument("--blockwise-epochs", type=int, default=4)
     parser.add_argument("--decoupleq-iters", type=int, default=4)
     parser.add_argument("--autoround-iters", type=int, default=200)
+    parser.add_argument("--e2e-epochs", type=int, default=2)
+    parser.add_argument("--e2e-lr", type=float, default=2e-4)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra HfQuantConfig field")
     parser.add_argument("--label", default="", help="names this run's settings in the table")
     add_common_arguments(parser)
@@ -154,6 +185,8 @@ def main() -> None:
     append_results(rows, title="quality.py: out-of-domain yardstick", text=text)
     for dataset in args.datasets.split(","):
         windows = get_calibration_data(dataset, tokenizer, args.nsamples, args.seqlen, seed=args.seed)
+        # e2e early stopping: other windows of the same calibration set, never trained on
+        validation = get_calibration_data(dataset, tokenizer, max(2, args.nsamples // 8), args.seqlen, seed=args.seed + 1000)
         for config_name in args.configs.split(","):
             bits, group_size = parse_config(config_name)
             for method in methods:
@@ -173,18 +206,13 @@ def main() -> None:
                     model = quantize_hfquant(path, tokenizer, bits, group_size, settings)
                     bpw = bits_per_weight(model)
                 seconds = time.perf_counter() - start
-                ppl = yardstick.score(model)
-                row = {
-                    "config": f"W{bits} g{group_size}",
-                    "method": method + (f" {args.label}" if args.label and method in HFQUANT_METHODS else ""),
-                    "calibration": "-" if method in DATA_FREE else dataset,
-                    **yardstick.columns(ppl),
-                    "bits/weight": f"{bpw:.3f}",
-                    "time (s)": f"{seconds:.0f}",
-                }
-                rows.append(row)
-                append_results([row])
-                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                note = ""
+                if method.endswith("+e2e"):  # a row before the tuning, then one after
+                    rows.append(record(yardstick, model, (method.removesuffix("+e2e"), seconds, ""), bits, group_size, dataset, bpw, args))
+                    start = time.perf_counter()
+                    note = f"e2e validation KL {tune_e2e(model, path, windows, validation, args)}"
+                    seconds += time.perf_counter() - start
+                rows.append(record(yardstick, model, (method, seconds, note), bits, group_size, dataset, bpw, args))
                 del model
     print()
     print_table(rows)

@@ -13,6 +13,29 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from hfquant.calibration import tokenize_texts
 
 
+def _token_stream(texts: str | Sequence[str], tokenizer: PreTrainedTokenizerBase, needed: int | None) -> torch.Tensor:
+    """``tokenize_texts(texts)``, or, when only ``needed`` tokens are scored, the same first tokens
+    from just enough leading documents (a held-out domain can hold millions of tokens).
+
+    Documents are joined at blank lines, where the tokenizer's pre-split starts a new token, so the
+    tokens of a prefix equal the first tokens of the whole; a margin of 64 tokens is kept anyway.
+    """
+    if needed is None or isinstance(texts, str):
+        return tokenize_texts(texts, tokenizer)
+    chars = 8 * needed
+    while True:
+        taken, size = [], 0
+        for text in texts:
+            taken.append(text)
+            size += len(text) + 2
+            if size >= chars:
+                break
+        ids = tokenize_texts(taken, tokenizer)
+        if len(ids) >= needed + 64 or len(taken) == len(texts):
+            return ids
+        chars *= 2
+
+
 def perplexity(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -31,7 +54,7 @@ def perplexity(
         raise ValueError(f"seqlen must be at least 2 to predict a token, got {seqlen}")
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be positive or None, got {max_windows}")
-    ids = tokenize_texts(texts, tokenizer)
+    ids = _token_stream(texts, tokenizer, None if max_windows is None else max_windows * seqlen)
     n_windows = len(ids) // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)

@@ -1,0 +1,62 @@
+"""End-to-end tuning of the float part: keeps its best state on held-back windows, reloads exactly."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hfquant import HfQuantConfig
+from hfquant.algorithms.end_to_end import _kl, float_parameters, tune_end_to_end
+
+
+@pytest.fixture()
+def pair(tiny_llama_dir):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    config = HfQuantConfig(bits=2, group_size=32, method="rtn")
+    student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, quantization_config=config)
+    windows = torch.randint(0, teacher.config.vocab_size, (10, 24), generator=torch.Generator().manual_seed(0))
+    return teacher, student, windows
+
+
+def _validation_kl(student, teacher, windows) -> float:
+    with torch.no_grad():
+        return float(_kl(student(input_ids=windows).logits, teacher(input_ids=windows).logits))
+
+
+def test_tuning_lowers_validation_kl_and_keeps_the_best_state(pair) -> None:
+    teacher, student, windows = pair
+    train, validation = windows[:8], windows[8:]
+    teach = lambda ids: teacher(input_ids=ids).logits  # noqa: E731
+    before = _validation_kl(student, teacher, validation)
+    result = tune_end_to_end(student, teach, train, validation, epochs=3, lr=1e-2, batch_size=4)
+    assert result.start_kl == pytest.approx(before, rel=1e-5)
+    assert result.best_kl == min(result.validation_kl) and result.best_kl < result.start_kl
+    assert _validation_kl(student, teacher, validation) == pytest.approx(result.best_kl, rel=1e-5)
+    scales = [v for n, (v, _) in float_parameters(student).items() if n.endswith("scales")]
+    assert scales and all(torch.equal(s, s.half().float()) for s in scales)  # storage values
+
+
+def test_a_harmful_step_is_not_kept(pair) -> None:
+    teacher, student, windows = pair
+    state = {k: v.clone() for k, v in student.state_dict().items()}
+    teach = lambda ids: teacher(input_ids=ids).logits  # noqa: E731
+    result = tune_end_to_end(student, teach, windows[:8], windows[8:], epochs=1, lr=10.0)
+    assert result.best_epoch == 0 and result.validation_kl[1] > result.start_kl
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in state.items())
+
+
+def test_tuned_model_reloads_bit_identical(pair, tmp_path) -> None:
+    teacher, student, windows = pair
+    teach = lambda ids: teacher(input_ids=ids).logits  # noqa: E731
+    tune_end_to_end(student, teach, windows[:8], windows[8:], epochs=1, lr=1e-2, batch_size=4)
+    student.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=windows).logits, student(input_ids=windows).logits)
+
+
+def test_bad_arguments_are_named(pair) -> None:
+    teacher, student, windows = pair
+    with pytest.raises(ValueError, match="validation windows"):
+        tune_end_to_end(student, lambda ids: ids, windows, windows[:0])
+    with pytest.raises(ValueError, match="lr > 0"):
+        tune_end_to_end(student, lambda ids: ids, windows, windows, lr=0)
