@@ -146,6 +146,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        return cmd_eval_tasks(args)
     from hfquant.corpora import IN_DOMAIN, heldout_domains
     from hfquant.eval import domain_perplexities
 
@@ -167,6 +169,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ]
     )
     return 0
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    """`hfquant eval MODEL --tasks ...`: lm-evaluation-harness scores, written into the card of a
+    saved hfquant checkpoint."""
+    from hfquant import harness
+    from hfquant.export.model_card import write_scores
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    manager = harness.task_manager(tasks)  # unknown names fail before any model loads
+    device = _pick_device(args.device)
+    model, tokenizer = _load(args.model, device)
+    results = harness.run_tasks(model, tokenizer, tasks, args.limit, args.batch_size, manager)
+    print(harness.harness_table(results))
+    quantized = getattr(model.config, "quantization_config", None) is not None
+    del model
+    fp_results = None
+    if args.compare_fp:
+        fp_model, fp_tokenizer = _load(args.compare_fp, device)
+        fp_results = harness.run_tasks(fp_model, fp_tokenizer, tasks, args.limit, args.batch_size, manager)
+        del fp_model
+    scores = harness.scores(results, fp_results)
+    rows = []
+    for s in scores:
+        row = {"task": s.task, "metric": s.metric, "value": f"{s.value:.4f}"}
+        row["stderr"] = "n/a" if s.stderr is None else f"{s.stderr:.4f}"
+        if fp_results:
+            row["full precision"] = "n/a" if s.full_precision is None else f"{s.full_precision:.4f}"
+        rows.append(row)
+    print_table(rows)
+    card = Path(args.model) / "README.md" if args.model else None
+    if quantized and card and card.is_file():
+        limit = f", --limit {args.limit}" if args.limit else ""
+        fp = f"; full precision: {args.compare_fp}" if args.compare_fp else ""
+        note = f"lm-evaluation-harness {results.get('lm_eval_version', '')}{limit}{fp}, run with `hfquant eval`."
+        print(f"scores written to {write_scores(card.parent, scores, note)}")
+    return 0
+
+
+def _limit(text: str) -> float:
+    """--limit: a count of examples per task (1 or more) or a fraction of each task (below 1)."""
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive count or fraction, got {text}")
+    return int(value) if value >= 1 else value
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got {text}")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -309,6 +364,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"windows scored per text (default: {DOMAIN_WINDOWS} per held-out domain, all of --text)",
     )
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lm-evaluation-harness tasks instead of perplexity: hfquant's offline "
+        "hfquant_facts, hfquant_facts_loglik, or the harness' own (hellaswag, arc_easy, ...; need a network)",
+    )
+    e.add_argument("--limit", type=_limit, default=None, help="--tasks: examples per task (or a fraction below 1)")
+    e.add_argument("--batch-size", type=_batch_size, default=1, help="--tasks: batch size, or auto")
+    e.add_argument(
+        "--compare-fp",
+        default=None,
+        metavar="FP_MODEL",
+        help="--tasks: also score this full-precision model (Hub id or folder) and show its values beside",
+    )
     e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("chat", help="chat in the terminal (or answer one prompt read from a pipe)")

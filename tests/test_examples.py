@@ -24,6 +24,7 @@ def test_quantize_save_then_load_chat_and_evaluate(tiny_chat_model_dir, tmp_path
     reply = run("load_and_chat.py", str(out), "Hello?")
     assert reply.strip()  # a random tiny model says something; the point is that the path runs
     assert "perplexity:" in run("evaluate.py", str(out), "1")
+    assert "hfquant_facts_loglik perplexity:" in run("lm_eval_scores.py", str(out), "--limit", "2")
 
 
 def test_push_to_hub_example(tiny_chat_model_dir, tmp_path, monkeypatch, capsys, fake_hub):

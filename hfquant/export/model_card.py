@@ -221,3 +221,51 @@ def write_model_card(model: Any, folder: str | os.PathLike, model_id: str | None
     path = Path(folder) / "README.md"
     render_model_card(model, folder, model_id).save(path)
     return path
+
+
+# Harness scores (``hfquant eval DIR --tasks ...``): a section written into an existing card, so
+# that the figures of the quantization run already there are kept.
+SCORES_HEADING = "## Benchmark scores"
+
+
+@dataclass
+class TaskScore:
+    """One lm-evaluation-harness figure: a task's metric, its standard error, and the
+    full-precision model's value when it was measured beside."""
+
+    task: str
+    metric: str
+    value: float
+    stderr: float | None = None
+    full_precision: float | None = None
+
+
+def scores_section(scores: list[TaskScore], note: str = "") -> str:
+    """The markdown section of a card: heading, ``note`` (how they were run), then the table."""
+    with_fp = any(s.full_precision is not None for s in scores)
+    header = "| task | metric | value | stderr |" + (" full precision |" if with_fp else "")
+    lines = [SCORES_HEADING, "", note, "", header, "|---" * (5 if with_fp else 4) + "|"]
+    for s in scores:
+        stderr = f"{s.stderr:.4f}" if s.stderr is not None else "n/a"
+        row = f"| {s.task} | {s.metric} | {s.value:.4f} | {stderr} |"
+        if with_fp:
+            row += f" {s.full_precision:.4f} |" if s.full_precision is not None else " n/a |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def write_scores(folder: str | os.PathLike, scores: list[TaskScore], note: str = "") -> Path:
+    """Put the scores section into ``folder/README.md``, replacing an earlier one, else before
+    the usage section (or at the end)."""
+    path = Path(folder) / "README.md"
+    text = path.read_text(encoding="utf-8")
+    section = scores_section(scores, note)
+    start = text.find(SCORES_HEADING)
+    if start >= 0:
+        end = text.find("\n## ", start + len(SCORES_HEADING))
+        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+    else:
+        usage = text.find("## Usage")
+        text = text[:usage] + section + "\n" + text[usage:] if usage >= 0 else text.rstrip() + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
+    return path
