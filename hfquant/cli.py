@@ -83,6 +83,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         blockwise_epochs=args.blockwise_epochs,
         decoupleq_iters=args.decoupleq_iters,
         tokenizer=tokenizer,
+        work_dir=args.work_dir,
     )
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
@@ -96,7 +97,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         )
     # With --push-to-hub the card's usage snippet names the repo.
     out = save_quantized(model, args.out, tokenizer, args.push_to_hub, max_shard_size=args.max_shard_size)
-    report = model.hfquant_report
+    report = model.hf_quantizer.report
     rows = [
         {
             "block": b.index,
@@ -334,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--blockwise-epochs", type=int, default=4)
     q.add_argument("--decoupleq-iters", type=int, default=4)
+    q.add_argument(
+        "--work-dir",
+        default=None,
+        help="save each finished block here; rerunning the same command resumes after the last one",
+    )
     q.add_argument("--out", required=True, help="output folder (written atomically, with a model card)")
     q.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors file (e.g. 500MB); bigger models are sharded"

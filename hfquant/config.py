@@ -17,7 +17,7 @@ SUPPORTED_SALIENCIES = ("tacq", "magnitude", "hessian")
 SUPPORTED_OUTLIER_SCOPES = ("layer", "global")
 
 # Fields that only steer quantization (not loading) and may hold objects JSON cannot carry.
-_RUNTIME_ONLY = ("tokenizer",)
+_RUNTIME_ONLY = ("tokenizer", "work_dir")
 
 
 class HfQuantConfig(QuantizationConfigMixin):
@@ -70,6 +70,11 @@ class HfQuantConfig(QuantizationConfigMixin):
             (the learning rate relative to each layer's weight spread).
         seed: seed of the calibration window draw.
         tokenizer: tokenizer (or its path) for calibration; defaults to the model's own folder.
+        work_dir: folder where each finished decoder block is saved (its quantized modules and the
+            next block's inputs, see :mod:`hfquant.driver.workdir`), so that a rerun with the same
+            model and settings resumes after the last finished block; a different model or
+            settings are refused. ``None`` (default) keeps nothing. Calibrated methods only
+            (``rtn`` has no blocks to resume). Not written to ``config.json``.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         blockwise_batch_size: int = 8,
         seed: int = 0,
         tokenizer: Any = None,
+        work_dir: str | os.PathLike | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -120,6 +126,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.blockwise_batch_size = blockwise_batch_size
         self.seed = seed
         self.tokenizer = tokenizer
+        self.work_dir = work_dir
         self.format_version = format_version
         kwargs.pop("quant_method", None)
         if kwargs:
@@ -169,6 +176,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}"
             )
+        if self.work_dir is not None and not isinstance(self.work_dir, (str, os.PathLike)):
+            raise ValueError(f"work_dir must be a folder path or None, got {self.work_dir!r}")
         if self.format_version > FORMAT_VERSION:
             from hfquant import __version__
 

@@ -1,9 +1,9 @@
 """transformers wiring: ``HfQuantizer`` for ``quant_method="hfquant"``.
 
-Thin on purpose (like transformers' own ``quantizer_*.py``): loading a quantized checkpoint swaps
-the linears for skeletons of the config's module class (:class:`~hfquant.nn.DecoupledLinear`,
-:class:`~hfquant.nn.SplitLinear` or :class:`~hfquant.nn.PowerOfTwoLinear`) after checking the files, and
-quantizing at load hands the loaded model to :func:`hfquant.pipeline.quantize_model`.
+Thin on purpose (like transformers' own ``quantizer_*.py``): loading a quantized checkpoint checks
+the files' headers and swaps the linears for empty skeletons of the config's format
+(:func:`hfquant.formats.format_for`); quantizing at load hands the loaded model to
+:func:`hfquant.driver.quantize_model` and keeps its report in :attr:`HfQuantQuantizer.report`.
 """
 
 from __future__ import annotations
@@ -11,21 +11,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer
 
 from hfquant.config import FORMAT_VERSION, HfQuantConfig
 from hfquant.export.checkpoint import (
-    check_cluster_indices,
     check_metadata,
-    check_outlier_indices,
     plan_quantized_layers,
     read_checkpoint,
     storage_state_dict,
 )
 from hfquant.export.hub import enable_export
-from hfquant.nn import DecoupledLinear, PowerOfTwoLinear, SplitLinear
+from hfquant.formats import QuantizedLinear, format_for
 from hfquant.nn.replace import linears_to_convert, set_module
 
 
@@ -34,6 +31,7 @@ class HfQuantQuantizer(HfQuantizer):
 
     requires_calibration = False
     quantization_config: HfQuantConfig
+    report: Any = None  # the QuantizationReport of a quantization at load
 
     def _skip_list(self, model: PreTrainedModel) -> list[str]:
         return self.get_modules_to_not_convert(
@@ -52,22 +50,21 @@ class HfQuantQuantizer(HfQuantizer):
         tensors, metadata = read_checkpoint(checkpoint_files or [])
         check_metadata(metadata, config)
         linears = linears_to_convert(model, self._skip_list(model))
-        outliers = plan_quantized_layers(tensors, linears, config)
+        planned = plan_quantized_layers(tensors, linears, config)
+        fmt = format_for(config)
         for name, linear in linears.items():
-            set_module(model, name, _skeleton(linear, config, outliers[name]))
+            set_module(model, name, fmt.skeleton(linear, config, **planned[name]))
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
         enable_export(model)
         if self.pre_quantized:
             for name, module in model.named_modules():
-                if isinstance(module, DecoupledLinear):
-                    check_outlier_indices(module, name)
-                elif isinstance(module, SplitLinear):
-                    check_cluster_indices(module, name)
+                if isinstance(module, QuantizedLinear):
+                    module.check_loaded(name)
             return
-        from hfquant.pipeline import quantize_model
+        from hfquant.driver import quantize_model
 
-        quantize_model(model, self.quantization_config, skip=self._skip_list(model))
+        self.report = quantize_model(model, self.quantization_config, skip=self._skip_list(model))
 
     def get_state_dict_and_metadata(
         self, model: PreTrainedModel
@@ -92,21 +89,3 @@ class HfQuantQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
-
-def _skeleton(linear: nn.Linear, config: HfQuantConfig, num_outliers: int) -> nn.Module:
-    """An empty quantized module of the config's class, shaped like ``linear``, to load tensors into."""
-    kwargs = {"bias": linear.bias is not None, "dtype": linear.weight.dtype, "device": linear.weight.device}
-    if config.method == "inq":
-        return PowerOfTwoLinear(linear.in_features, linear.out_features, config.bits, **kwargs)
-    if config.split_clusters > 1:
-        return SplitLinear(
-            linear.in_features, linear.out_features, config.bits, config.group_size, config.split_clusters, **kwargs
-        )
-    return DecoupledLinear(
-        linear.in_features,
-        linear.out_features,
-        config.bits,
-        config.group_size,
-        num_outliers=num_outliers,
-        **kwargs,
-    )

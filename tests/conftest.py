@@ -13,49 +13,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+from helpers import TINY, build_tiny  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-TINY = {
-    "llama": LlamaConfig(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=320,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    ),
-    "qwen2": Qwen2Config(
-        hidden_size=96,
-        intermediate_size=200,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=320,
-        max_position_embeddings=256,
-    ),
-    "mistral": MistralConfig(
-        hidden_size=128,
-        intermediate_size=224,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=320,
-        max_position_embeddings=256,
-        sliding_window=None,
-    ),
-}
-
-
-def build_tiny(arch: str, path: Path) -> Path:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(TINY[arch], dtype=torch.float32)
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session", params=sorted(TINY))
@@ -138,3 +100,15 @@ def fake_hub(tmp_path, monkeypatch):
     FakeHfApi.remote = tmp_path / "remote"
     monkeypatch.setattr(hub, "HfApi", FakeHfApi)
     return FakeHfApi
+
+
+@pytest.fixture()
+def sharded(tiny_llama_dir, tmp_path):
+    """A tiny Llama with kept weights saved in >= 3 shards of 100 KB: ``(model, folder)``."""
+    from hfquant import HfQuantConfig
+    from hfquant.export import save_quantized
+
+    config = HfQuantConfig(bits=2, group_size=32, method="rtn", outlier_fraction=0.01, saliency="magnitude")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config).eval()
+    out = save_quantized(model, tmp_path / "sharded", max_shard_size="100KB")
+    return model, out

@@ -1,29 +1,14 @@
 import pytest
 import torch
+from helpers import decoupled_layer
 
 from hfquant.algorithms.grid import dequantize_grid, num_groups
-from hfquant.algorithms.rtn import rtn_quantize
-from hfquant.nn import DecoupledLinear
-
-
-def _layer(
-    bits: int, group_size: int, in_f: int = 200, out_f: int = 48, outliers: int = 0, bias: bool = True
-):
-    g = torch.Generator().manual_seed(0)
-    weight = torch.randn(out_f, in_f, generator=g)
-    b = torch.randn(out_f, generator=g) if bias else None
-    kept = None
-    if outliers:
-        idx = torch.randperm(out_f * in_f, generator=g)[:outliers]
-        kept = ((idx // in_f).int(), (idx % in_f).int(), torch.randn(outliers, generator=g))
-    module = DecoupledLinear.from_quantized(rtn_quantize(weight, bits, group_size), bits, group_size, b, kept)
-    return weight, module
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
 def test_forward_equals_dense_matmul(bits, group_size):
-    _, module = _layer(bits, group_size, outliers=5)
+    _, module = decoupled_layer(bits, group_size, kept=5)
     x = torch.randn(3, 5, 200)
     expected = x @ module.dequantize().T + module.bias
     # 15 rows take the C++ kernel where it builds: float32 sums in another order, errors within 1e-5
@@ -33,12 +18,12 @@ def test_forward_equals_dense_matmul(bits, group_size):
 
 def test_ragged_last_group():
     # 576 columns in groups of 128: four full groups and one of 64.
-    _, module = _layer(2, 128, in_f=576)
+    _, module = decoupled_layer(2, 128, in_f=576)
     assert module.scales.shape == (48, num_groups(576, 128)) == (48, 5)
 
 
 def test_dequantize_is_grid_plus_kept_weights():
-    _, module = _layer(2, 64, outliers=7)
+    _, module = decoupled_layer(2, 64, kept=7)
     base = dequantize_grid(module.integers(), module.scales, module.zeros, 64)
     delta = module.dequantize() - base
     rows, cols = module.outlier_rows.long(), module.outlier_cols.long()
@@ -47,7 +32,7 @@ def test_dequantize_is_grid_plus_kept_weights():
 
 
 def test_forward_in_input_dtype():
-    _, module = _layer(4, 64)
+    _, module = decoupled_layer(4, 64)
     x = torch.randn(2, 200, dtype=torch.bfloat16)
     assert module(x).dtype == torch.bfloat16
 
@@ -55,7 +40,7 @@ def test_forward_in_input_dtype():
 def test_rtn_error_shrinks_with_bits():
     errors = []
     for bits in (2, 3, 4):
-        weight, module = _layer(bits, 64, bias=False)
+        weight, module = decoupled_layer(bits, 64, bias=False)
         errors.append(float((module.dequantize() - weight).pow(2).mean()))
     assert errors[0] > errors[1] > errors[2]
     # 4-bit min-max RTN of Gaussian weights: relative error a few percent, not more.
@@ -63,7 +48,7 @@ def test_rtn_error_shrinks_with_bits():
 
 
 def test_storage_bits_counts_everything():
-    _, module = _layer(2, 64, in_f=576, out_f=64, outliers=10)
+    _, module = decoupled_layer(2, 64, in_f=576, out_f=64, kept=10)
     ints = 64 * 576 * 2
     grid = 2 * 64 * 9 * 16
     sparse = 10 * (16 + 32 + 32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_gptq import make_problem
+from helpers import make_problem
 
 from hfquant.algorithms.decoupleq import decoupleq_quantize, solve_float_step
 from hfquant.algorithms.gptq import gptq_quantize
@@ -106,13 +106,13 @@ def test_decoupleq_history_is_monotone_and_beats_gptq(with_keep: bool) -> None:
     w, h = make_problem(48, 200, seed=2)
     keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(4)) < 0.02 if with_keep else None
     history: list[float] = []
-    qw = decoupleq_quantize(w, h, 2, 64, iters=3, keep_mask=keep, history=history)
+    qw = decoupleq_quantize(w, h, 2, 64, iters=3, kept=keep, history=history)
     assert len(history) == 2 + 2 * 3
     assert all(b <= a for a, b in zip(history, history[1:], strict=False))
     start = masked_objective(
-        w, gptq_quantize(w, h, 2, 64, act_order=True, keep_mask=keep).dequantize(64), h, keep
+        w, gptq_quantize(w, h, 2, 64, act_order=True, kept=keep).dequantize(64), h, keep
     )
-    plain = masked_objective(w, gptq_quantize(w, h, 2, 64, keep_mask=keep).dequantize(64), h, keep)
+    plain = masked_objective(w, gptq_quantize(w, h, 2, 64, kept=keep).dequantize(64), h, keep)
     final = masked_objective(w, qw.dequantize(64), h, keep)
     assert history[0] == pytest.approx(start, rel=1e-4)
     assert history[-1] == pytest.approx(final, rel=1e-4)

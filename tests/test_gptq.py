@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_problem
 
 from hfquant.algorithms.gptq import gptq_quantize, masked_minmax_grid
 from hfquant.algorithms.grid import dequantize_grid, layer_objective, num_groups, quantize_to_grid
 from hfquant.algorithms.rtn import rtn_quantize
-
-
-def make_problem(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ill-conditioned ``H = X^T X``: low-rank correlated inputs, per-channel scales, a few outlier channels."""
-    g = torch.Generator().manual_seed(seed)
-    tokens, rank = 2048, max(4, in_features // 8)
-    x = torch.randn(tokens, rank, generator=g) @ torch.randn(rank, in_features, generator=g) / rank**0.5
-    x = x + 0.3 * torch.randn(tokens, in_features, generator=g)
-    scale = torch.exp(0.5 * torch.randn(in_features, generator=g))
-    scale[torch.randperm(in_features, generator=g)[: max(1, in_features // 50)]] *= 8.0
-    x = x * scale
-    w = 0.02 * torch.randn(out_features, in_features, generator=g)
-    return w, x.T @ x / tokens
 
 
 def correlation_problem(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +99,7 @@ def test_kept_weights_feed_no_error() -> None:
     keep = torch.zeros_like(w, dtype=torch.bool)
     keep[:, 0] = True
     w[::3, 0] = 1.0  # outliers: left out of the (per-row) min-max range
-    with_keep = gptq_quantize(w, h, 2, -1, keep_mask=keep)
+    with_keep = gptq_quantize(w, h, 2, -1, kept=keep)
     alone = gptq_quantize(w[:, 1:], h[1:, 1:], 2, -1)
     torch.testing.assert_close(with_keep.scales, alone.scales)
     torch.testing.assert_close(with_keep.zeros, alone.zeros)
@@ -124,13 +112,13 @@ def test_kept_weights_feed_no_error() -> None:
     assert (plain.qweight[:, 1:] != alone.qweight).float().mean() > 0.05
 
 
-def test_keep_mask_lowers_masked_objective() -> None:
+def test_kept_weights_lower_masked_objective() -> None:
     w, h = make_problem(32, 200)
     keep = torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) < 0.02
 
     def masked_objective(qw) -> float:
         return layer_objective(w, torch.where(keep, w, qw.dequantize(64)), h)
 
-    assert masked_objective(gptq_quantize(w, h, 2, 64, keep_mask=keep)) < masked_objective(
+    assert masked_objective(gptq_quantize(w, h, 2, 64, kept=keep)) < masked_objective(
         gptq_quantize(w, h, 2, 64)
     )

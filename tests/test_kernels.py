@@ -15,8 +15,8 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import decoupled_layer  # noqa: E402
 
-from hfquant.algorithms.rtn import rtn_quantize  # noqa: E402
 from hfquant.kernels import cpu as cpu_kernel  # noqa: E402
 from hfquant.kernels import triton_matmul  # noqa: E402
 from hfquant.nn import DecoupledLinear  # noqa: E402
@@ -30,16 +30,7 @@ needs_cuda = pytest.mark.skipif(
 
 
 def _layer(bits: int, group_size: int, in_f: int, out_f: int = 40, outliers: int = 0, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(out_f, in_f, generator=g)
-    bias = torch.randn(out_f, generator=g)
-    kept = None
-    if outliers:
-        idx = torch.randperm(out_f * in_f, generator=g)[:outliers]
-        kept = ((idx // in_f).int(), (idx % in_f).int(), torch.randn(outliers, generator=g))
-    return DecoupledLinear.from_quantized(
-        rtn_quantize(weight, bits, group_size), bits, group_size, bias, kept
-    )
+    return decoupled_layer(bits, group_size, in_f, out_f, kept=outliers, seed=seed)[1]
 
 
 def _reference(module: DecoupledLinear, x: torch.Tensor) -> torch.Tensor:
@@ -101,14 +92,17 @@ def test_unsupported_group_size_and_long_inputs_take_the_reference_path():
 
 _CUDA_CHECK = """
 import torch
+from torch import nn
+from hfquant import HfQuantConfig
 from hfquant.algorithms.rtn import rtn_quantize
 from hfquant.nn import DecoupledLinear
 worst = 0.0
 for bits in (2, 3, 4):
     for gs in (32, 64, 128, -1):
         for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008), (96, 200)):
-            w = torch.randn(out_f, in_f, device="cuda")
-            m = DecoupledLinear.from_quantized(rtn_quantize(w, bits, gs), bits, gs, torch.randn(out_f, device="cuda"))
+            linear = nn.Linear(in_f, out_f, device="cuda")
+            config = HfQuantConfig(bits=bits, group_size=gs, method="rtn")
+            m = DecoupledLinear.from_result(rtn_quantize(linear.weight.data, bits, gs), linear, config)
             for rows in (1, 4, 16, 512):
                 for dtype in (torch.float16, torch.bfloat16, torch.float32):
                     x = torch.randn(rows, in_f, device="cuda", dtype=dtype)

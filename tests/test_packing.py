@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hfquant.nn.packing import pack_int, pack_int2, packed_width, unpack_int, unpack_int2
+from hfquant.formats.packing import pack_int, pack_int2, packed_width, unpack_int, unpack_int2
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

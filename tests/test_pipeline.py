@@ -6,17 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from hfquant import DecoupledLinear, HfQuantConfig
+from hfquant import HfQuantConfig
+from hfquant.algorithms.block import block_error
 from hfquant.algorithms.blockwise import block_minimize, trainable_float_parameters
+from hfquant.driver import quantize_model
+from hfquant.driver.blocks import capture_block_inputs, find_decoder_blocks, full_precision_pass
+from hfquant.driver.solve import quantize_linear
 from hfquant.models import default_model_path
-from hfquant.pipeline import (
-    _run_full_precision,
-    block_error,
-    capture_block_inputs,
-    find_decoder_blocks,
-    quantize_model,
-    solve_layer,
-)
+from hfquant.nn.replace import set_module
 
 
 @pytest.fixture(scope="module")
@@ -60,32 +57,30 @@ def _quantized_block(bits: int = 2):
     batches = capture_block_inputs(model, blocks[0], ids, batch_size=4)
     block = blocks[0]
     linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    hessians, targets = _run_full_precision(block, linears, batches)
+    hessians, targets = full_precision_pass(block, linears, batches)
     config = HfQuantConfig(bits=bits, group_size=32, method="rtn")
     for name, linear in linears.items():
-        q = solve_layer(linear.weight.data, hessians[name], config)
-        parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent), child, DecoupledLinear.from_quantized(q, bits, 32, linear.bias))
-    return block, batches, targets
+        set_module(block, name, quantize_linear(linear, hessians[name], config))
+    return block, batches, targets, set(linears)
 
 
 def test_block_minimize_lowers_block_loss_and_never_raises_it():
-    block, batches, targets = _quantized_block()
+    block, batches, targets, grids = _quantized_block()
     before = block_error(block, batches, targets)
-    after = block_minimize(block, batches, targets, epochs=5, lr=5e-3)
+    after = block_minimize(block, batches, targets, grids, epochs=5, lr=5e-3)
     assert after == pytest.approx(block_error(block, batches, targets), rel=1e-5)
     assert after < 0.9 * before
     # Scales and zeros stay on their float16 storage grid.
-    for name, (value, _) in trainable_float_parameters(block).items():
+    for name, (value, _) in trainable_float_parameters(block, grids).items():
         if name.endswith(("scales", "zeros")):
             assert torch.equal(value, value.half().float())
 
 
 def test_block_minimize_keeps_start_when_training_hurts():
-    block, batches, targets = _quantized_block()
+    block, batches, targets, grids = _quantized_block()
     before = block_error(block, batches, targets)
     state = copy.deepcopy(block.state_dict())
-    after = block_minimize(block, batches, targets, epochs=1, lr=10.0)  # a learning rate that can only hurt
+    after = block_minimize(block, batches, targets, grids, epochs=1, lr=10.0)  # a learning rate that can only hurt
     assert after <= before * (1 + 1e-6)
     if after == pytest.approx(before):
         for key, value in block.state_dict().items():

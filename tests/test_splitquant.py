@@ -5,26 +5,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_TEXTS
-from test_checkpoint import _rewrite
-from test_gptq import make_problem
+from helpers import TINY_TEXTS, make_problem
 from transformers import AutoModelForCausalLM
 
 from hfquant import HfQuantConfig
 from hfquant.algorithms.decoupleq import decoupleq_quantize
 from hfquant.algorithms.gptq import gptq_quantize, masked_minmax_grid
-from hfquant.algorithms.grid import expand_groups, layer_objective
+from hfquant.algorithms.grid import cluster_grid, expand_groups, index_bits, layer_objective
 from hfquant.algorithms.rtn import rtn_quantize
 from hfquant.algorithms.splitquant import (
-    cluster_grid,
     cluster_weights,
-    index_bits,
     kmeans_1d,
     split_linear,
     split_minmax_grid,
     split_quantize,
 )
-from hfquant.export import CheckpointError, bits_per_weight, save_quantized
 from hfquant.nn import SplitLinear
 
 
@@ -63,6 +58,12 @@ def test_kmeans_is_a_deterministic_lloyd_fixed_point():
     assert counts[1] > counts[0] + counts[2]
 
 
+def _module(split, group_size: int) -> SplitLinear:
+    out_f, in_f = split.qweight.shape
+    config = HfQuantConfig(bits=2, group_size=group_size, method="rtn", split_clusters=split.scales.shape[0])
+    return SplitLinear.from_result(split, torch.nn.Linear(in_f, out_f, bias=False), config)
+
+
 @pytest.mark.parametrize("group_size", [32, -1, 0])
 def test_each_cluster_gets_its_own_narrow_grid(group_size):
     w = _outlier_weights(seed=2)
@@ -77,7 +78,7 @@ def test_each_cluster_gets_its_own_narrow_grid(group_size):
     # The bulk of the weights (the middle cluster) gets a far finer grid than the unsplit layer.
     assert float(scales[1][_present(cluster == 1, group_size)].mean()) < 0.5 * float(unsplit.mean())
     split = split_quantize(w, None, 2, group_size, 3, method="rtn")
-    module = SplitLinear.from_quantized(split, 2, group_size)
+    module = _module(split, group_size)
     # Stored form = the sum of k quantized layers, each zero outside its cluster.
     planes = sum(
         torch.where(
@@ -120,75 +121,17 @@ def test_split_lowers_the_layer_error_of_every_method(bits):
 
 def test_storage_counts_indices_and_every_grid():
     split = split_quantize(_outlier_weights(), None, 2, 32, 3, method="rtn")
-    module = SplitLinear.from_quantized(split, 2, 32)
+    module = _module(split, 32)
     assert index_bits(3) == 2 and index_bits(2) == 1 and index_bits(5) == 3
     # 2 integer bits + 2 index bits per weight + 3 (scale, zero) pairs of 16 bits per 32 weights.
     assert module.storage_bits() == 24 * 96 * (2 + 2) + 3 * 2 * 16 * 24 * 3
 
 
-@pytest.mark.parametrize("group_size", [32, 0])
-def test_split_rtn_save_reload_bit_identical(tiny_model_dir, tmp_path, group_size):
-    config = HfQuantConfig(bits=2, group_size=group_size, method="rtn", split_clusters=3)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=config)
-    layers = [m for m in model.modules() if isinstance(m, SplitLinear)]
-    assert len(layers) == 7 * model.config.num_hidden_layers
-    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        before = model(ids).logits
-    save_quantized(model, tmp_path / "q")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
-    assert isinstance(reloaded.model.layers[0].mlp.up_proj, SplitLinear)
-    with torch.no_grad():
-        assert torch.equal(before, reloaded(ids).logits)
-    assert bits_per_weight(reloaded) == bits_per_weight(model)
-    # 2 + 2 index bits + 3 grids of 2 x 16 bits per group (32 weights, or the whole matrix); padding on top.
-    low = 4.0 + (3.0 if group_size == 32 else 0.0)
-    assert low <= bits_per_weight(reloaded) < low + 0.5
-
-
-def test_split_decoupleq_end_to_end(tiny_tokenized_dir, tmp_path):
+def test_split_decoupleq_end_to_end(tiny_tokenized_dir):
     config = HfQuantConfig(
         bits=2, group_size=-1, method="decoupleq", split_clusters=3, dataset=TINY_TEXTS, nsamples=4, seqlen=32,
         decoupleq_iters=0, blockwise_epochs=1, blockwise_batch_size=2,
     )
     model = AutoModelForCausalLM.from_pretrained(tiny_tokenized_dir, quantization_config=config)
-    assert all(b.error_after <= b.error_before * (1 + 1e-6) for b in model.hfquant_report.blocks)
-    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        before = model(ids).logits
-    save_quantized(model, tmp_path / "q")
-    with torch.no_grad():
-        assert torch.equal(before, AutoModelForCausalLM.from_pretrained(tmp_path / "q")(ids).logits)
-
-
-@pytest.fixture()
-def saved_split(tiny_llama_dir, tmp_path):
-    config = HfQuantConfig(bits=2, group_size=32, method="rtn", split_clusters=3)
-    return save_quantized(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config), tmp_path / "q")
-
-
-def test_wrong_shaped_cluster_tensor_refused(saved_split):
-    key = "model.layers.0.mlp.down_proj.cluster"
-    _rewrite(saved_split, lambda t, m: t.update({key: t[key][:, :1].clone()}))
-    with pytest.raises(CheckpointError, match=rf"tensor {key} has shape \[64, 1\], expected \[64, 10\].*split_clusters=3"):
-        AutoModelForCausalLM.from_pretrained(saved_split)
-
-
-def test_missing_cluster_tensor_and_bad_index_refused(saved_split):
-    key = "model.layers.1.self_attn.q_proj.cluster"
-    _rewrite(saved_split, lambda t, m: t.update({key: torch.full_like(t[key], -1)}))  # every index is 3
-    with pytest.raises(CheckpointError, match=rf"tensor {key} holds cluster index 3, but the layer has 3 clusters"):
-        AutoModelForCausalLM.from_pretrained(saved_split)
-    _rewrite(saved_split, lambda t, m: t.pop(key))
-    with pytest.raises(CheckpointError, match=f"missing tensor {key}"):
-        AutoModelForCausalLM.from_pretrained(saved_split)
-
-
-def test_split_clusters_mismatch_refused(saved_split):
-    import json
-
-    config = json.loads((saved_split / "config.json").read_text())
-    config["quantization_config"]["split_clusters"] = 4
-    (saved_split / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="quantized with split_clusters=3 but config.json says split_clusters=4"):
-        AutoModelForCausalLM.from_pretrained(saved_split)
+    assert all(b.error_after <= b.error_before * (1 + 1e-6) for b in model.hf_quantizer.report.blocks)
+    assert all(isinstance(m, SplitLinear) for m in (model.model.layers[0].mlp.up_proj, model.model.layers[1].self_attn.q_proj))

@@ -14,24 +14,23 @@ best state seen, the starting one included, is kept, so the block loss never inc
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from hfquant.nn.decoupled_linear import STORAGE_DTYPE, DecoupledLinear
-from hfquant.nn.split_linear import SplitLinear
+from hfquant.algorithms.block import Batches, batch_loss, block_error, train_keep_best
 
-Batches = list[tuple[torch.Tensor, dict[str, Any]]]
+GRID = ("scales", "zeros")
 
 
-def trainable_float_parameters(block: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Name -> (starting value, unit of a relative step) for every float parameter block-wise tunes."""
+def trainable_float_parameters(
+    block: nn.Module, grids: set[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Name -> (starting value, unit of a relative step) for every float tensor block-wise tunes:
+    the ``scales`` and ``zeros`` of the submodules named in ``grids``, and normalization weights."""
     found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, module in block.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, (DecoupledLinear, SplitLinear)):
+        if name in grids:
             scales = module.scales.detach().clone()
             found[prefix + "scales"] = (scales, scales)
             found[prefix + "zeros"] = (module.zeros.detach().clone(), scales)
@@ -44,68 +43,52 @@ def trainable_float_parameters(block: nn.Module) -> dict[str, tuple[torch.Tensor
 
 
 def _values(
-    start: dict[str, tuple[torch.Tensor, torch.Tensor]], deltas: dict[str, torch.Tensor], storage: bool
+    start: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    deltas: dict[str, torch.Tensor],
+    storage_dtype: torch.dtype | None,
 ) -> dict[str, torch.Tensor]:
+    """Start plus relative step; grid tensors rounded through ``storage_dtype`` when given."""
     values = {}
     for name, (value, unit) in start.items():
         new = value + unit * deltas[name]
-        if storage and name.endswith(("scales", "zeros")):
-            new = new.to(STORAGE_DTYPE).to(value.dtype)
+        if storage_dtype is not None and name.endswith(GRID):
+            new = new.to(storage_dtype).to(value.dtype)
         values[name] = new
     return values
-
-
-def _loss(
-    block: nn.Module,
-    values: dict[str, torch.Tensor],
-    hidden: torch.Tensor,
-    kwargs: dict,
-    target: torch.Tensor,
-):
-    out = functional_call(block, values, (hidden,), kwargs)
-    out = out[0] if isinstance(out, tuple) else out
-    return (out.float() - target.float()).pow(2).mean()
-
-
-@torch.no_grad()
-def _score(
-    block: nn.Module, values: dict[str, torch.Tensor], batches: Batches, targets: list[torch.Tensor]
-) -> float:
-    total = sum(
-        float(_loss(block, values, h, kw, t)) * t.numel() for (h, kw), t in zip(batches, targets, strict=True)
-    )
-    return total / sum(t.numel() for t in targets)
 
 
 def block_minimize(
     block: nn.Module,
     batches: Batches,
     targets: list[torch.Tensor],
+    grids: set[str],
     epochs: int = 4,
     lr: float = 1e-3,
     seed: int = 0,
+    storage_dtype: torch.dtype = torch.float16,
 ) -> float:
-    """Train the block's float parameters in place; return the block loss (MSE) of the kept state."""
-    start = trainable_float_parameters(block)
+    """Train the block's float parameters in place; return the block loss (MSE) of the kept state.
+
+    ``grids`` names the quantized submodules whose ``scales`` and ``zeros`` are tuned;
+    ``storage_dtype`` is what those are saved in, so each epoch's candidate is scored as stored.
+    """
+    start = trainable_float_parameters(block, grids)
     if not start or epochs == 0:
-        return _score(block, {n: v for n, (v, _) in start.items()}, batches, targets)
+        return block_error(block, batches, targets, {n: v for n, (v, _) in start.items()})
     deltas = {n: torch.zeros_like(v, dtype=torch.float32, requires_grad=True) for n, (v, _) in start.items()}
-    best_values = _values(start, deltas, storage=True)
-    best = _score(block, best_values, batches, targets)
-    optimizer = torch.optim.Adam(list(deltas.values()), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            for i in torch.randperm(len(batches), generator=generator).tolist():
-                hidden, kwargs = batches[i]
-                loss = _loss(block, _values(start, deltas, storage=False), hidden, kwargs, targets[i])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            candidate = _values(start, deltas, storage=True)
-            score = _score(block, candidate, batches, targets)
-            if score < best:
-                best, best_values = score, candidate
+
+    def evaluate() -> tuple[float, dict[str, torch.Tensor]]:
+        candidate = _values(start, deltas, storage_dtype)
+        return block_error(block, batches, targets, candidate), candidate
+
+    best, best_values = train_keep_best(
+        torch.optim.Adam(list(deltas.values()), lr=lr),
+        lambda i: batch_loss(block, *batches[i], targets[i], _values(start, deltas, None)),
+        len(batches),
+        epochs,
+        evaluate,
+        seed,
+    )
     with torch.no_grad():
         for name, value in best_values.items():
             target = block.get_parameter(name) if name.endswith("weight") else block.get_buffer(name)

@@ -29,7 +29,7 @@ Chosen otherwise:
     on random ill-conditioned problems at 2 bits it ends about 30% higher in objective.
   * block-wise minimization (training the float parts through the whole block) is a separate
     stage of this package, not part of this layer solver.
-  * weights kept in 16 bits (``keep_mask``, TaCQ) are exact: they drop out of the float step's
+  * weights kept in 16 bits (``kept``, TaCQ) are exact: they drop out of the float step's
     residual and feed no error in the integer step.
   * a per-tensor grid (``group_size=0``) is one ``(s, z)`` for all rows: its float step solves the
     sum of the rows' normal equations, and steps are accepted on the whole layer's objective.
@@ -193,7 +193,7 @@ def solve_float_step(
     hessian: torch.Tensor,
     qweight: torch.Tensor,
     group_size: int,
-    keep_mask: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None,
     *,
     damp: float = 0.0,
     prev: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -202,12 +202,12 @@ def solve_float_step(
     """Optimal ``(scales, zeros)`` [out, n_groups] for fixed integers ``qweight`` (decoupleQ's float step).
 
     Minimizes ``tr((W - W_hat) H (W - W_hat)^T)`` exactly, all groups of a row jointly; kept
-    weights (``keep_mask``) are exact and so leave the residual. ``damp`` (a fraction of the
+    weights (``kept``) are exact and so leave the residual. ``damp`` (a fraction of the
     mean diagonal of ``H``) pulls ``W_hat`` toward ``W`` entrywise; ``prev`` is the grid that
     unidentifiable directions keep. Computes in ``hessian``'s dtype (float32 or float64);
     ``round_fp16`` rounds the result to its float16 storage values.
     """
-    problem = _FloatProblem.build(w, hessian, group_size, keep_mask, damp)
+    problem = _FloatProblem.build(w, hessian, group_size, kept, damp)
     scales, zeros, _, _ = problem.solve(qweight, prev, round_fp16)
     return scales, zeros
 
@@ -220,7 +220,7 @@ def decoupleq_quantize(
     *,
     iters: int = 4,
     damp: float = 0.01,
-    keep_mask: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None,
     act_order: bool = True,
     block_size: int = 128,
     history: list[float] | None = None,
@@ -231,7 +231,7 @@ def decoupleq_quantize(
         iters: integer steps after the GPTQ start; every integer solve (the start included) is
             followed by a float step, so ``iters=0`` is GPTQ with its grid re-solved once.
         damp: dampening of both solves, as a fraction of the mean diagonal of ``H``.
-        keep_mask: bool [out, in] of weights kept in 16 bits (exact; their error counts as zero).
+        kept: bool [out, in] of weights kept in 16 bits (exact; their error counts as zero).
         act_order: GPTQ column order by decreasing ``diag(H)`` (min-max start grid); off, the start
             is GPTQ with dynamic groups and columns go in natural order.
         history: if given, receives the objective (undamped, kept weights exact) of the start
@@ -240,8 +240,8 @@ def decoupleq_quantize(
     """
     w = w.float()
     inv = prepare_hessian(hessian, damp, act_order)
-    problem = _FloatProblem.build(w, hessian.float(), group_size, keep_mask, damp)
-    best = gptq_solve(w, inv, bits, group_size, block_size=block_size, keep_mask=keep_mask)
+    problem = _FloatProblem.build(w, hessian.float(), group_size, kept, damp)
+    best = gptq_solve(w, inv, bits, group_size, block_size=block_size, kept=kept)
     # Each float step also prices the integers it starts from on the grid they were solved on.
     s, z, obj, best_obj = problem.solve(best.qweight, (best.scales, best.zeros), round_fp16=True)
     if history is not None:
@@ -264,7 +264,7 @@ def decoupleq_quantize(
     accept(best.qweight, s, z, obj)
     for _ in range(iters):
         grid = (best.scales, best.zeros)
-        cand = gptq_solve(w, inv, bits, group_size, block_size=block_size, grid=grid, keep_mask=keep_mask)
+        cand = gptq_solve(w, inv, bits, group_size, block_size=block_size, grid=grid, kept=kept)
         s, z, obj, obj_cand = problem.solve(cand.qweight, (cand.scales, cand.zeros), round_fp16=True)
         accept(cand.qweight, cand.scales, cand.zeros, obj_cand)
         accept(cand.qweight, s, z, obj)

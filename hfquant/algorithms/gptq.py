@@ -32,7 +32,7 @@ def to_fp16_grid(t: torch.Tensor) -> torch.Tensor:
 
 
 def masked_minmax_grid(
-    w: torch.Tensor, bits: int, group_size: int, keep_mask: torch.Tensor | None = None
+    w: torch.Tensor, bits: int, group_size: int, kept: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max grid per group over the weights *not* kept in 16 bits, rounded to float16.
 
@@ -45,9 +45,9 @@ def masked_minmax_grid(
     ng = num_groups(in_features, group_size)
     w = w.float()
     lo, hi = w, w
-    if keep_mask is not None:
-        lo = w.masked_fill(keep_mask, float("inf"))
-        hi = w.masked_fill(keep_mask, float("-inf"))
+    if kept is not None:
+        lo = w.masked_fill(kept, float("inf"))
+        hi = w.masked_fill(kept, float("-inf"))
     pad = ng * gs - in_features
     if pad:
         lo = torch.nn.functional.pad(lo, (0, pad), value=float("inf"))
@@ -138,7 +138,7 @@ def gptq_solve(
     *,
     block_size: int = 128,
     grid: tuple[torch.Tensor, torch.Tensor] | None = None,
-    keep_mask: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None,
     weight_grid: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> QuantizedWeight:
     """GPTQ with a precomputed :class:`InverseHessian` (see :func:`gptq_quantize`).
@@ -158,7 +158,7 @@ def gptq_solve(
     elif grid is None and (perm is not None or group_size == 0):
         # act_order visits columns out of order, but stored groups are contiguous: the grid must be static.
         # So must a per-tensor grid, which spans columns the solve has not reached yet.
-        grid = masked_minmax_grid(work, bits, group_size, keep_mask)
+        grid = masked_minmax_grid(work, bits, group_size, kept)
     static = grid is not None
     gidx = group_index(in_features, group_size)
     if weight_grid is not None:  # one "group" per column: column j reads grid column j
@@ -168,7 +168,7 @@ def gptq_solve(
     else:
         ng = num_groups(in_features, group_size)
         scales, zeros = torch.empty(out_features, ng), torch.empty(out_features, ng)
-    keep = keep_mask
+    keep = kept
     if perm is not None:
         work, gidx_p = work[:, perm], gidx[perm]
         keep = None if keep is None else keep[:, perm]
@@ -208,10 +208,10 @@ def gptq_solve(
     q = q_t.t()
     if perm is not None:
         q = q[:, torch.argsort(perm)]
-    if keep_mask is not None:
+    if kept is not None:
         # A kept weight's integer is never used for its value; plain rounding of it is enough.
         s_full, z_full = scales[:, gidx], zeros[:, gidx]
-        q = torch.where(keep_mask, _round_to_grid(w_orig, _safe_scales(s_full), z_full, maxq), q)
+        q = torch.where(kept, _round_to_grid(w_orig, _safe_scales(s_full), z_full, maxq), q)
     return QuantizedWeight(q.to(torch.uint8).contiguous(), scales, zeros)
 
 
@@ -225,7 +225,7 @@ def gptq_quantize(
     act_order: bool = False,
     block_size: int = 128,
     grid: tuple[torch.Tensor, torch.Tensor] | None = None,
-    keep_mask: torch.Tensor | None = None,
+    kept: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize ``w`` [out, in] minimizing ``tr((W - W_hat) H (W - W_hat)^T)`` the GPTQ way.
 
@@ -237,8 +237,8 @@ def gptq_quantize(
         grid: fixed ``(scales, zeros)`` [out, n_groups]; only the integers are solved.
             Without it (and without act_order) each group gets a min-max grid of its
             error-updated columns when the solve reaches it.
-        keep_mask: bool [out, in] of weights kept in 16 bits: they feed no error forward and
+        kept: bool [out, in] of weights kept in 16 bits: they feed no error forward and
             are left out of min-max ranges; their integer is plain nearest rounding.
     """
     inv = prepare_hessian(hessian, damp, act_order)
-    return gptq_solve(w, inv, bits, group_size, block_size=block_size, grid=grid, keep_mask=keep_mask)
+    return gptq_solve(w, inv, bits, group_size, block_size=block_size, grid=grid, kept=kept)

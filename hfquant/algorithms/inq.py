@@ -23,55 +23,13 @@ Chosen otherwise:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from hfquant.algorithms.block import Batches, batch_loss, block_error, train_keep_best
+from hfquant.algorithms.grid import power_of_two_codes, power_of_two_values, top_exponents
+
 INQ_SHARES = (0.5, 0.75, 0.875, 1.0)
-EXPONENT_RANGE = (-100, 100)  # n1 is stored as int8; rows of all zeros get the lowest
-
-Batches = list[tuple[torch.Tensor, dict[str, Any]]]
-
-
-def exponent_count(bits: int) -> int:
-    """Exponents ``n1 - n2 + 1 = 2^(b-1) / 2`` of a ``bits``-bit INQ code."""
-    return 2 ** (bits - 2)
-
-
-def top_exponents(w: torch.Tensor) -> torch.Tensor:
-    """``n1 = floor(log2(4 * max|w| / 3))`` of every row (int8 ``[out]``)."""
-    peak = w.detach().float().abs().amax(dim=1)
-    n1 = torch.floor(torch.log2(4.0 * peak / 3.0))
-    n1 = torch.where(peak > 0, n1, torch.full_like(n1, EXPONENT_RANGE[0]))
-    return n1.clamp(*EXPONENT_RANGE).to(torch.int8)
-
-
-def power_of_two_codes(w: torch.Tensor, n1: torch.Tensor, bits: int) -> torch.Tensor:
-    """Code of the nearest allowed value of every weight (uint8 ``[out, in]``).
-
-    ``|w|`` in ``[3/4 2^m, 3/2 2^m)`` is nearest to ``2^m``, so ``m = floor(log2(4|w|/3))``, capped at
-    ``n1``; below ``2^n2`` the choice is between ``2^n2`` and zero, split at ``2^(n2-1)``.
-    """
-    e = exponent_count(bits)
-    a = w.detach().float().abs()
-    top = n1.float()[:, None]
-    m = torch.floor(torch.log2(4.0 * a / 3.0)).clamp_max(top)  # -inf for a zero weight
-    step = (top - m).clamp_max(e - 1)
-    zero = a < torch.exp2(top - e)  # half of the smallest power 2^n2 = 2^(n1 - e + 1)
-    code = torch.where(zero, torch.zeros_like(step), step + 1 + e * (w < 0))
-    return code.to(torch.uint8)
-
-
-def power_of_two_values(codes: torch.Tensor, n1: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`power_of_two_codes` (float32 ``[out, in]``)."""
-    e = exponent_count(bits)
-    c = codes.long()
-    negative = c > e
-    step = torch.where(negative, c - e, c) - 1  # exponent below n1; -1 for zero
-    value = torch.exp2(n1.float()[:, None] - step.clamp_min(0))
-    value = torch.where(c == 0, torch.zeros_like(value), value)
-    return torch.where(negative, -value, value)
 
 
 def grow_frozen(w: torch.Tensor, frozen: torch.Tensor, share: float) -> torch.Tensor:
@@ -84,18 +42,6 @@ def grow_frozen(w: torch.Tensor, frozen: torch.Tensor, share: float) -> torch.Te
     grown = frozen.flatten().clone()
     grown[score.topk(extra).indices] = True
     return grown.reshape(frozen.shape)
-
-
-def _block_loss(block: nn.Module, batches: Batches, targets: list[torch.Tensor]) -> float:
-    with torch.no_grad():
-        total = sum(float(_batch_loss(block, h, kw, t)) * t.numel() for (h, kw), t in zip(batches, targets, strict=True))
-    return total / sum(t.numel() for t in targets)
-
-
-def _batch_loss(block: nn.Module, hidden: torch.Tensor, kwargs: dict, target: torch.Tensor) -> torch.Tensor:
-    out = block(hidden, **kwargs)
-    out = out[0] if isinstance(out, tuple) else out
-    return (out.float() - target.float()).pow(2).mean()
 
 
 def retrain_float_weights(
@@ -119,22 +65,21 @@ def retrain_float_weights(
         free = (~frozen[name]).to(weight.dtype)
         hooks.append(weight.register_hook(lambda g, free=free: g * free))
         groups.append({"params": [weight], "lr": lr * float(weight.detach().float().std().clamp_min(1e-8))})
-    best = _block_loss(block, batches, targets)
-    best_state = {n: m.weight.detach().clone() for n, m in linears.items()}
     optimizer = torch.optim.Adam(groups)
-    generator = torch.Generator().manual_seed(seed)
+
+    def evaluate() -> tuple[float, dict[str, torch.Tensor]]:
+        state = {n: m.weight.detach().clone() for n, m in linears.items()}
+        return block_error(block, batches, targets), state
+
     try:
-        with torch.enable_grad():
-            for _ in range(epochs):
-                for i in torch.randperm(len(batches), generator=generator).tolist():
-                    hidden, kwargs = batches[i]
-                    loss = _batch_loss(block, hidden, kwargs, targets[i])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                score = _block_loss(block, batches, targets)
-                if score < best:
-                    best, best_state = score, {n: m.weight.detach().clone() for n, m in linears.items()}
+        best, best_state = train_keep_best(
+            optimizer,
+            lambda i: batch_loss(block, *batches[i], targets[i]),
+            len(batches),
+            epochs,
+            evaluate,
+            seed,
+        )
     finally:
         for hook in hooks:
             hook.remove()
@@ -180,6 +125,6 @@ def inq_block(
             loss = retrain_float_weights(block, linears, frozen, batches, targets, epochs, lr)
         if history is not None:
             entry = {name: float(f.float().mean()) for name, f in frozen.items()}
-            entry["loss"] = _block_loss(block, batches, targets) if loss is None else loss
+            entry["loss"] = block_error(block, batches, targets) if loss is None else loss
             history.append(entry)
     return {name: (power_of_two_codes(linear.weight, n1[name], bits), n1[name]) for name, linear in linears.items()}

@@ -30,7 +30,6 @@ out), so decoupleQ's masked float step solves it unchanged, at about ``k**2`` ti
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +37,7 @@ from torch import nn
 
 from hfquant.algorithms.decoupleq import _FloatProblem
 from hfquant.algorithms.gptq import gptq_solve, masked_minmax_grid, prepare_hessian
-from hfquant.algorithms.grid import effective_group_size, group_index, num_groups
+from hfquant.algorithms.grid import cluster_grid, effective_group_size, num_groups
 
 KMEANS_ITERS = 50
 
@@ -55,11 +54,6 @@ class SplitWeight:
     def dequantize(self, group_size: int) -> torch.Tensor:
         s, z = cluster_grid(self.scales, self.zeros, self.cluster, group_size)
         return self.qweight.float() * s + z
-
-
-def index_bits(clusters: int) -> int:
-    """Bits of one packed cluster index."""
-    return max(1, math.ceil(math.log2(clusters)))
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> torch.Tensor:
@@ -111,17 +105,6 @@ def split_linear(linear: nn.Linear, k: int = 3) -> nn.ModuleList:
                 part.bias.copy_(torch.where(bc == c, bias, torch.zeros_like(bias)))
         parts.append(part)
     return parts
-
-
-def cluster_grid(
-    scales: torch.Tensor, zeros: torch.Tensor, cluster: torch.Tensor, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each weight's own scale and zero (float32 ``[out, in]``), read from its cluster's grid."""
-    out_features, in_features = cluster.shape
-    rows = torch.arange(out_features, device=cluster.device)[:, None] if scales.shape[1] > 1 else 0
-    groups = group_index(in_features, group_size, cluster.device)[None, :]
-    index = (cluster.long(), rows, groups)  # broadcast to [out, in]
-    return scales.float()[index], zeros.float()[index]
 
 
 def split_minmax_grid(

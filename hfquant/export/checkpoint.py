@@ -11,32 +11,16 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from hfquant.algorithms.grid import grid_shape
-from hfquant.algorithms.splitquant import index_bits
 from hfquant.config import FORMAT_VERSION, HfQuantConfig
-from hfquant.nn.packing import packed_width
+from hfquant.formats import QuantizedLinear, format_for
+from hfquant.formats.base import STORAGE_DTYPE, CheckpointError, TensorInfo
 
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-GRID_TENSORS = ("qweight", "scales", "zeros")
-OUTLIER_TENSORS = ("outlier_rows", "outlier_cols", "outlier_values")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A quantized checkpoint that cannot be loaded as its config describes."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-    file: str
 
 
 def read_safetensors_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -151,116 +135,17 @@ def check_metadata(metadata: dict[str, str], config: HfQuantConfig) -> None:
 
 def plan_quantized_layers(
     tensors: dict[str, TensorInfo], linears: dict[str, nn.Linear], config: HfQuantConfig
-) -> dict[str, int]:
-    """Check every quantized layer's tensors; return each layer's number of kept 16-bit weights."""
-    outliers: dict[str, int] = {}
-    for name, linear in linears.items():
-        out_f, in_f = linear.out_features, linear.in_features
-        if f"{name}.weight" in tensors:
-            raise CheckpointError(
-                f"tensor {name}.weight is a full-precision weight, but config.json says layer {name} is quantized"
-            )
-        for suffix, (dtypes, shape) in expected_tensors(config, out_f, in_f).items():
-            _check_tensor(tensors, f"{name}.{suffix}", dtypes, shape, config)
-        present = [s for s in OUTLIER_TENSORS if f"{name}.{s}" in tensors]
-        if present and (config.method == "inq" or config.split_clusters > 1):
-            raise CheckpointError(
-                f"layer {name} has kept-weight tensors {present}, which method={config.method!r} with "
-                f"split_clusters={config.split_clusters} does not store"
-            )
-        if present and len(present) != len(OUTLIER_TENSORS):
-            missing = sorted(set(OUTLIER_TENSORS) - set(present))
-            raise CheckpointError(f"layer {name} has kept-weight tensors {present} but is missing {missing}")
-        n = tensors[f"{name}.outlier_values"].shape[0] if present else 0
-        if present:
-            for suffix, dtypes in (
-                ("outlier_rows", ("I32",)),
-                ("outlier_cols", ("I32",)),
-                ("outlier_values", FLOAT_DTYPES),
-            ):
-                _check_tensor(tensors, f"{name}.{suffix}", dtypes, (n,), config)
-        bias = tensors.get(f"{name}.bias")
-        if linear.bias is not None and bias is None:
-            raise CheckpointError(f"missing tensor {name}.bias")
-        if bias is not None and bias.shape != (out_f,):
-            raise CheckpointError(f"tensor {name}.bias has shape {list(bias.shape)}, expected [{out_f}]")
-        outliers[name] = n
-    return outliers
-
-
-def expected_tensors(
-    config: HfQuantConfig, out_f: int, in_f: int
-) -> dict[str, tuple[tuple[str, ...] | str, tuple[int, ...]]]:
-    """Suffix -> (dtypes, shape) of the tensors a quantized layer of this config stores (kept weights aside)."""
-    codes = ("I32", (out_f, packed_width(in_f, config.bits)))
-    if config.method == "inq":
-        return {"qweight": codes, "exponent": ("I8", (out_f,))}
-    grid = grid_shape(out_f, in_f, config.group_size)
-    if config.split_clusters > 1:
-        k = config.split_clusters
-        return {
-            "qweight": codes,
-            "cluster": ("I32", (out_f, packed_width(in_f, index_bits(k)))),
-            "scales": (FLOAT_DTYPES, (k, *grid)),
-            "zeros": (FLOAT_DTYPES, (k, *grid)),
-        }
-    return {"qweight": codes, "scales": (FLOAT_DTYPES, grid), "zeros": (FLOAT_DTYPES, grid)}
-
-
-def _check_tensor(
-    tensors: dict[str, TensorInfo],
-    key: str,
-    dtypes: tuple[str, ...] | str,
-    shape: tuple[int, ...],
-    config: HfQuantConfig,
-) -> None:
-    info = tensors.get(key)
-    if info is None:
-        raise CheckpointError(
-            f"missing tensor {key}: the checkpoint does not hold this quantized layer whole"
-        )
-    allowed = dtypes if isinstance(dtypes, tuple) else (dtypes,)
-    if info.dtype not in allowed:
-        raise CheckpointError(f"tensor {key} has dtype {info.dtype}, expected one of {list(allowed)}")
-    if info.shape != shape:
-        raise CheckpointError(
-            f"tensor {key} has shape {list(info.shape)}, expected {list(shape)} for bits={config.bits}, "
-            f"group_size={config.group_size}, method={config.method}, split_clusters={config.split_clusters} "
-            f"(in {os.path.basename(info.file)})"
-        )
-
-
-def check_outlier_indices(module: nn.Module, name: str) -> None:
-    """Kept-weight indices must address the layer's own matrix (checked once the values are loaded)."""
-    rows, cols = module.outlier_rows, module.outlier_cols
-    if rows.numel() and (
-        int(rows.min()) < 0
-        or int(rows.max()) >= module.out_features
-        or int(cols.min()) < 0
-        or int(cols.max()) >= module.in_features
-    ):
-        raise CheckpointError(
-            f"tensor {name}.outlier_rows/outlier_cols index outside the layer's weight matrix"
-        )
-
-
-def check_cluster_indices(module: nn.Module, name: str) -> None:
-    """SplitQuant cluster indices must name one of the layer's clusters (checked once loaded)."""
-    top = int(module.clusters_index().max()) if module.cluster.numel() else 0
-    if top >= module.clusters:
-        raise CheckpointError(
-            f"tensor {name}.cluster holds cluster index {top}, but the layer has {module.clusters} clusters"
-        )
+) -> dict[str, dict]:
+    """Check every quantized layer's tensors against its format; return each layer's skeleton arguments."""
+    fmt = format_for(config)
+    return {name: fmt.check_header(tensors, name, linear, config) for name, linear in linears.items()}
 
 
 def storage_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized layer's float parts in their 16-bit storage dtype."""
-    from hfquant.nn import DecoupledLinear, SplitLinear
-    from hfquant.nn.decoupled_linear import STORAGE_DTYPE
-
+    """The model's state dict with each quantized layer's float tensors in their 16-bit storage dtype."""
     state = model.state_dict()
     for name, module in model.named_modules():
-        if isinstance(module, (DecoupledLinear, SplitLinear)):
+        if isinstance(module, QuantizedLinear):
             for suffix in ("scales", "zeros", "outlier_values"):
                 key = f"{name}.{suffix}"
                 if key in state:

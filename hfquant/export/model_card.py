@@ -21,6 +21,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from hfquant.config import FORMAT_VERSION, HfQuantConfig
 from hfquant.export.save import bits_per_weight, folder_size
+from hfquant.formats import format_for
 
 TEMPLATE = "hfquant.md"
 METHOD_NAMES = {
@@ -146,19 +147,7 @@ def _quality_text(quality: QualityFigures | None) -> str:
 
 
 def _storage_text(config: HfQuantConfig) -> str:
-    if config.method == "inq":
-        return (
-            f"packed {config.bits}-bit sign and exponent codes (each weight zero or a signed power of "
-            "two) and one int8 exponent per row"
-        )
-    text = f"packed {config.bits}-bit integers"
-    if _split(config):
-        text += ", a packed cluster index per weight and, per cluster, a float16 scale and zero per group"
-    else:
-        text += ", a float16 scale and zero per group"
-    if config.outlier_fraction:
-        text += ", and the kept weights as float16 values with int32 row/column indices"
-    return text
+    return format_for(config).storage_line(config)
 
 
 def tags(config: HfQuantConfig) -> list[str]:

@@ -11,14 +11,14 @@ from typing import Any
 from torch import nn
 
 from hfquant.config import HfQuantConfig
-from hfquant.nn import QUANTIZED_MODULES
+from hfquant.formats import QuantizedLinear
 
 
 def bits_per_weight(model: nn.Module) -> float:
     """Stored bits of the quantized layers (integers, 16-bit grids, cluster indices, exponents, kept
     weights and their indices: each module's ``storage_bits()``) divided by the number of weights
     those layers had before quantization."""
-    layers = [m for m in model.modules() if isinstance(m, QUANTIZED_MODULES)]
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if not layers:
         raise ValueError("the model has no quantized hfquant layer: it is not quantized by hfquant")
     stored = sum(m.storage_bits() for m in layers)

@@ -1,17 +1,17 @@
-"""Quantized modules and their bit packing."""
+"""Swapping a model's linears in place (:mod:`hfquant.nn.replace`), and the quantized module classes
+under their public names (defined in :mod:`hfquant.formats`)."""
 
-from hfquant.nn.decoupled_linear import DecoupledLinear
-from hfquant.nn.packing import pack_int, pack_int2, packed_width, unpack_int, unpack_int2
-from hfquant.nn.power_of_two_linear import PowerOfTwoLinear
-from hfquant.nn.split_linear import SplitLinear
+from hfquant.formats import FORMATS, DecoupledLinear, PowerOfTwoLinear, QuantizedLinear, SplitLinear
+from hfquant.formats.packing import pack_int, pack_int2, packed_width, unpack_int, unpack_int2
 
 # Every module class hfquant puts in place of an nn.Linear (each has ``storage_bits()``).
-QUANTIZED_MODULES = (DecoupledLinear, SplitLinear, PowerOfTwoLinear)
+QUANTIZED_MODULES = tuple(FORMATS.values())
 
 __all__ = [
     "QUANTIZED_MODULES",
     "DecoupledLinear",
     "PowerOfTwoLinear",
+    "QuantizedLinear",
     "SplitLinear",
     "pack_int",
     "pack_int2",

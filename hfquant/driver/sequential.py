@@ -1,0 +1,217 @@
+"""The sequential block-by-block driver (GPTQ style), top-down.
+
+:func:`quantize_model` reads the calibration windows, chooses the kept 16-bit weights on the
+full-precision model (TaCQ, :mod:`hfquant.driver.kept`), then either rounds every linear
+(``rtn``: no data) or runs :func:`quantize_blocks`: the first block's inputs are captured once;
+then, block by block, the full-precision block runs on its inputs (collecting each linear's input
+Hessian ``H = X^T X / n`` and the block's outputs as targets), each linear is solved against its
+``H`` (or, for INQ, the block's linears are quantized share by share with retraining in between),
+block-wise minimization tunes the block's float parameters, and the *quantized* block produces
+the next block's inputs, so later blocks learn to absorb earlier blocks' errors. Only one block's
+weights and activations take part at a time.
+
+Kept weights are left out of each solve and stored as 16-bit residuals over the grid; block-wise
+minimization moves the grid under them, so their residuals are recomputed from the original
+weights afterwards. With ``work_dir`` each finished block is saved and a rerun resumes
+(:mod:`hfquant.driver.workdir`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hfquant.algorithms.block import Batches, block_error
+from hfquant.algorithms.blockwise import block_minimize
+from hfquant.algorithms.inq import inq_block
+from hfquant.calibration import get_calibration_data
+from hfquant.config import HfQuantConfig
+from hfquant.driver.blocks import (
+    block_linears,
+    capture_block_inputs,
+    find_decoder_blocks,
+    full_precision_pass,
+    mark_resident,
+    onload_block,
+    propagate,
+)
+from hfquant.driver.kept import choose_kept
+from hfquant.driver.solve import quantize_linear
+from hfquant.driver.workdir import WorkDir
+from hfquant.formats import STORAGE_DTYPE, QuantizedLinear, format_for
+from hfquant.nn.replace import linears_to_convert, set_module
+
+
+@dataclass
+class BlockReport:
+    index: int
+    error_before: float  # mean squared error of the block output after the per-layer solve
+    error_after: float  # ... after block-wise minimization
+
+
+@dataclass
+class QuantizationReport:
+    method: str
+    bits: int
+    group_size: int
+    layers: int
+    seconds: float = 0.0
+    blocks: list[BlockReport] = field(default_factory=list)
+    resumed_blocks: int = 0  # blocks restored from ``work_dir`` rather than quantized in this run
+
+
+def quantize_model(
+    model: nn.Module,
+    config: HfQuantConfig,
+    tokenizer: Any = None,
+    skip: list[str] | None = None,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Replace every convertible linear of ``model`` by its quantized module (the config's format), in place."""
+    start = time.perf_counter()
+    linears = linears_to_convert(model, config.modules_to_not_convert if skip is None else skip)
+    if not linears:
+        raise ValueError(
+            "the model has no nn.Linear layer to quantize (all skipped by modules_to_not_convert?)"
+        )
+    report = QuantizationReport(config.method, config.bits, config.group_size, len(linears))
+    # rtn reads text only for a saliency without its own task set.
+    needs_ids = config.needs_calibration and (config.method != "rtn" or config.task_dataset is None)
+    ids = calibration_ids(model, config, tokenizer) if needs_ids else None
+    kept: dict[str, torch.Tensor] = {}
+    if config.outlier_fraction > 0:
+        reads_task = config.task_dataset is not None and config.saliency != "magnitude"
+        kept = choose_kept(model, linears, config, resolve_tokenizer(model, config, tokenizer) if reads_task else None, ids)
+    if config.method == "rtn":
+        for name, linear in tqdm(linears.items(), desc="hfquant rtn", disable=not progress):
+            set_module(model, name, quantize_linear(linear, None, config, kept.get(name)))
+    else:
+        work = WorkDir.open(config, model, ids, kept) if config.work_dir else None
+        quantize_blocks(model, linears, ids, config, report, kept, work, progress)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def quantize_blocks(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    ids: torch.Tensor,
+    config: HfQuantConfig,
+    report: QuantizationReport,
+    kept: dict[str, torch.Tensor],
+    work: WorkDir | None = None,
+    progress: bool = True,
+) -> None:
+    """The sequential pass over the decoder blocks (see the module docstring)."""
+    prefix, blocks = find_decoder_blocks(model)
+    batches = capture_block_inputs(model, blocks[0], ids, config.blockwise_batch_size)
+    first = work.finished() if work else 0
+    for index in range(first):
+        onload_block(blocks[index])
+        errors = work.restore(index, blocks[index], block_linears(linears, f"{prefix}.{index}."), config)
+        report.blocks.append(BlockReport(index, *errors))
+        mark_resident(model, f"{prefix}.{index}.", next(blocks[index].buffers()).device)
+    if first:
+        batches = work.hidden_states(batches)
+        report.resumed_blocks = first
+    bar = tqdm(range(first, len(blocks)), desc=f"hfquant {config.method}", disable=not progress)
+    for index in bar:
+        block, block_prefix = blocks[index], f"{prefix}.{index}."
+        onload_block(block)
+        layers = block_linears(linears, block_prefix)
+        # INQ reads no Hessian: no linear is hooked.
+        hessians, targets = full_precision_pass(block, {} if config.method == "inq" else layers, batches)
+        if config.method == "inq":
+            originals = quantize_block_inq(block, layers, batches, targets, config)
+        else:
+            originals = solve_block(block, layers, hessians, config, kept, block_prefix)
+        del hessians
+        before = block_error(block, batches, targets)
+        after = refine_block(block, batches, targets, config, originals) if config.blockwise_epochs else before
+        report.blocks.append(BlockReport(index, before, after))
+        mark_resident(model, block_prefix, next(block.buffers()).device)
+        bar.set_postfix_str(f"block {index} mse {before:.3g} -> {after:.3g}")
+        batches = propagate(block, batches)
+        if work:
+            work.save(index, block, batches, (before, after))
+
+
+def solve_block(
+    block: nn.Module,
+    layers: dict[str, nn.Linear],
+    hessians: dict[str, torch.Tensor],
+    config: HfQuantConfig,
+    kept: dict[str, torch.Tensor],
+    block_prefix: str,
+) -> dict[str, torch.Tensor]:
+    """Solve each linear of the block against its Hessian and swap in its quantized module; return
+    the original values of the kept weights, per linear."""
+    originals = {}
+    for name, linear in layers.items():
+        mask = kept.get(block_prefix + name)
+        module = quantize_linear(linear, hessians[name], config, mask)
+        if mask is not None and module.num_kept:
+            originals[name] = linear.weight.data[module.kept_positions()].clone()
+        set_module(block, name, module)
+    return originals
+
+
+def quantize_block_inq(
+    block: nn.Module, layers: dict[str, nn.Linear], batches: Batches, targets: list[torch.Tensor], config: HfQuantConfig
+) -> dict[str, torch.Tensor]:
+    """INQ on one block (its retraining uses the block-wise epochs and learning rate), then swap the
+    modules. No weight is kept in 16 bits."""
+    codes = inq_block(
+        block, layers, batches, targets, config.bits, epochs=config.blockwise_epochs, lr=config.blockwise_lr
+    )
+    fmt = format_for(config)
+    for name, result in codes.items():
+        set_module(block, name, fmt.from_result(result, layers[name], config))
+    return {}
+
+
+def refine_block(
+    block: nn.Module,
+    batches: Batches,
+    targets: list[torch.Tensor],
+    config: HfQuantConfig,
+    originals: dict[str, torch.Tensor],
+) -> float:
+    """Block-wise minimization of the block's grids and norms; kept weights reset to their original
+    values on the moved grid. Returns the block's error after."""
+    grids = {n for n, m in block.named_modules() if isinstance(m, QuantizedLinear) and m.tunable_grid}
+    after = block_minimize(
+        block, batches, targets, grids, epochs=config.blockwise_epochs, lr=config.blockwise_lr,
+        storage_dtype=STORAGE_DTYPE,
+    )
+    if not originals:
+        return after
+    with torch.no_grad():
+        for name, values in originals.items():
+            block.get_submodule(name).refresh_kept(values)
+    return block_error(block, batches, targets)
+
+
+def resolve_tokenizer(model: nn.Module, config: HfQuantConfig, tokenizer: Any) -> Any:
+    """The tokenizer given, else the config's, else the model's own folder's."""
+    from transformers import AutoTokenizer
+
+    tokenizer = tokenizer or config.tokenizer or getattr(model, "name_or_path", None)
+    if tokenizer is None:
+        raise ValueError(
+            f"method={config.method!r} with saliency={config.saliency!r} needs calibration text: "
+            "pass a tokenizer in HfQuantConfig"
+        )
+    return AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer
+
+
+def calibration_ids(model: nn.Module, config: HfQuantConfig, tokenizer: Any) -> torch.Tensor:
+    """``[nsamples, seqlen]`` calibration token windows of the config's dataset."""
+    return get_calibration_data(
+        config.dataset, resolve_tokenizer(model, config, tokenizer), config.nsamples, config.seqlen, seed=config.seed
+    )

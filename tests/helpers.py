@@ -1,0 +1,127 @@
+"""Helpers the tests share (fixtures live in conftest.py): tiny inputs, calibration text, solver
+problems, hand-built layers, and editing a saved checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+from hfquant import DecoupledLinear
+from hfquant.algorithms.rtn import rtn_quantize
+
+# Tiny random models of several architectures (conftest saves them as session fixtures).
+TINY = {
+    "llama": LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": Qwen2Config(
+        hidden_size=96,
+        intermediate_size=200,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+        max_position_embeddings=256,
+    ),
+    "mistral": MistralConfig(
+        hidden_size=128,
+        intermediate_size=224,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+        max_position_embeddings=256,
+        sliding_window=None,
+    ),
+}
+
+
+def build_tiny(arch: str, path: Path) -> Path:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(TINY[arch], dtype=torch.float32)
+    model.save_pretrained(path)
+    return path
+
+
+# Calibration text for tiny models: a few sentences, so no corpus is loaded.
+TINY_TEXTS = [
+    "The quick brown fox jumps over the lazy dog, and the dog sleeps on in the afternoon sun. " * 6,
+    "A small model learns little, but its layers still have to compute the same function after quantization. "
+    * 6,
+]
+
+
+class ByteTokenizer:
+    """Token ids are the text's UTF-8 bytes: calibrates the tiny 320-token models without a tokenizer file."""
+
+    def __call__(self, text: str, **_kwargs) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+def input_ids(vocab: int = 320, shape: tuple[int, int] = (2, 24), seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def rewrite_checkpoint(folder: Path, edit) -> None:
+    """Load ``folder/model.safetensors``, let ``edit(tensors, metadata)`` change it, write it back."""
+    path = folder / "model.safetensors"
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    edit(tensors, metadata)
+    save_file(tensors, path, metadata=metadata)
+
+
+def make_problem(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ill-conditioned ``H = X^T X``: low-rank correlated inputs, per-channel scales, a few outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, rank = 2048, max(4, in_features // 8)
+    x = torch.randn(tokens, rank, generator=g) @ torch.randn(rank, in_features, generator=g) / rank**0.5
+    x = x + 0.3 * torch.randn(tokens, in_features, generator=g)
+    scale = torch.exp(0.5 * torch.randn(in_features, generator=g))
+    scale[torch.randperm(in_features, generator=g)[: max(1, in_features // 50)]] *= 8.0
+    x = x * scale
+    w = 0.02 * torch.randn(out_features, in_features, generator=g)
+    return w, x.T @ x / tokens
+
+
+def decoupled_layer(
+    bits: int,
+    group_size: int,
+    in_f: int = 200,
+    out_f: int = 48,
+    kept: int = 0,
+    bias: bool = True,
+    seed: int = 0,
+    device: str = "cpu",
+) -> tuple[torch.Tensor, DecoupledLinear]:
+    """A random weight and its round-to-nearest ``DecoupledLinear`` with ``kept`` random kept weights."""
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_f, in_f, generator=g))
+        if bias:
+            linear.bias.copy_(torch.randn(out_f, generator=g))
+    mask = None
+    if kept:
+        mask = torch.zeros(out_f * in_f, dtype=torch.bool)
+        mask[torch.randperm(out_f * in_f, generator=g)[:kept]] = True
+        mask = mask.view(out_f, in_f)
+    linear = linear.to(device)
+    config = SimpleNamespace(bits=bits, group_size=group_size)  # any size, even one the config refuses
+    result = rtn_quantize(linear.weight.data, bits, group_size)
+    module = DecoupledLinear.from_result(result, linear, config, None if mask is None else mask.to(device))
+    return linear.weight.data, module

@@ -1,0 +1,73 @@
+"""Every stored format on every tiny architecture: quantize at load, save, reload bit-identical,
+and bits per weight equal to the bytes the quantized layers take in the file."""
+
+import pytest
+import torch
+from helpers import TINY_TEXTS, ByteTokenizer, input_ids
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from hfquant import HfQuantConfig
+from hfquant.export import bits_per_weight, save_quantized
+from hfquant.formats import FORMATS, QuantizedLinear, format_for
+
+CALIBRATION = dict(dataset=TINY_TEXTS, nsamples=4, seqlen=32, blockwise_batch_size=2, tokenizer=ByteTokenizer())
+
+# One row per stored format and grid kind; each one runs on every architecture of conftest.TINY.
+SETTINGS = {
+    "decoupled-w2-g64": dict(bits=2, group_size=64, method="rtn"),
+    "decoupled-w3-g32": dict(bits=3, group_size=32, method="rtn"),
+    "decoupled-w4-g128": dict(bits=4, group_size=128, method="rtn"),
+    "decoupled-w2-row": dict(bits=2, group_size=-1, method="rtn"),
+    "decoupled-w3-tensor": dict(bits=3, group_size=0, method="rtn"),
+    "decoupled-kept": dict(bits=2, group_size=32, method="rtn", outlier_fraction=0.01, saliency="magnitude"),
+    "split-g32": dict(bits=2, group_size=32, method="rtn", split_clusters=3),
+    "split-tensor": dict(bits=2, group_size=0, method="rtn", split_clusters=3),
+    "power-of-two": dict(bits=3, method="inq", blockwise_epochs=1, **CALIBRATION),
+}
+
+
+def test_every_format_is_covered():
+    assert {format_for(HfQuantConfig(**s)).name for s in SETTINGS.values()} == set(FORMATS)
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_save_reload_bit_identical(tiny_model_dir, tmp_path, name):
+    config = HfQuantConfig(**SETTINGS[name])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=config).eval()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(layers) == 7 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down in every block
+    assert all(type(m) is format_for(config) for m in layers.values())
+    assert not isinstance(model.lm_head, QuantizedLinear)
+    with torch.no_grad():
+        before = model(input_ids()).logits
+    out = save_quantized(model, tmp_path / "q")
+    assert "model.safetensors" in {p.name for p in out.iterdir()}
+    assert not any(p.suffix in (".bin", ".pt", ".pth", ".pkl") for p in out.iterdir())
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(before, reloaded(input_ids()).logits)
+    state = reloaded.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value), key
+    assert reloaded.config.quantization_config.to_dict() == model.config.quantization_config.to_dict()
+    # Bits per weight count exactly the bytes the quantized layers' tensors take in the file.
+    stored = load_file(out / "model.safetensors")
+    quantized_bytes = sum(
+        t.numel() * t.element_size()
+        for key, t in stored.items()
+        if key.rpartition(".")[0] in layers and not key.endswith(".bias")
+    )
+    n_weights = sum(m.in_features * m.out_features for m in layers.values())
+    assert bits_per_weight(reloaded) == pytest.approx(quantized_bytes * 8 / n_weights)
+    assert config.bits < bits_per_weight(reloaded)
+
+
+def test_quantized_layers_differ_from_float(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    ref = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    q = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=HfQuantConfig(bits=4, method="rtn"))
+    w_hat = q.model.layers[0].mlp.down_proj.dequantize()
+    rel = float((w_hat - ref).norm() / ref.norm())
+    assert 0.0 < rel < 0.15
