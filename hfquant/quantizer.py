@@ -87,5 +87,7 @@ class HfQuantQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Adapters train on top (LoRA through PEFT, see :mod:`hfquant.lora`); the quantized layers stay
+        frozen, so ``is_qat_trainable`` keeps the base class's ``False``."""
+        return True
 

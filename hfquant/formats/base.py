@@ -77,6 +77,27 @@ def frozen_bias(
     return nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
 
 
+class InputGradThroughFrozenWeight(torch.autograd.Function):
+    """``layer(x)`` whose backward gives ``x`` its gradient through the frozen weight only,
+    ``grad_x = grad_y @ W_hat``, with ``W_hat`` dequantized again in backward rather than saved.
+
+    Why not plain autograd through the reference forward: it keeps every layer's dequantized
+    ``W_hat`` alive from forward to backward, as much memory as the full-precision weights a
+    quantized base exists to save (bitsandbytes' 4-bit matmul makes the same trade: one more
+    dequantization per backward). And the forward, run with grad disabled as every
+    ``autograd.Function``'s is, takes the layer's fused kernels, which have no backward of their own.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer.forward(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad_y @ ctx.layer.dequantize(grad_y.dtype), None
+
+
 class QuantizedLinear(nn.Module):
     """Base of the stored formats: a drop-in replacement of ``nn.Linear`` holding a quantized weight."""
 
@@ -180,8 +201,19 @@ class QuantizedLinear(nn.Module):
         if linear.bias is not None:
             self.bias.data.copy_(linear.bias.detach())
 
+    def trains_input_only(self, x: torch.Tensor) -> bool:
+        """Autograd needs ``x``'s gradient and nothing of this layer's (LoRA on a frozen base): then
+        :class:`InputGradThroughFrozenWeight` runs the forward."""
+        return (
+            torch.is_grad_enabled()
+            and x.requires_grad
+            and not any(t.requires_grad for t in (*self.parameters(), *self.buffers()))
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reference forward: dequantize the whole matrix and call ``F.linear`` (exact)."""
+        if self.trains_input_only(x):
+            return InputGradThroughFrozenWeight.apply(x, self)
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -20,6 +20,7 @@ from hfquant.formats.base import (
     FLOAT_DTYPES,
     STORAGE_DTYPE,
     CheckpointError,
+    InputGradThroughFrozenWeight,
     QuantizedLinear,
     TensorInfo,
     TensorSpecs,
@@ -179,10 +180,15 @@ class DecoupledLinear(QuantizedLinear):
         """Fused kernels where they apply (Triton on CUDA, C++ for few rows on CPU), else the reference.
 
         The reference dequantizes the whole matrix and calls ``F.linear``: exact, and the right
-        choice for long prompts on CPU, where one GEMM amortizes the dequantization.
+        choice for long prompts on CPU, where one GEMM amortizes the dequantization, and whenever
+        autograd must see the grid (block-wise minimization). Training through the frozen layer
+        (LoRA) runs this forward inside :class:`~hfquant.formats.base.InputGradThroughFrozenWeight`.
         """
+        if self.trains_input_only(x):
+            return InputGradThroughFrozenWeight.apply(x, self)
+        tracked = torch.is_grad_enabled() and (x.requires_grad or self.scales.requires_grad)
         rows = x.numel() // self.in_features
-        if x.is_cuda and triton_matmul.supports(self.bits, self.group_size, self.in_features):
+        if x.is_cuda and not tracked and triton_matmul.supports(self.bits, self.group_size, self.in_features):
             x2d = x.reshape(rows, self.in_features)
             y = triton_matmul.qmatmul(
                 x2d,
@@ -198,7 +204,7 @@ class DecoupledLinear(QuantizedLinear):
         elif (
             x.device.type == "cpu"
             and rows <= cpu_kernel.MAX_ROWS
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.scales.requires_grad))
+            and not tracked
             and cpu_kernel.supports(self.bits, self.group_size, self.in_features)
             and cpu_kernel.available()
         ):
