@@ -347,25 +347,29 @@ def test_cli_export_gguf(tokenizer, tmp_path, capsys):
 # The default model in llama.cpp itself
 # ------------------------------------------------------------------------------------------------
 
-PROMPT = "The Book of Mormon is a sacred text that"
+# A chat prompt whose greedy answer has no near-tie that llama.cpp's 8-bit rounding of activations
+# (its Q4_1 / Q8_0 matmuls quantize the input rows too) flips within 16 tokens; "What is the capital
+# of France?" does not qualify: "The" leads "L" by 0.08 logits, and the rounding flips it.
+QUESTION = "Explain photosynthesis in one sentence."
 NEW_TOKENS = 16
 CHUNKS = 6  # 512-token windows scored by both sides
 SEQLEN = 512
 
 
-def llama_greedy(model_path, n: int) -> str:
-    """llama.cpp's greedy continuation (llama-simple: greedy sampler, prompt tokenized as the GGUF says)."""
+def llama_greedy(model_path, prompt: str, n: int) -> str:
+    """llama.cpp's greedy continuation (llama-simple: greedy sampler, special tokens parsed, BOS as
+    the GGUF says)."""
     run = subprocess.run(
-        [str(tool("llama-simple")), "-m", str(model_path), "-n", str(n), PROMPT],
+        [str(tool("llama-simple")), "-m", str(model_path), "-n", str(n), prompt],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"},
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.startswith(PROMPT), run.stdout
-    return run.stdout[len(PROMPT):].rstrip("\n")
+    assert run.stdout.startswith(prompt), run.stdout
+    return run.stdout[len(prompt):].rstrip("\n")
 
 
-def hf_greedy(model, tokenizer, n: int) -> str:
-    ids = tokenizer(PROMPT, return_tensors="pt")
+def hf_greedy(model, tokenizer, prompt: str, n: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=n, do_sample=False)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -385,16 +389,17 @@ def llama_perplexity(model_path, text_file) -> float:
 
 def hf_perplexity(model, tokenizer, text: str) -> float:
     """llama-perplexity's measure in transformers: consecutive SEQLEN-token chunks of the file's tokens
-    (no BOS: the model does not add one), each scoring only its second half (llama.cpp's ``first = n_ctx/2``)."""
+    (no BOS: the model does not add one); in each, logits at positions ``SEQLEN/2 .. SEQLEN-2`` score
+    the next token (perplexity.cpp: ``first = n_ctx/2``, ``n_ctx - 1 - first`` tokens per chunk)."""
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
     windows = ids[: CHUNKS * SEQLEN].view(CHUNKS, SEQLEN)
+    first = SEQLEN // 2
     nll, count = 0.0, 0
     with torch.no_grad():
         for window in windows:
             logits = model(input_ids=window[None]).logits[0].float()
-            first = SEQLEN // 2
-            nll += torch.nn.functional.cross_entropy(logits[first - 1 : -1], window[first:], reduction="sum").item()
-            count += SEQLEN - first
+            nll += torch.nn.functional.cross_entropy(logits[first:-1], window[first + 1 :], reduction="sum").item()
+            count += SEQLEN - first - 1
     return float(np.exp(nll / count))
 
 
@@ -407,30 +412,51 @@ def heldout_file(tmp_path_factory):
     return path
 
 
+def with_weights_as_stored(model, qtype: str):
+    """The float model with every linear weight replaced by its ``qtype`` value (gguf's quantize ->
+    dequantize): what the exported file stores, run by transformers."""
+    kind = gguf.GGMLQuantizationType[qtype.upper()]
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                w = module.weight.numpy()
+                module.weight.copy_(torch.from_numpy(np.asarray(gguf.quants.dequantize(gguf.quants.quantize(w, kind), kind)).reshape(w.shape)))
+    return model
+
+
 @pytest.mark.slow
 @needs_converter
-@pytest.mark.parametrize("qtype", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("qtype", ["f32", "q8_0", "q4_1"])
 def test_default_model_in_llama_cpp_matches_hfquant(qtype, tmp_path, heldout_file):
-    """(c) The default model as Q8_0 (float weights, requantized) and as Q4_1 (hfquant RTN W4 g32,
-    written losslessly): llama.cpp's greedy continuation equals transformers' for 16 tokens and its
-    perplexity on held-out text is within 1% of hfquant's on the same tokens and windows."""
+    """(c) The default model in llama.cpp computes what transformers computes on the same weights:
+    greedy answer equal for 16 tokens, held-out perplexity within 1% on the same tokens and windows.
+    Q4_1: hfquant's RTN W4 g32 model, written losslessly, against itself. Q8_0: the float model
+    requantized, against transformers running the file's Q8_0 weights. F32: the float model (its
+    greedy continuation of a prompt with near-ties matches too). The embedding / output head is
+    written as F32 so both sides use the same one."""
     tool("llama-simple"), tool("llama-perplexity")
     from hfquant import HfQuantConfig
     from hfquant.models import default_model_path
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    out = tmp_path / f"smollm2-{qtype}.gguf"
     if qtype == "q4_1":
         config = HfQuantConfig(bits=4, group_size=32, method="rtn")
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32).eval()
+        summary = save_gguf(model, tokenizer, out, type=qtype, embedding_type="f32")
+        assert all(t.how == "lossless" for t in summary.tensors if t.requested == "q4_1")
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    out = tmp_path / f"smollm2-{qtype}.gguf"
-    summary = save_gguf(model, tokenizer, out, type=qtype)
-    if qtype == "q4_1":
-        assert all(t.how == "lossless" for t in summary.tensors if t.requested == "q4_1")
-    assert llama_greedy(out, NEW_TOKENS) == hf_greedy(model, tokenizer, NEW_TOKENS)
+        save_gguf(model, tokenizer, out, type=qtype, embedding_type="f32")
+        if qtype != "f32":
+            model = with_weights_as_stored(model, qtype)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)]
+    if qtype == "f32":
+        prompts.append("The Book of Mormon is a sacred text that")  # near-ties: only exact arithmetic agrees
+    for prompt in prompts:
+        assert llama_greedy(out, prompt, NEW_TOKENS) == hf_greedy(model, tokenizer, prompt, NEW_TOKENS)
     ppl_llama = llama_perplexity(out, heldout_file)
     ppl_hf = hf_perplexity(model, tokenizer, heldout_file.read_text(encoding="utf-8"))
-    print(f"{qtype}: llama.cpp {ppl_llama:.4f}, hfquant {ppl_hf:.4f}", file=sys.stderr)
+    print(f"{qtype}: llama.cpp {ppl_llama:.4f}, transformers {ppl_hf:.4f}", file=sys.stderr)
     assert abs(ppl_llama / ppl_hf - 1) < 0.01, (ppl_llama, ppl_hf)

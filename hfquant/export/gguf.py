@@ -212,20 +212,65 @@ def _f16(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float16)
 
 
+def _search_subblock_grid(x: np.ndarray, weight: np.ndarray, nmax: int, symmetric: bool, steps: int = 20):
+    """Per sub-block (last axis) float grid ``x ~ scale * L + offset``: try ``steps + 1`` inverse scales
+    around the min-max one, round, fit scale (and offset <= 0 when asymmetric) by weighted least
+    squares, keep the best (llama.cpp's make_qkx2_quants search, vectorized)."""
+    delta = np.arange(steps + 1, dtype=np.float32) / steps * 2 - 1  # -1 .. 1
+    flip = None
+    if symmetric:
+        # Signed grid -half .. half-1: put each sub-block's largest magnitude on the negative side,
+        # where the grid reaches one step further.
+        half = (nmax + 1) // 2
+        big = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)
+        flip = np.where(big > 0, -1.0, 1.0).astype(np.float32)
+        x = x * flip
+        amax = np.abs(big)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = np.where(amax > 0, (half + delta) / amax, 0)[..., None]
+    else:
+        lo = np.minimum(x.min(-1, keepdims=True), 0)
+        span = x.max(-1, keepdims=True) - lo
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = np.where(span > 0, (nmax + delta) / span, 0)[..., None]  # [..., C, 1]
+    xs, ws = x[..., None, :], weight[..., None, :]
+    if symmetric:
+        L = np.clip(np.rint(xs * iscale), -half, half - 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            den = (ws * L * L).sum(-1)
+            a = np.where(den > 0, (ws * xs * L).sum(-1) / den, 0)
+        b = np.zeros_like(a)
+    else:
+        L = np.clip(np.rint((xs - lo[..., None]) * iscale), 0, nmax)
+        sw, sl, sl2 = ws.sum(-1), (ws * L).sum(-1), (ws * L * L).sum(-1)
+        sx, sxl = (ws * xs).sum(-1), (ws * xs * L).sum(-1)
+        det = sw * sl2 - sl * sl
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = np.where(det > 0, (sw * sxl - sx * sl) / det, 0)
+            b = np.where(det > 0, (sl2 * sx - sl * sxl) / det, 0)
+            clipped = b > 0  # the K-quant offset is -dmin * mn <= 0
+            a = np.where(clipped, np.where(sl2 > 0, sxl / sl2, 0), a)
+            b = np.where(clipped, 0, b)
+    err = (ws * (a[..., None] * L + b[..., None] - xs) ** 2).sum(-1)
+    best = err.argmin(-1)[..., None]
+    a, b = np.take_along_axis(a, best, -1)[..., 0], np.take_along_axis(b, best, -1)[..., 0]
+    return (a * flip[..., 0], b) if symmetric else (a, b)
+
+
 def quantize_k(w: np.ndarray, qtype: str) -> GGUFBlocks:
     """Quantize ``[rows, cols]`` (cols a multiple of 256) to a K-quant's blocks.
 
-    Each sub-block gets its min-max grid (asymmetric with a non-positive minimum for ``q2_k`` /
-    ``q4_k``, symmetric for ``q3_k``), the sub-block scales are rounded to their 4- or 6-bit
-    integers under the super-block's float16 factors, and the weights are rounded on the grid
-    those stored values give. (llama.cpp's own quantizer searches the sub-block scales further.)
+    Each sub-block's grid (scale and non-positive offset for ``q2_k`` / ``q4_k``, a signed scale for
+    ``q3_k``) is searched as llama.cpp's reference quantizer does (weights ``|x|``, ``x**2`` or
+    ``rms + |x|`` as it uses them), the sub-block scales are rounded to their 4- or 6-bit integers
+    under the super-block's float16 factors, and the weights are rounded on the grid those stored
+    values give.
     """
     rows, cols = w.shape
     n_sub = {"q2_k": 16, "q3_k": 16, "q4_k": 8}[qtype]
     sub = w.astype(np.float32).reshape(rows, cols // QK_K, n_sub, QK_K // n_sub)
     if qtype == "q3_k":
-        imax = np.abs(sub).argmax(-1)[..., None]
-        scale = -np.take_along_axis(sub, imax, -1)[..., 0] / 4  # the largest magnitude maps to -4
+        scale, _ = _search_subblock_grid(sub, np.ones_like(sub), 7, symmetric=True)
         jmax = np.abs(scale).argmax(-1)[..., None]
         d = _f16(-np.take_along_axis(scale, jmax, -1)[..., 0] / 32)
         df = d.astype(np.float32)
@@ -237,10 +282,12 @@ def quantize_k(w: np.ndarray, qtype: str) -> GGUFBlocks:
             "q3_k", (qv + 4).astype(np.uint8).reshape(rows, -1, QK_K), d, sc=(sc + 32).astype(np.uint8)
         )
     nmax, smax = (3, 15) if qtype == "q2_k" else (15, 63)
-    lo = np.minimum(sub.min(-1), 0)
-    hi = np.maximum(sub.max(-1), lo)
-    scale = (hi - lo) / nmax
-    mins = -lo
+    if qtype == "q2_k":
+        weight = np.abs(sub)
+    else:
+        weight = np.sqrt((sub * sub).mean(-1, keepdims=True)) + np.abs(sub)
+    scale, offset = _search_subblock_grid(sub, weight, nmax, symmetric=False)
+    mins = -offset
     d = _f16(scale.max(-1) / smax)
     dmin = _f16(mins.max(-1) / smax)
     df, dminf = d.astype(np.float32)[..., None], dmin.astype(np.float32)[..., None]
@@ -277,7 +324,7 @@ def decoupled_blocks(module: nn.Module, qtype: str) -> GGUFBlocks | None:
 
     if not isinstance(module, DecoupledLinear) or qtype not in ("q4_0", "q4_1"):
         return None
-    if module.bits != 4 or module.group_size != 32 or module.in_features % 32 or module.num_outliers:
+    if module.bits != 4 or module.group_size != 32 or module.in_features % 32 or kept_weights(module):
         return None
     scales, zeros = module.scales.detach().cpu(), module.zeros.detach().cpu()
     d, m = scales.to(torch.float16), zeros.to(torch.float16)
@@ -399,8 +446,14 @@ def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_MODULES)}
 
 
+def kept_weights(module: nn.Module) -> int:
+    """How many sparse 16-bit weights a quantized layer keeps (its ``outlier_values`` buffer)."""
+    values = getattr(module, "outlier_values", None)
+    return int(values.numel()) if isinstance(values, torch.Tensor) else 0
+
+
 def _check_no_kept_weights(quantized: dict[str, nn.Module]) -> None:
-    kept = [name for name, m in quantized.items() if getattr(m, "num_outliers", 0)]
+    kept = [name for name, m in quantized.items() if kept_weights(m)]
     if kept:
         raise GGUFExportError(
             f"GGUF has no sparse 16-bit weights: {len(kept)} layer(s) keep weights in 16 bits "

