@@ -37,3 +37,19 @@ def test_push_to_hub_example(tiny_chat_model_dir, tmp_path, monkeypatch, capsys,
     assert "uploaded" in capsys.readouterr().out
     assert fake_hub.calls[0] == ("create_repo", {"repo_id": "me/w2", "private": True, "token": None, "exist_ok": True})
     assert {"README.md", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in (tmp_path / "remote/me/w2").iterdir()}
+
+
+def test_finetune_lora_example(tiny_chat_model_dir, tmp_path):
+    """LoRA through PEFT and the Trainer on a saved W2 checkpoint (quantized here with RTN: fast)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfquant import HfQuantConfig
+    from hfquant.export import save_quantized
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_chat_model_dir, quantization_config=HfQuantConfig(bits=2, group_size=64, method="rtn")
+    )
+    save_quantized(model, tmp_path / "w2", AutoTokenizer.from_pretrained(tiny_chat_model_dir))
+    printed = run("finetune_lora.py", str(tmp_path / "w2"), "--out", str(tmp_path / "adapter"), "--steps", "3")
+    assert "training loss:" in printed and "identical logits" in printed
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
