@@ -86,7 +86,8 @@ def quantize_model(
     kept: dict[str, torch.Tensor] = {}
     if config.outlier_fraction > 0:
         reads_task = config.task_dataset is not None and config.saliency != "magnitude"
-        kept = choose_kept(model, linears, config, resolve_tokenizer(model, config, tokenizer) if reads_task else None, ids)
+        task_tokenizer = resolve_tokenizer(model, config, tokenizer) if reads_task else None
+        kept = choose_kept(model, linears, config, task_tokenizer, ids)
     if config.method == "rtn":
         for name, linear in tqdm(linears.items(), desc="hfquant rtn", disable=not progress):
             set_module(model, name, quantize_linear(linear, None, config, kept.get(name)))
@@ -110,15 +111,10 @@ def quantize_blocks(
     """The sequential pass over the decoder blocks (see the module docstring)."""
     prefix, blocks = find_decoder_blocks(model)
     batches = capture_block_inputs(model, blocks[0], ids, config.blockwise_batch_size)
-    first = work.finished() if work else 0
-    for index in range(first):
-        onload_block(blocks[index])
-        errors = work.restore(index, blocks[index], block_linears(linears, f"{prefix}.{index}."), config)
-        report.blocks.append(BlockReport(index, *errors))
-        mark_resident(model, f"{prefix}.{index}.", next(blocks[index].buffers()).device)
-    if first:
+    first = 0
+    if work and work.finished():
+        first = restore_finished(model, prefix, blocks, linears, config, report, work)
         batches = work.hidden_states(batches)
-        report.resumed_blocks = first
     bar = tqdm(range(first, len(blocks)), desc=f"hfquant {config.method}", disable=not progress)
     for index in bar:
         block, block_prefix = blocks[index], f"{prefix}.{index}."
@@ -139,6 +135,25 @@ def quantize_blocks(
         batches = propagate(block, batches)
         if work:
             work.save(index, block, batches, (before, after))
+
+
+def restore_finished(
+    model: nn.Module,
+    prefix: str,
+    blocks: nn.ModuleList,
+    linears: dict[str, nn.Linear],
+    config: HfQuantConfig,
+    report: QuantizationReport,
+    work: WorkDir,
+) -> int:
+    """Put the blocks a previous run finished back from ``work``; return how many."""
+    report.resumed_blocks = work.finished()
+    for index in range(report.resumed_blocks):
+        onload_block(blocks[index])
+        errors = work.restore(index, blocks[index], block_linears(linears, f"{prefix}.{index}."), config)
+        report.blocks.append(BlockReport(index, *errors))
+        mark_resident(model, f"{prefix}.{index}.", next(blocks[index].buffers()).device)
+    return report.resumed_blocks
 
 
 def solve_block(
