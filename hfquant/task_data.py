@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 
-from hfquant.calibration import get_calibration_data
+from hfquant.calibration import get_calibration_data, is_hf_dataset
 
 IGNORE = -100  # label of tokens the task loss does not cover
 GRADIENT_BATCH_SIZE = 4  # examples per backward: bounds the logits' memory ([batch, seqlen, vocab])
@@ -36,7 +35,7 @@ def _chat_rows(task_dataset: Any) -> list[dict[str, Any]] | None:
     if isinstance(task_dataset, (str, os.PathLike)) and str(task_dataset).endswith(".jsonl"):
         lines = Path(task_dataset).read_text(encoding="utf-8").splitlines()
         rows = [json.loads(line) for line in lines if line.strip()]
-    elif isinstance(task_dataset, datasets.Dataset):
+    elif is_hf_dataset(task_dataset):
         if not (
             {"messages"} <= set(task_dataset.column_names)
             or {"question", "answer"} <= set(task_dataset.column_names)

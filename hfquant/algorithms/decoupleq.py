@@ -72,7 +72,7 @@ class _FloatProblem:
         pad = ng * gs - in_features
         w = w.to(hessian.dtype)
         if keep is None:
-            mask = torch.ones(1, in_features, dtype=hessian.dtype)
+            mask = torch.ones(1, in_features, dtype=hessian.dtype, device=hessian.device)
         else:
             mask = (~keep).to(hessian.dtype)
             w = w * mask
@@ -121,8 +121,8 @@ class _FloatProblem:
             xq = xq * xm
         # Blocks of A^T H A over group pairs (g, h): integers x integers, integers x indicators,
         # indicators x indicators. The loop fills h >= g; the rest follows by symmetry.
-        p11, p12, p22 = (torch.zeros(out_features, ng, ng, dtype=dtype) for _ in range(3))
-        p21 = torch.zeros(out_features, ng, ng, dtype=dtype) if masked else None
+        p11, p12, p22 = (torch.zeros(out_features, ng, ng, dtype=dtype, device=xq.device) for _ in range(3))
+        p21 = torch.zeros(out_features, ng, ng, dtype=dtype, device=xq.device) if masked else None
         for g in range(ng):
             h_g = self.hessian[g * gs : (g + 1) * gs, g * gs :]
             vq = (xq[:, g] @ h_g).reshape(out_features, ng - g, gs)
@@ -132,7 +132,7 @@ class _FloatProblem:
                 p12[:, g, g:] = torch.linalg.vecdot(vq, xm[:, g:])
                 p21[:, g, g:] = torch.linalg.vecdot(vm, xq[:, g:])
                 p22[:, g, g:] = torch.linalg.vecdot(vm, xm[:, g:])
-        strict = torch.ones(ng, ng, dtype=torch.bool).triu(1)
+        strict = torch.ones(ng, ng, dtype=torch.bool, device=xq.device).triu(1)
 
         def mirror(t: torch.Tensor) -> torch.Tensor:
             return t + (t * strict).transpose(1, 2)
@@ -146,7 +146,7 @@ class _FloatProblem:
             p21 = torch.bmm(xq.transpose(0, 1), self.group_sums.permute(1, 2, 0)).permute(1, 2, 0)
             p12 = p21.transpose(1, 2)
             p22 = self.group_sums.sum(dim=2).expand(out_features, -1, -1)
-        p = torch.empty(out_features, 2 * ng, 2 * ng, dtype=torch.float64)
+        p = torch.empty(out_features, 2 * ng, 2 * ng, dtype=torch.float64, device=xq.device)
         p[:, :ng, :ng] = p11
         p[:, :ng, ng:] = p12
         p[:, ng:, :ng] = p12.transpose(1, 2)
@@ -161,7 +161,7 @@ class _FloatProblem:
             self.delta
             * torch.cat([torch.linalg.vecdot(xq, xq), self.counts.expand(out_features, -1)], 1).double()
         )
-        idx = torch.arange(ng)
+        idx = torch.arange(ng, device=xq.device)
         q_sums = self.delta * xq.sum(dim=2).double()
         p_damped[:, idx, idx + ng] += q_sums
         p_damped[:, idx + ng, idx] += q_sums

@@ -78,7 +78,7 @@ def _upper_triangular_inverse(r: torch.Tensor, leaf: int = 128) -> torch.Tensor:
     """Inverse of an upper triangular matrix by 2x2 block recursion: mostly GEMMs, ~2x faster than TRSM."""
     n = r.shape[0]
     if n <= leaf:
-        return torch.linalg.solve_triangular(r, torch.eye(n, dtype=r.dtype), upper=True)
+        return torch.linalg.solve_triangular(r, torch.eye(n, dtype=r.dtype, device=r.device), upper=True)
     k = n // 2
     a = _upper_triangular_inverse(r[:k, :k], leaf)
     c = _upper_triangular_inverse(r[k:, k:], leaf)
@@ -160,14 +160,14 @@ def gptq_solve(
         # So must a per-tensor grid, which spans columns the solve has not reached yet.
         grid = masked_minmax_grid(work, bits, group_size, kept)
     static = grid is not None
-    gidx = group_index(in_features, group_size)
+    gidx = group_index(in_features, group_size, w.device)
     if weight_grid is not None:  # one "group" per column: column j reads grid column j
-        gidx = torch.arange(in_features)
+        gidx = torch.arange(in_features, device=w.device)
     if static:
         scales, zeros = to_fp16_grid(grid[0].float()), to_fp16_grid(grid[1].float())
     else:
         ng = num_groups(in_features, group_size)
-        scales, zeros = torch.empty(out_features, ng), torch.empty(out_features, ng)
+        scales, zeros = (torch.empty(out_features, ng, device=w.device) for _ in range(2))
     keep = kept
     if perm is not None:
         work, gidx_p = work[:, perm], gidx[perm]
@@ -181,7 +181,7 @@ def gptq_solve(
     work_t = work.t().contiguous()
     scales_t, zeros_t = scales.t(), zeros.t()  # views: dynamic grids written below show up here
     hinv = inv.hinv
-    q_t = torch.empty(in_features, out_features)
+    q_t = torch.empty(in_features, out_features, device=w.device)
     for i1, i2 in _blocks(in_features, block_size, None if static else gs):
         if not static and i1 % gs == 0:
             k = None if keep is None else keep[:, i1 : i1 + gs]
@@ -192,7 +192,7 @@ def gptq_solve(
         d1 = _safe_scales(s1)
         w1 = work_t[i1:i2]  # a view: column updates land in ``work_t`` directly
         h1 = hinv[i1:i2, i1:i2]
-        err1 = torch.empty(i2 - i1, out_features)
+        err1 = torch.empty(i2 - i1, out_features, device=w.device)
         inv_diag = (1.0 / h1.diagonal()).tolist()
         # The column loop is the hot path: in-place ops with ``out=`` keep it to a few kernels per column.
         for i in range(i2 - i1):
