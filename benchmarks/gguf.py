@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imatrix-chunks", type=int, default=32)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--bench", action="store_true", help="llama-bench tokens/s for q4_0, q4_1, q8_0")
+    parser.add_argument("--heldout", default=None, help="comma-separated held-out sets to score (default: all)")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = default_model_path()
     texts = held_out_texts()
+    if args.heldout:
+        texts = {name: texts[name] for name in args.heldout.split(",")}
     text_files = {}
     for name, text in texts.items():
         text_files[name] = work / f"heldout-{name}.txt"
