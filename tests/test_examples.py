@@ -21,9 +21,10 @@ def test_quantize_save_then_load_chat_and_evaluate(tiny_chat_model_dir, tmp_path
                   "--nsamples", "4", "--seqlen", "32")
     assert "bits per weight" in printed
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
-    reply = run("load_and_chat.py", str(out), "Hello?")
-    assert reply.strip()  # a random tiny model says something; the point is that the path runs
-    assert "perplexity:" in run("evaluate.py", str(out), "1")
+    # run() checks the exit status; a random tiny model may answer EOS at once, so the reply's text is
+    # not checked here (the real model's answer is: tests/test_cli.py, "Paris").
+    run("load_and_chat.py", str(out), "Hello?")
+    assert "python-docs perplexity:" in run("evaluate.py", str(out), "1")
     assert "hfquant_facts_loglik perplexity:" in run("lm_eval_scores.py", str(out), "--limit", "2")
 
 
