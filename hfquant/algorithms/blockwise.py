@@ -42,7 +42,7 @@ def trainable_float_parameters(
     return found
 
 
-def _values(
+def relative_values(
     start: dict[str, tuple[torch.Tensor, torch.Tensor]],
     deltas: dict[str, torch.Tensor],
     storage_dtype: torch.dtype | None,
@@ -78,12 +78,12 @@ def block_minimize(
     deltas = {n: torch.zeros_like(v, dtype=torch.float32, requires_grad=True) for n, (v, _) in start.items()}
 
     def evaluate() -> tuple[float, dict[str, torch.Tensor]]:
-        candidate = _values(start, deltas, storage_dtype)
+        candidate = relative_values(start, deltas, storage_dtype)
         return block_error(block, batches, targets, candidate), candidate
 
     best, best_values = train_keep_best(
         torch.optim.Adam(list(deltas.values()), lr=lr),
-        lambda i: batch_loss(block, *batches[i], targets[i], _values(start, deltas, None)),
+        lambda i: batch_loss(block, *batches[i], targets[i], relative_values(start, deltas, None)),
         len(batches),
         epochs,
         evaluate,

@@ -30,16 +30,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-# name -> (starting value, unit of a relative step)
-Start = dict[str, tuple[torch.Tensor, torch.Tensor]]
+from hfquant.algorithms.block import train_keep_best
+from hfquant.algorithms.blockwise import relative_values, trainable_float_parameters
 
 
 @dataclass
 class EndToEndResult:
-    """Validation KL (nats per token) before tuning and after each epoch; ``best_epoch`` 0 is the start."""
+    """Validation KL (nats per token) before tuning and after each epoch."""
 
     validation_kl: list[float] = field(default_factory=list)
-    best_epoch: int = 0
+
+    @property
+    def best_epoch(self) -> int:
+        """The epoch whose state was kept (0: the start); the first of equal scores."""
+        return self.validation_kl.index(min(self.validation_kl))
 
     @property
     def start_kl(self) -> float:
@@ -50,30 +54,15 @@ class EndToEndResult:
         return self.validation_kl[self.best_epoch]
 
 
-def float_parameters(model: nn.Module) -> Start:
-    """Every quantized layer's ``scales``/``zeros`` buffers and every normalization weight."""
-    found: Start = {}
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        buffers = dict(module.named_buffers(recurse=False))
-        if "scales" in buffers and "zeros" in buffers and buffers["scales"].is_floating_point():
-            scales = buffers["scales"].detach().clone()
-            found[prefix + "scales"] = (scales, scales)
-            found[prefix + "zeros"] = (buffers["zeros"].detach().clone(), scales)
-        elif "norm" in type(module).__name__.lower() and isinstance(getattr(module, "weight", None), nn.Parameter):
-            weight = module.weight.detach().clone()
-            found[prefix + "weight"] = (weight, weight)
-    return found
-
-
-def _values(start: Start, deltas: dict[str, torch.Tensor], storage_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    values = {}
-    for name, (value, unit) in start.items():
-        new = value + unit * deltas[name]
-        if storage_dtype is not None and name.endswith(("scales", "zeros")):
-            new = new.to(storage_dtype).to(value.dtype)
-        values[name] = new
-    return values
+def float_parameters(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every quantized layer's ``scales``/``zeros`` (modules holding both as float buffers) and
+    every normalization weight, as block-wise minimization tunes them."""
+    grids = {
+        name
+        for name, module in model.named_modules()
+        if {"scales", "zeros"} <= dict(module.named_buffers(recurse=False)).keys() and module.scales.is_floating_point()
+    }
+    return trainable_float_parameters(model, grids)
 
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -106,7 +95,8 @@ def tune_end_to_end(
 ) -> EndToEndResult:
     """Train ``model``'s float part in place to match ``teacher(ids) -> logits`` on ``train`` windows.
 
-    ``train`` and ``validation`` are ``[n, seqlen]`` token windows; each epoch ends with the
+    ``train`` and ``validation`` are ``[n, seqlen]`` token windows, ``train`` cut into fixed batches
+    of ``batch_size`` visited in a seeded random order each epoch; each epoch ends with the
     validation KL at storage precision, and the best state seen (the start included) is written
     back. Teacher logits are computed on the fly, one batch at a time (holding them for every
     window would take ``n * seqlen * vocab`` floats).
@@ -124,34 +114,31 @@ def tune_end_to_end(
     with torch.no_grad():
         val_targets = [teacher(ids.to(device)) for ids in validation.split(batch_size)]
 
-    def score(values: dict[str, torch.Tensor]) -> float:
-        with torch.no_grad():
-            total = sum(
-                float(_kl(_logits(model, values, ids.to(device)), target)) * len(ids)
-                for ids, target in zip(validation.split(batch_size), val_targets, strict=True)
-            )
+    def score(values: dict[str, torch.Tensor]) -> float:  # train_keep_best calls it without grad
+        total = sum(
+            float(_kl(_logits(model, values, ids.to(device)), target)) * len(ids)
+            for ids, target in zip(validation.split(batch_size), val_targets, strict=True)
+        )
         return total / len(validation)
 
     deltas = {n: torch.zeros_like(v, dtype=torch.float32, requires_grad=True) for n, (v, _) in start.items()}
-    best_values = _values(start, deltas, storage_dtype)
-    result = EndToEndResult(validation_kl=[score(best_values)])
-    optimizer = torch.optim.Adam(list(deltas.values()), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(train), generator=generator)
-        for batch in order.split(batch_size):
-            ids = train[batch].to(device)
-            with torch.no_grad():
-                target = teacher(ids)
-            with torch.enable_grad():
-                loss = _kl(_logits(model, _values(start, deltas, None), ids), target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer.step()
-        candidate = _values(start, deltas, storage_dtype)
+    batches = list(train.split(batch_size))
+    result = EndToEndResult()
+
+    def loss(i: int) -> torch.Tensor:
+        ids = batches[i].to(device)
+        with torch.no_grad():
+            target = teacher(ids)
+        return _kl(_logits(model, relative_values(start, deltas, None), ids), target)
+
+    def evaluate() -> tuple[float, dict[str, torch.Tensor]]:
+        candidate = relative_values(start, deltas, storage_dtype)
         result.validation_kl.append(score(candidate))
-        if result.validation_kl[-1] < result.best_kl:
-            result.best_epoch, best_values = epoch, candidate
+        return result.validation_kl[-1], candidate
+
+    _, best_values = train_keep_best(
+        torch.optim.Adam(list(deltas.values()), lr=lr), loss, len(batches), epochs, evaluate, seed
+    )
     with torch.no_grad():
         for name, value in best_values.items():
             module_name, _, attr = name.rpartition(".")
