@@ -122,6 +122,7 @@ def quantize_autoround(
         iters=iters,
         device_map="cpu",
         amp=False,
+        enable_torch_compile=False,  # compiling each block on CPU took longer than the tuning itself
         seed=0,
     )
     rounder.quantize()
