@@ -13,11 +13,14 @@ section is cut off: either loses only that section; each logs its progress as it
   float16 and bfloat16.
 * ``generate``: a tiny chat model built from a config and a tokenizer trained on the spot, quantized
   at load (RTN), ``generate()`` on the GPU against the CPU, save and reload, ``hfquant chat --device``.
+* ``tune``: candidate launch configurations (tile sizes, warps, stages) against the dispatcher's
+  choice at each Llama-7B shape, W2 g64, for batch 1, 16 and 512 rows.
 * ``layers``: per-layer latency at the Llama-7B shapes, fp16 cuBLAS vs hfquant W2/W3/W4 g64 (and
   bitsandbytes NF4 when it imports).
 * ``e2e``: a Llama-2-7B-shaped model with random weights, fp16 vs W2 g64 vs W4 g64 (quantized
-  modules built from random codes): decode tokens/s at batch 1 and 8, prefill tokens/s at 512,
-  weight and peak memory.
+  modules built from random codes): decode tokens/s at batch 1 and 8 (eager ``generate``), batch 1
+  with one decode step captured in a CUDA graph (static KV cache), prefill tokens/s at 512, weight
+  and peak memory.
 * ``quantize``: decoupleQ + block-wise minimization at the library defaults on 2 blocks of the
   7B-shaped model (random calibration token ids: speed does not depend on them), time per stage
   (Hessian pass, solve, block-wise epochs), extrapolated to 32 blocks; peak GPU and host memory.
@@ -362,6 +365,58 @@ def section_layers(sec: Section) -> None:
         sec.summary.append("bitsandbytes not importable: no NF4 column")
 
 
+# Launch configurations the ``tune`` section times against the dispatcher's choice (W2 g64, fp16):
+# (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for batch 1 / few rows / prefill.
+CANDIDATES = {
+    "decode": [("gemv", 1, n, k, w, 3) for n, k, w in
+               [(8, 256, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (16, 128, 2), (32, 128, 4), (64, 256, 8)]],
+    "few": [("gemm", 16, n, k, w, s) for n, k, w, s in
+            [(16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 4), (32, 256, 4, 3)]]
+           + [("gemv", 1, 16, 256, 4, 3)],
+    "prefill": [("gemm", m, n, k, w, s) for m, n, k, w, s in
+                [(64, 64, 64, 4, 3), (64, 64, 128, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3),
+                 (128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]],
+}  # fmt: skip
+
+
+def section_tune(sec: Section) -> None:
+    """Each candidate launch configuration at each Llama-7B shape (W2 g64, fp16), beside the default."""
+    from hfquant.kernels import triton_matmul
+
+    dtype = torch.float16 if sec.device == "cuda" else torch.float32
+    shapes = [(64, 256)] if sec.smoke else LLAMA7B_SHAPES
+    batches = {"decode": 1, "few": 4 if sec.smoke else 16, "prefill": 32 if sec.smoke else 512}
+    rows, best = [], {}
+    for out_f, in_f in shapes:
+        layer = random_layer(out_f, in_f, 2, 64, dtype, sec.device)
+        dense = torch.randn(out_f, in_f, device=sec.device, dtype=dtype)
+        args = (layer.qweight, layer.scales, layer.zeros, 2, 64, in_f)
+        for regime, batch in batches.items():
+            x = torch.randn(batch, in_f, device=sec.device, dtype=dtype)
+            t_fp = time_call(lambda: F.linear(x, dense), sec.sync, sec.min_seconds)  # noqa: B023
+            default = triton_matmul.launch_config(batch, dtype)
+            configs = [triton_matmul.LaunchConfig(*c) for c in CANDIDATES[regime][: 1 if sec.smoke else None]]
+            timed = {}
+            for config in [default, *[c for c in configs if c != default]]:
+                try:
+                    t = time_call(lambda c=config: triton_matmul.qmatmul(x, *args, config=c), sec.sync, sec.min_seconds)  # noqa: B023
+                except Exception as err:  # noqa: BLE001 - a configuration that does not compile here is a finding
+                    sec.log(f"{config.name}: {type(err).__name__}: {str(err)[:200]}")
+                    continue
+                timed[config.name] = t
+                rows.append({"out x in": f"{out_f} x {in_f}", "rows": batch, "config": config.name,
+                             "default": "yes" if config == default else "", "us": f"{t * 1e6:.1f}",
+                             "x fp16": f"{t_fp / t:.2f}"})  # fmt: skip
+            name = min(timed, key=timed.get)
+            best[f"{out_f}x{in_f} b{batch}"] = {"best": name, "us": timed[name] * 1e6,
+                                                "default us": timed[default.name] * 1e6, "fp16 us": t_fp * 1e6}  # fmt: skip
+            sec.log(f"{out_f}x{in_f} b{batch}: best {name} {timed[name] * 1e6:.1f} us, default "
+                    f"{timed[default.name] * 1e6:.1f} us, fp16 {t_fp * 1e6:.1f} us")  # fmt: skip
+    sec.table(f"Launch configurations, W2 g64, {dtype} activations, median", rows)
+    sec.data = {"best": best}
+    sec.summary.append("best: " + "; ".join(f"{k} {v['best']} {v['us']:.1f} us" for k, v in best.items()))
+
+
 def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, sync, repeats: int) -> float:
     """Greedy decode speed with the KV cache: (t(N tokens) - t(1 token)) / (N - 1), prefill excluded."""
 
@@ -377,6 +432,59 @@ def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
     t1 = sorted(run(1) for _ in range(repeats))[repeats // 2]
     tn = sorted(run(new_tokens) for _ in range(repeats))[repeats // 2]
     return prompt.shape[0] * (new_tokens - 1) / (tn - t1)
+
+
+def graph_decode_tokens_per_s(model: nn.Module, batch: int, new_tokens: int, device: str, repeats: int) -> float:
+    """Greedy decode with a static KV cache and one decode step captured in a CUDA graph and replayed.
+
+    What serving engines and ``torch.compile(mode="reduce-overhead")`` do: the GPU's time per token
+    without Python's per-module launch overhead, which dominates eager ``generate`` of both models.
+    On CPU (smoke) the same steps run without capture.
+    """
+    from transformers import StaticCache
+
+    prompt_len = 16
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + 2 * new_tokens + 8)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    pos = torch.full((1,), prompt_len, dtype=torch.long, device=device)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, cache_position=torch.arange(prompt_len, device=device))
+
+        def step() -> torch.Tensor:
+            return model(input_ids=ids, past_key_values=cache, cache_position=pos,
+                         position_ids=pos.expand(batch, 1), use_cache=True).logits  # fmt: skip
+
+        if device == "cuda":
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = step()
+            replay = graph.replay
+        else:
+            holder = {}
+            replay = lambda: holder.__setitem__("logits", step())  # noqa: E731
+
+        def run(n: int) -> float:
+            sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+            sync()
+            start = time.perf_counter()
+            for i in range(n):
+                pos.fill_(prompt_len + i)
+                replay()
+                out = logits if device == "cuda" else holder["logits"]
+                ids.copy_(out[:, -1].argmax(-1, keepdim=True))
+            sync()
+            return time.perf_counter() - start
+
+        run(2)
+        seconds = sorted(run(new_tokens) for _ in range(repeats))[repeats // 2]
+    return batch * new_tokens / seconds
 
 
 def section_e2e(sec: Section) -> None:
@@ -421,6 +529,12 @@ def section_e2e(sec: Section) -> None:
                 model, prompt, new_tokens, sec.sync, sec.repeats
             )
             sec.log(f"{name}: decode batch {batch} {row[f'decode b{batch} (tok/s)']:.1f} tokens/s")
+        try:
+            row["graph decode b1 (tok/s)"] = graph_decode_tokens_per_s(model, 1, new_tokens, sec.device, sec.repeats)
+            sec.log(f"{name}: CUDA-graph decode batch 1 {row['graph decode b1 (tok/s)']:.1f} tokens/s")
+        except Exception as err:  # noqa: BLE001 - the eager figures stand without it
+            sec.log(f"{name}: CUDA-graph decode failed: {type(err).__name__}: {str(err)[:300]}")
+            row["graph decode b1 (tok/s)"] = float("nan")
         prompt = torch.randint(0, config.vocab_size, (1, prefill_len), device=sec.device)
         with torch.no_grad():
             t = time_call(lambda m=model, p=prompt: m(p, use_cache=False), sec.sync, sec.min_seconds)
@@ -432,6 +546,7 @@ def section_e2e(sec: Section) -> None:
         )
         base = base or row
         row["decode b1 x fp16"] = row["decode b1 (tok/s)"] / base["decode b1 (tok/s)"]
+        row["graph decode b1 x fp16"] = row["graph decode b1 (tok/s)"] / base["graph decode b1 (tok/s)"]
         row["block weights x fp16"] = row["block weights (GiB)"] / base["block weights (GiB)"]
         rows.append(row)
         sec.log(f"{name}: {row}")
@@ -445,7 +560,8 @@ def section_e2e(sec: Section) -> None:
     sec.data = {"rows": rows}
     w2 = next(r for r in rows if r["model"] == "W2 g64")
     sec.summary.append(
-        f"W2 decode b1 {w2['decode b1 x fp16']:.2f}x fp16 (goal 2.5x), W2 block weights "
+        f"W2 decode b1 {w2['decode b1 x fp16']:.2f}x fp16 eager, {w2['graph decode b1 x fp16']:.2f}x with CUDA "
+        f"graphs (goal 2.5x), W2 block weights "
         f"{w2['block weights x fp16']:.3f}x fp16 (goal 0.2x)"
     )
 
@@ -561,12 +677,13 @@ def section_quantize(sec: Section) -> None:
 
 
 SECTIONS: dict[str, tuple[int, Callable[[Section], None]]] = {  # name: (budget in seconds, function)
-    "env": (20, section_env),
+    "env": (15, section_env),
     "correctness": (140, section_correctness),
-    "generate": (40, section_generate),
-    "layers": (60, section_layers),
-    "e2e": (100, section_e2e),
-    "quantize": (120, section_quantize),
+    "tune": (70, section_tune),
+    "layers": (45, section_layers),
+    "e2e": (150, section_e2e),
+    "quantize": (110, section_quantize),
+    "generate": (35, section_generate),
 }
 
 

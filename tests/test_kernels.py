@@ -40,7 +40,7 @@ def _reference(module: DecoupledLinear, x: torch.Tensor) -> torch.Tensor:
 @needs_triton
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("in_f", [96, 200])  # 200: ragged last group and a partial 32-value block
+@pytest.mark.parametrize("in_f", [96, 200, 512])  # 200: ragged last group, partial 32-value block; 512: GEMV tile inside one group
 def test_triton_kernels_match_reference(bits, group_size, in_f):
     module = _layer(bits, group_size, in_f)
     for rows in (1, 5):  # GEMV kernel, then the tl.dot kernel

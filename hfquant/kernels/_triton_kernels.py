@@ -4,12 +4,17 @@ Imported only through :mod:`hfquant.kernels.triton_matmul` on first use, because
 module imports triton and ``@triton.jit`` decides at definition time whether kernels run compiled
 or under the interpreter (``TRITON_INTERPRET=1``, which is how CI tests them on CPU).
 
-Value ``k`` of a row sits at stream bits ``[k*BITS, (k+1)*BITS)``: word ``k*BITS // 32``, offset
-``k*BITS % 32``. For 2 and 4 bits a value never leaves its word; for 3 bits values 10 and 21 of every
-32 straddle two words and take their high bits from the next word. Each element of a weight tile
-loads its own word (neighbouring elements hit the same cache line), is shifted, masked, and mapped
-onto its group's grid ``scale * q + zero`` before the multiply; groups need not be aligned to the
-tile, so ragged last groups and one-group-per-row (``GS = in_features``) need no special case.
+Value ``k`` of a row sits at stream bits ``[k*BITS, (k+1)*BITS)`` (:mod:`hfquant.formats.packing`):
+every 32 values take exactly ``BITS`` int32 words. A tile of ``BLOCK_K`` values (a multiple of 32,
+starting on a 32-value boundary) is therefore read one word at a time, never one value at a time:
+for 2 and 4 bits a word holds ``32 // BITS`` whole values, unpacked with a vector of shifts; for 3
+bits the three words of each 32-value block are loaded side by side and values 10 and 21, which
+straddle two words, take their high bits from the next one.
+
+Grids: value ``k`` of row ``n`` is ``scale[n, k // GS] * q + zero[n, k // GS]``. When a tile holds
+whole groups (``BLOCK_K % GS == 0``) or lies inside one (``GS % BLOCK_K == 0``), the grid is loaded
+once per group and broadcast; any other group size (one group per row of odd width) loads it per
+value. Ragged last groups need no special case: values past ``K`` meet zeros of ``x``.
 """
 
 from __future__ import annotations
@@ -19,26 +24,59 @@ import triton.language as tl
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, WORDS, G, BITS: tl.constexpr, GS: tl.constexpr):
-    """``scale * q + zero`` (float32) at the broadcast grid of ``offs_n`` x ``offs_k``; 0 outside."""
-    valid = (offs_n < N) & (offs_k < K)
-    bitpos = offs_k * BITS
-    word = bitpos // 32
-    off = bitpos % 32
-    row = qw_ptr + offs_n.to(tl.int64) * WORDS
-    lo = tl.load(row + word, mask=valid, other=0).to(tl.uint32, bitcast=True)
-    v = lo >> off.to(tl.uint32)
+def _codes(qw_ptr, offs_n, k0, N, WORDS, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` integer codes of rows ``offs_n``, values ``k0 .. k0 + BLOCK_K``."""
+    row = qw_ptr + offs_n.to(tl.int64)[:, None] * WORDS
+    row_ok = (offs_n < N)[:, None]
     if BITS == 3:
-        cross = valid & (off + BITS > 32)
-        hi = tl.load(row + word + 1, mask=cross, other=0).to(tl.uint32, bitcast=True)
-        shift = tl.where(cross, 32 - off, 0).to(tl.uint32)
-        v = v | tl.where(cross, hi << shift, 0)
-    q = (v & ((1 << BITS) - 1)).to(tl.float32)
-    g = offs_k // GS
-    grid = offs_n.to(tl.int64) * G + g
-    s = tl.load(s_ptr + grid, mask=valid, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + grid, mask=valid, other=0.0).to(tl.float32)
-    return tl.where(valid, q * s + z, 0.0)
+        blocks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        first = row + (blocks * 3)[None, :]
+        ok = row_ok & (blocks * 3 < WORDS)[None, :]
+        w0 = tl.load(first, mask=ok, other=0).to(tl.uint32, bitcast=True)[:, :, None]
+        w1 = tl.load(first + 1, mask=ok, other=0).to(tl.uint32, bitcast=True)[:, :, None]
+        w2 = tl.load(first + 2, mask=ok, other=0).to(tl.uint32, bitcast=True)[:, :, None]
+        bit = tl.arange(0, 32) * 3
+        word = (bit // 32)[None, None, :]
+        off = (bit % 32).to(tl.uint32)[None, None, :]
+        lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
+        hi = tl.where(word == 0, w1, w2)
+        cross = off > 29  # the value's top bits are in the next word
+        v = (lo >> off) | tl.where(cross, hi << tl.where(cross, 32 - off, 0), 0)
+    else:
+        PER: tl.constexpr = 32 // BITS
+        words = k0 // PER + tl.arange(0, BLOCK_K // PER)
+        packed = tl.load(row + words[None, :], mask=row_ok & (words < WORDS)[None, :], other=0)
+        shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
+        v = packed.to(tl.uint32, bitcast=True)[:, :, None] >> shifts[None, None, :]
+    return tl.reshape(v & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K)).to(tl.float32)
+
+
+@triton.jit
+def _grid(ptr, offs_n, k0, N, G, GS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Scales (or zeros) of the tile's groups, ``[BLOCK_N, BLOCK_K // GS]``, for ``BLOCK_K % GS == 0``."""
+    groups = k0 // GS + tl.arange(0, BLOCK_K // GS)
+    ok = (offs_n < N)[:, None] & (groups < G)[None, :]
+    return tl.load(ptr + offs_n.to(tl.int64)[:, None] * G + groups[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dequant(q, s_ptr, z_ptr, offs_n, k0, N, K, G, GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``scale * q + zero`` for the codes ``q`` of a ``[BLOCK_N, BLOCK_K]`` tile."""
+    if BLOCK_K % GS == 0:  # whole groups in the tile
+        s = _grid(s_ptr, offs_n, k0, N, G, GS, BLOCK_K)[:, :, None]
+        z = _grid(z_ptr, offs_n, k0, N, G, GS, BLOCK_K)[:, :, None]
+        w = tl.reshape(tl.reshape(q, (BLOCK_N, BLOCK_K // GS, GS)) * s + z, (BLOCK_N, BLOCK_K))
+    elif GS % BLOCK_K == 0:  # the tile inside one group
+        at = offs_n.to(tl.int64) * G + k0 // GS
+        s = tl.load(s_ptr + at, mask=offs_n < N, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + at, mask=offs_n < N, other=0.0).to(tl.float32)
+        w = q * s[:, None] + z[:, None]
+    else:  # groups not aligned to tiles: the grid per value
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        at = offs_n.to(tl.int64)[:, None] * G + (offs_k // GS)[None, :]
+        ok = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+        w = q * tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32) + tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    return w
 
 
 @triton.jit
@@ -46,15 +84,29 @@ def gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, WORDS, G,
     BITS: tl.constexpr, GS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Decode: one input row, ``BLOCK_N`` output rows per program, reduction over K in registers."""
+    """Decode: one input row, ``BLOCK_N`` output rows per program, reduction over K in registers.
+
+    With whole groups in a tile, the grid is applied after the reduction:
+    ``sum_k (s q_k + z) x_k = s * sum_k q_k x_k + z * sum_k x_k`` per group, two multiplies per group
+    instead of one per value.
+    """
     pid_m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + pid_m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n[:, None], offs_k[None, :], N, K, WORDS, G, BITS, GS)
-        acc += tl.sum(w * x[None, :], axis=1)
+        q = _codes(qw_ptr, offs_n, k0, N, WORDS, BITS, BLOCK_N, BLOCK_K)
+        if BLOCK_K % GS == 0:
+            NG: tl.constexpr = BLOCK_K // GS
+            qx = tl.sum(tl.reshape(q * x[None, :], (BLOCK_N, NG, GS)), axis=2)
+            xs = tl.sum(tl.reshape(x, (NG, GS)), axis=1)
+            s = _grid(s_ptr, offs_n, k0, N, G, GS, BLOCK_K)
+            z = _grid(z_ptr, offs_n, k0, N, G, GS, BLOCK_K)
+            acc += tl.sum(s * qx + z * xs[None, :], axis=1)
+        else:
+            w = _dequant(q, s_ptr, z_ptr, offs_n, k0, N, K, G, GS, BLOCK_N, BLOCK_K)
+            acc += tl.sum(w * x[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + pid_m * N + offs_n, acc, mask=offs_n < N)
@@ -66,7 +118,7 @@ def gemm_kernel(
     BITS: tl.constexpr, GS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Small batches and prefill: dequantized ``[BLOCK_K, BLOCK_N]`` tiles fed to ``tl.dot``.
+    """Small batches and prefill: dequantized ``[BLOCK_N, BLOCK_K]`` tiles fed to ``tl.dot``.
 
     The tile is cast to the activation dtype (fp16/bf16 tensor cores; float32 stays float32) and
     accumulated in float32.
@@ -78,8 +130,9 @@ def gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=x_mask, other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n[None, :], offs_k[:, None], N, K, WORDS, G, BITS, GS)
-        acc = tl.dot(x, w.to(x.dtype), acc)
+        q = _codes(qw_ptr, offs_n, k0, N, WORDS, BITS, BLOCK_N, BLOCK_K)
+        w = _dequant(q, s_ptr, z_ptr, offs_n, k0, N, K, G, GS, BLOCK_N, BLOCK_K)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)

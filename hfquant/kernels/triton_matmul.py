@@ -44,7 +44,10 @@ class LaunchConfig:
         return blocks if self.kernel == "gemv" else {"BLOCK_M": self.block_m, **blocks}
 
 
-GEMV = LaunchConfig("gemv", 1, 32, 128)
+# BLOCK_K is a multiple of 32 (tiles start on a packing block) and of every power-of-two group size
+# up to it, so groups of 32/64/128 take the per-group grid path. Small BLOCK_N keeps every SM busy at
+# batch 1: a 4096-row layer gives 256 programs of 16 rows.
+GEMV = LaunchConfig("gemv", 1, 16, 256)
 # tl.dot kernel: the smallest BLOCK_M of 16, 32, 64 that holds the rows, 64 beyond. Float32 tiles
 # take twice the shared memory per pipeline stage: three stages of the 64-row tile need 176 KiB,
 # more than an A100 grants one program (163 KiB); two fit every target (99 KiB on sm_86/89).
@@ -94,7 +97,9 @@ def qmatmul(
     bias: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """``x @ W_grid.T (+ bias)`` in float32 for a 2-D ``x`` (fp16, bf16 or fp32) on the kernels' device.
+    """``x @ W_grid.T (+ bias)`` in ``x``'s dtype for a 2-D ``x`` (fp16, bf16 or fp32) on the kernels' device.
+
+    Products are summed in float32 and rounded once, when the kernel stores the output.
 
     ``config`` overrides :func:`launch_config` (benchmarks compare configurations with it).
     """
@@ -103,7 +108,7 @@ def qmatmul(
     config = config or launch_config(m_rows, x.dtype)
     gs = in_features if group_size == -1 else group_size
     x = x.contiguous()
-    y = torch.empty(m_rows, n_out, dtype=torch.float32, device=x.device)
+    y = torch.empty(m_rows, n_out, dtype=x.dtype, device=x.device)
     args = (qweight.contiguous(), scales.contiguous(), zeros.contiguous(), bias if bias is not None else y, y)
     sizes = (n_out, in_features, qweight.shape[1], scales.shape[1])
     meta = dict(
