@@ -24,8 +24,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _codes(qw_ptr, offs_n, k0, N, WORDS, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The ``[BLOCK_N, BLOCK_K]`` integer codes of rows ``offs_n``, values ``k0 .. k0 + BLOCK_K``."""
+def _units(qw_ptr, offs_n, k0, N, WORDS, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Codes of rows ``offs_n``, values ``k0 .. k0 + BLOCK_K``, as ``[BLOCK_N, units, values per unit]``.
+
+    A unit is a word for 2 and 4 bits (``32 // BITS`` values) and a 32-value block of three words
+    for 3 bits; units never straddle a tile, so they are the grain the GEMV applies grids at.
+    """
     row = qw_ptr + offs_n.to(tl.int64)[:, None] * WORDS
     row_ok = (offs_n < N)[:, None]
     if BITS == 3:
@@ -48,7 +52,13 @@ def _codes(qw_ptr, offs_n, k0, N, WORDS, BITS: tl.constexpr, BLOCK_N: tl.constex
         packed = tl.load(row + words[None, :], mask=row_ok & (words < WORDS)[None, :], other=0)
         shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
         v = packed.to(tl.uint32, bitcast=True)[:, :, None] >> shifts[None, None, :]
-    return tl.reshape(v & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K)).to(tl.float32)
+    return (v & ((1 << BITS) - 1)).to(tl.float32)
+
+
+@triton.jit
+def _codes(qw_ptr, offs_n, k0, N, WORDS, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` integer codes of rows ``offs_n``, values ``k0 .. k0 + BLOCK_K``."""
+    return tl.reshape(_units(qw_ptr, offs_n, k0, N, WORDS, BITS, BLOCK_N, BLOCK_K), (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -86,25 +96,33 @@ def gemv_kernel(
 ):  # fmt: skip
     """Decode: one input row, ``BLOCK_N`` output rows per program, reduction over K in registers.
 
-    With whole groups in a tile, the grid is applied after the reduction:
-    ``sum_k (s q_k + z) x_k = s * sum_k q_k x_k + z * sum_k x_k`` per group, two multiplies per group
-    instead of one per value.
+    When no unit straddles two groups (``GS`` a multiple of the unit, as for groups of 32/64/128),
+    the grid is applied after the unit's reduction, ``sum_k (s q_k + z) x_k = s * sum_k q_k x_k +
+    z * sum_k x_k``: two multiplies and two grid loads per unit instead of per value, and no
+    reshape of the tile.
     """
+    U: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # values per unit
+    NU: tl.constexpr = BLOCK_K // U
     pid_m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + pid_m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        q = _codes(qw_ptr, offs_n, k0, N, WORDS, BITS, BLOCK_N, BLOCK_K)
-        if BLOCK_K % GS == 0:
-            NG: tl.constexpr = BLOCK_K // GS
-            qx = tl.sum(tl.reshape(q * x[None, :], (BLOCK_N, NG, GS)), axis=2)
-            xs = tl.sum(tl.reshape(x, (NG, GS)), axis=1)
-            s = _grid(s_ptr, offs_n, k0, N, G, GS, BLOCK_K)
-            z = _grid(z_ptr, offs_n, k0, N, G, GS, BLOCK_K)
-            acc += tl.sum(s * qx + z * xs[None, :], axis=1)
+        if GS % U == 0:
+            units = tl.arange(0, NU)
+            offs_k = k0 + units[:, None] * U + tl.arange(0, U)[None, :]
+            x = tl.load(x_ptr + pid_m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # [NU, U]
+            q = _units(qw_ptr, offs_n, k0, N, WORDS, BITS, BLOCK_N, BLOCK_K)
+            qx = tl.sum(q * x[None, :, :], axis=2)
+            groups = (k0 + units * U) // GS
+            at = offs_n.to(tl.int64)[:, None] * G + groups[None, :]
+            ok = (offs_n < N)[:, None] & (groups < G)[None, :]
+            s = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            acc += tl.sum(s * qx + z * tl.sum(x, axis=1)[None, :], axis=1)
         else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + pid_m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            q = _codes(qw_ptr, offs_n, k0, N, WORDS, BITS, BLOCK_N, BLOCK_K)
             w = _dequant(q, s_ptr, z_ptr, offs_n, k0, N, K, G, GS, BLOCK_N, BLOCK_K)
             acc += tl.sum(w * x[None, :], axis=1)
     if HAS_BIAS:

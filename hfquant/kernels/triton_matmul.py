@@ -44,15 +44,15 @@ class LaunchConfig:
         return blocks if self.kernel == "gemv" else {"BLOCK_M": self.block_m, **blocks}
 
 
-# BLOCK_K is a multiple of 32 (tiles start on a packing block) and of every power-of-two group size
-# up to it, so groups of 32/64/128 take the per-group grid path. Small BLOCK_N keeps every SM busy at
-# batch 1: a 4096-row layer gives 256 programs of 16 rows.
-GEMV = LaunchConfig("gemv", 1, 16, 256)
-# tl.dot kernel: the smallest BLOCK_M of 16, 32, 64 that holds the rows, 64 beyond. Float32 tiles
-# take twice the shared memory per pipeline stage: three stages of the 64-row tile need 176 KiB,
-# more than an A100 grants one program (163 KiB); two fit every target (99 KiB on sm_86/89).
-GEMM = tuple(LaunchConfig("gemm", block_m, 64, 64) for block_m in (16, 32, 64))
-GEMM_FP32 = tuple(replace(c, num_stages=2) for c in GEMM)
+# Tile sizes measured on an H100 (benchmarks/gpu.py ``tune``, RESULTS.md). BLOCK_K is a multiple of
+# 32, so tiles start on a packing block. Small BLOCK_N keeps every SM busy at batch 1: a 4096-row
+# layer gives 256 programs of 16 rows.
+GEMV = LaunchConfig("gemv", 1, 16, 512)
+# tl.dot kernel: the first configuration whose BLOCK_M holds the rows, the last one beyond.
+GEMM = (LaunchConfig("gemm", 16, 32, 256), LaunchConfig("gemm", 32, 64, 128), LaunchConfig("gemm", 64, 64, 128))
+# Float32 tiles take twice the shared memory per pipeline stage: two stages of 64-wide K steps fit
+# every target (99 KiB per program on sm_86/89).
+GEMM_FP32 = tuple(replace(c, block_k=64, num_stages=2) for c in GEMM)
 # Every configuration qmatmul launches, by activation dtype (the AOT test compiles each of them).
 LAUNCH_CONFIGS: dict[torch.dtype, tuple[LaunchConfig, ...]] = {
     torch.float16: (GEMV, *GEMM),
