@@ -30,6 +30,8 @@ from hfquant.formats.packing import pack_int, packed_width, unpack_int
 from hfquant.kernels import cpu as cpu_kernel
 from hfquant.kernels import triton_matmul
 
+# The kept weights' stored tensor names. "outlier" is their old name; these names are a file format
+# (checkpoints already saved use them), so they stay as they are while the code says "kept".
 KEPT_TENSORS = ("outlier_rows", "outlier_cols", "outlier_values")
 
 
