@@ -68,6 +68,10 @@ class HfQuantConfig(QuantizationConfigMixin):
             float parameters after each block's solve (``blockwise_epochs=0`` turns it off).
             For ``inq`` they set the retraining of the still-float weights between steps
             (the learning rate relative to each layer's weight spread).
+        blockwise_validation: fraction of the calibration windows held out of block-wise training
+            and used only to choose which epoch's state to keep (whole batches of
+            ``blockwise_batch_size``, at least one batch left to train on); they still enter the
+            Hessians. ``0`` keeps the state best on the training batches themselves.
         seed: seed of the calibration window draw.
         tokenizer: tokenizer (or its path) for calibration; defaults to the model's own folder.
         work_dir: folder where each finished decoder block is saved (its quantized modules and the
@@ -97,6 +101,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         blockwise_epochs: int = 4,
         blockwise_lr: float = 1e-3,
         blockwise_batch_size: int = 8,
+        blockwise_validation: float = 0.0,
         seed: int = 0,
         tokenizer: Any = None,
         work_dir: str | os.PathLike | None = None,
@@ -124,6 +129,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.blockwise_epochs = blockwise_epochs
         self.blockwise_lr = blockwise_lr
         self.blockwise_batch_size = blockwise_batch_size
+        self.blockwise_validation = blockwise_validation
         self.seed = seed
         self.tokenizer = tokenizer
         self.work_dir = work_dir
@@ -168,6 +174,10 @@ class HfQuantConfig(QuantizationConfigMixin):
             raise ValueError(f"damp must be a number in (0, 1), got {self.damp!r}")
         if not isinstance(self.blockwise_lr, (int, float)) or not self.blockwise_lr > 0:
             raise ValueError(f"blockwise_lr must be a positive number, got {self.blockwise_lr!r}")
+        if not isinstance(self.blockwise_validation, (int, float)) or not 0.0 <= self.blockwise_validation < 1.0:
+            raise ValueError(
+                f"blockwise_validation must be a fraction in [0, 1), got {self.blockwise_validation!r}"
+            )
         if not isinstance(self.act_order, bool):
             raise ValueError(f"act_order must be True or False, got {self.act_order!r}")
         if not isinstance(self.modules_to_not_convert, list) or not all(

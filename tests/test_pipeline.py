@@ -11,6 +11,7 @@ from hfquant.algorithms.block import block_error
 from hfquant.algorithms.blockwise import block_minimize, trainable_float_parameters
 from hfquant.driver import quantize_model
 from hfquant.driver.blocks import capture_block_inputs, find_decoder_blocks, full_precision_pass
+from hfquant.driver.sequential import validation_batches
 from hfquant.driver.solve import quantize_linear
 from hfquant.models import default_model_path
 from hfquant.nn.replace import set_module
@@ -85,6 +86,43 @@ def test_block_minimize_keeps_start_when_training_hurts():
     if after == pytest.approx(before):
         for key, value in block.state_dict().items():
             assert torch.equal(value, state[key])
+
+
+def test_block_minimize_keeps_the_epoch_best_on_held_out_batches():
+    block, batches, targets, grids = _quantized_block()
+    train, held_out = (batches[:-1], targets[:-1]), (batches[-1:], targets[-1:])
+    before = block_error(block, *held_out)
+    scored = block_minimize(block, *train, grids, epochs=3, lr=5e-3, validation=held_out)
+    # The score returned is the held-out error of the state left in place, never above the start's.
+    assert scored == pytest.approx(block_error(block, *held_out), rel=1e-5)
+    assert scored <= before * (1 + 1e-6)
+    # Scored on the training batches themselves, the same call is the default behaviour.
+    again, _, _, _ = _quantized_block()
+    assert block_minimize(again, *train, grids, epochs=3, lr=5e-3, validation=train) == pytest.approx(
+        block_minimize(_quantized_block()[0], *train, grids, epochs=3, lr=5e-3), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize(("n_batches", "fraction", "held_out"), [(8, 0.0, 0), (8, 0.125, 1), (8, 0.2, 2), (1, 0.5, 0), (2, 0.9, 1)])
+def test_validation_batches(n_batches, fraction, held_out):
+    assert validation_batches(n_batches, fraction) == held_out
+
+
+def test_quantize_with_held_out_blockwise_batches(tokenizer):
+    model = _tiny(vocab=len(tokenizer))
+    config = HfQuantConfig(
+        bits=2, group_size=32, method="gptq", nsamples=8, seqlen=32, blockwise_epochs=2,
+        blockwise_batch_size=4, blockwise_validation=0.5,
+    )  # fmt: skip
+    report = quantize_model(model, config, tokenizer=tokenizer, skip=["lm_head"], progress=False)
+    # "after" is the error on every calibration batch, held-out ones included, like "before".
+    assert len(report.blocks) == 2
+    assert all(0 < b.error_after < float("inf") and 0 < b.error_before < float("inf") for b in report.blocks)
+
+
+def test_blockwise_validation_config_is_checked():
+    with pytest.raises(ValueError, match="blockwise_validation must be a fraction in \\[0, 1\\)"):
+        HfQuantConfig(blockwise_validation=1.0)
 
 
 @pytest.mark.parametrize("method", ["gptq", "decoupleq"])

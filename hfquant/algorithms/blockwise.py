@@ -8,8 +8,11 @@ residuals) and corrects the errors the layers make together.
 Steps are relative: ``scales = s0 * (1 + a)``, ``zeros = z0 + s0 * b``, ``norm = n0 * (1 + c)``
 with ``a, b, c`` trained from zero, so one learning rate suits layers of any magnitude (Adam's
 step is about ``lr`` per coordinate whatever the gradient's scale). After each epoch the
-candidate is rounded to its 16-bit storage values and scored on all calibration batches; the
-best state seen, the starting one included, is kept, so the block loss never increases.
+candidate is rounded to its 16-bit storage values and scored; the best state seen, the starting
+one included, is kept. Scored on the training batches (the default), the block loss never
+increases; scored on held-out ``validation`` batches, the kept epoch is the one that generalizes
+best to windows the training never saw (early stopping; AutoRound and the decoupleQ paper keep
+the best training-loss state instead).
 """
 
 from __future__ import annotations
@@ -66,20 +69,24 @@ def block_minimize(
     lr: float = 1e-3,
     seed: int = 0,
     storage_dtype: torch.dtype = torch.float16,
+    validation: tuple[Batches, list[torch.Tensor]] | None = None,
 ) -> float:
-    """Train the block's float parameters in place; return the block loss (MSE) of the kept state.
+    """Train the block's float parameters in place; return the score (MSE) of the kept state.
 
     ``grids`` names the quantized submodules whose ``scales`` and ``zeros`` are tuned;
     ``storage_dtype`` is what those are saved in, so each epoch's candidate is scored as stored.
+    ``validation`` (batches, targets), when given, is what each candidate is scored on, never
+    trained on.
     """
+    scored_batches, scored_targets = validation or (batches, targets)
     start = trainable_float_parameters(block, grids)
     if not start or epochs == 0:
-        return block_error(block, batches, targets, {n: v for n, (v, _) in start.items()})
+        return block_error(block, scored_batches, scored_targets, {n: v for n, (v, _) in start.items()})
     deltas = {n: torch.zeros_like(v, dtype=torch.float32, requires_grad=True) for n, (v, _) in start.items()}
 
     def evaluate() -> tuple[float, dict[str, torch.Tensor]]:
         candidate = relative_values(start, deltas, storage_dtype)
-        return block_error(block, batches, targets, candidate), candidate
+        return block_error(block, scored_batches, scored_targets, candidate), candidate
 
     best, best_values = train_keep_best(
         torch.optim.Adam(list(deltas.values()), lr=lr),

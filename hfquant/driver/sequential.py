@@ -18,6 +18,7 @@ weights afterwards. With ``work_dir`` each finished block is saved and a rerun r
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,16 +201,26 @@ def refine_block(
     """Block-wise minimization of the block's grids and norms; kept weights reset to their original
     values on the moved grid. Returns the block's error after."""
     grids = {n for n, m in block.named_modules() if isinstance(m, QuantizedLinear) and m.tunable_grid}
+    held_out = validation_batches(len(batches), config.blockwise_validation)
+    train = len(batches) - held_out
     after = block_minimize(
-        block, batches, targets, grids, epochs=config.blockwise_epochs, lr=config.blockwise_lr,
-        storage_dtype=STORAGE_DTYPE,
-    )
-    if not originals:
-        return after
+        block, batches[:train], targets[:train], grids, epochs=config.blockwise_epochs, lr=config.blockwise_lr,
+        storage_dtype=STORAGE_DTYPE, validation=(batches[train:], targets[train:]) if held_out else None,
+    )  # fmt: skip
+    if not held_out and not originals:
+        return after  # already scored on every batch
     with torch.no_grad():
         for name, values in originals.items():
             block.get_submodule(name).refresh_kept(values)
     return block_error(block, batches, targets)
+
+
+def validation_batches(n_batches: int, fraction: float) -> int:
+    """How many of the last batches block-wise minimization holds out: ``fraction`` of them rounded
+    up, 0 for 0, and never all (one batch at least is trained on)."""
+    if fraction == 0 or n_batches < 2:
+        return 0
+    return min(n_batches - 1, math.ceil(fraction * n_batches))
 
 
 def resolve_tokenizer(model: nn.Module, config: HfQuantConfig, tokenizer: Any) -> Any:
