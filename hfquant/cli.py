@@ -50,7 +50,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hfquant import HfQuantConfig
-    from hfquant.calibration import heldout_texts
+    from hfquant.corpora import heldout_texts
     from hfquant.eval import perplexity
     from hfquant.export import QualityFigures, bits_per_weight, folder_size, save_quantized
     from hfquant.models import resolve_model

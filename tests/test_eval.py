@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from hfquant.calibration import heldout_texts, tokenize_texts
+from hfquant.calibration import tokenize_texts
+from hfquant.corpora import heldout_texts
 from hfquant.eval import perplexity
 from hfquant.models import default_model_path
 

@@ -29,6 +29,11 @@ def test_algorithms_import_only_torch_and_each_other():
             assert top in STDLIB or top == "torch" or name.startswith("hfquant.algorithms"), (path.name, name)
 
 
+def test_corpora_sit_below_calibration():
+    """Texts come from ``corpora``; ``calibration`` cuts them into windows: one way, no cycle."""
+    assert "hfquant.calibration" not in _imports(ALGORITHMS.parent / "corpora.py")
+
+
 def test_loading_a_checkpoint_imports_no_solver():
     code = (
         "import sys, hfquant\n"

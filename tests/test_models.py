@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hfquant import models
-from hfquant.calibration import heldout_texts
+from hfquant.corpora import heldout_texts
 from hfquant.eval import perplexity
 from hfquant.models import DEFAULT_MODEL, cache_dir, default_model, default_model_path, resolve_model
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfquant import HfQuantConfig
-from hfquant.calibration import heldout_texts
+from hfquant.corpora import heldout_texts
 from hfquant.eval import perplexity
 from hfquant.models import default_model_path
 
