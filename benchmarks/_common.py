@@ -1,7 +1,8 @@
-"""What every benchmark script shares: the default model, the yardstick, tables, RESULTS.md.
+"""What the benchmark scripts share: the default model, the yardstick, tables, RESULTS.md, timing.
 
 Each script keeps only what it measures; the protocol pieces live here so that two scripts that
-print a perplexity mean the same thing by it.
+print a perplexity (or a latency) mean the same thing by it. benchmarks/gpu.py imports this module
+on a GPU machine that has only torch, transformers, triton and hfquant: import nothing else here.
 """
 
 from __future__ import annotations
@@ -10,25 +11,46 @@ import argparse
 import datetime
 import os
 import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from hfquant.cli import print_table
 from hfquant.corpora import HELDOUT_DOMAINS, IN_DOMAIN, heldout_domains, source_versions
 from hfquant.eval import domain_perplexities, mean_ratio
 from hfquant.models import default_model_path
+from hfquant.nn import DecoupledLinear
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
-__all__ = ["RESULTS", "Yardstick", "add_common_arguments", "append_results", "machine_line", "print_table", "setup"]
+__all__ = [
+    "RESULTS",
+    "Yardstick",
+    "add_common_arguments",
+    "append_results",
+    "decode_tokens_per_s",
+    "load_default",
+    "machine_line",
+    "parse_config",
+    "print_table",
+    "random_layer",
+    "setup",
+    "time_call",
+]
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--windows`` (per held-out domain) and ``--threads``."""
-    parser.add_argument("--windows", type=int, default=32, help="512-token windows scored per held-out domain")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+def add_common_arguments(parser: argparse.ArgumentParser, windows: int | None = 32) -> None:
+    """``--windows`` (per held-out domain, ``windows`` by default; none when None), ``--threads``
+    and ``--no-record``."""
+    if windows is not None:
+        parser.add_argument(
+            "--windows", type=int, default=windows, help="512-token windows scored per held-out domain"
+        )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: %(default)s, None: torch's choice)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone (smoke runs)")
 
 
@@ -41,6 +63,12 @@ def setup(args: argparse.Namespace) -> None:
     _record = not args.no_record
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def parse_config(text: str) -> tuple[int, int]:
+    """``"w2g64"`` -> ``(2, 64)``: bits and group size."""
+    bits, group = text.lower().removeprefix("w").split("g")
+    return int(bits), int(group)
 
 
 def machine_line() -> str:
@@ -111,3 +139,55 @@ def append_results(rows: list[dict[str, str]], title: str | None = None, text: s
         if title is not None:
             f.write(f"\n## {title}, {datetime.date.today()}\n\n{text.strip()}\n\n")
         f.write(table_lines(rows, with_header=title is not None))
+
+
+def time_call(fn: Callable[[], object], sync: Callable[[], None], min_seconds: float = 0.2) -> float:
+    """Median seconds per call over timed batches of 10 calls, after warm-up."""
+    for _ in range(3):
+        fn()
+    sync()
+    samples: list[float] = []
+    while sum(samples) * 10 < min_seconds or len(samples) < 3:
+        start = time.perf_counter()
+        for _ in range(10):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - start) / 10)
+    return sorted(samples)[len(samples) // 2]
+
+
+def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, sync, repeats: int) -> float:
+    """Greedy decode speed with the KV cache: (t(N tokens) - t(1 token)) / (N - 1), prefill excluded."""
+
+    def run(n: int) -> float:
+        sync()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        sync()
+        return time.perf_counter() - start
+
+    run(4)  # warm-up (and kernel compilation)
+    t1 = sorted(run(1) for _ in range(repeats))[repeats // 2]
+    tn = sorted(run(new_tokens) for _ in range(repeats))[repeats // 2]
+    return prompt.shape[0] * (new_tokens - 1) / (tn - t1)
+
+
+def random_layer(
+    out_f: int, in_f: int, bits: int, group_size: int, dtype, device, kept: int = 0
+) -> DecoupledLinear:
+    """A ``DecoupledLinear`` from random packed integers, a plausible grid and ``kept`` random 16-bit
+    weights (speed does not depend on the values)."""
+    g = torch.Generator(device=device).manual_seed(out_f * 7 + in_f + bits)
+    layer = DecoupledLinear(in_f, out_f, bits, group_size, False, kept, dtype=dtype, device=device)
+    q = layer.qweight
+    q.copy_(torch.randint(-(2**31), 2**31 - 1, q.shape, dtype=torch.int32, device=device, generator=g))
+    s = layer.scales
+    s.copy_(torch.rand(s.shape, device=device, generator=g) * 0.02 + 0.002)
+    layer.zeros.copy_(-s * (2**bits - 1) / 2)
+    if kept:
+        pos = torch.randperm(out_f * in_f, device=device, generator=g)[:kept]
+        layer.outlier_rows.copy_(pos // in_f)
+        layer.outlier_cols.copy_(pos % in_f)
+        layer.outlier_values.copy_(torch.randn(kept, device=device, generator=g) * 0.1)
+    return layer

@@ -29,7 +29,7 @@ section is cut off: either loses only that section; each logs its progress as it
 Writes ``OUT/<section>.md`` and ``.json``, ``OUT/gpu.log`` (everything the sections print),
 ``OUT/results.md`` (all tables under a dated header naming the GPU, to append to
 benchmarks/RESULTS.md) and ``OUT/summary.md``, printed last. Needs only torch, transformers,
-triton and hfquant (no Hub, no data sets). Speed does not depend on the weights' values.
+triton, hfquant and ``_common.py`` beside it (timing helpers; no Hub, no data sets). Speed does not depend on the weights' values.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import decode_tokens_per_s, random_layer, time_call
 from torch import nn
 
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
@@ -89,42 +90,6 @@ def markdown_table(rows: list[dict]) -> str:
     headers = list(rows[0])
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(r.get(h, "")) for h in headers) + " |" for r in rows])
-
-
-def time_call(fn: Callable[[], object], sync: Callable[[], None], min_seconds: float = 0.2) -> float:
-    """Median seconds per call over timed batches of 10 calls, after warm-up."""
-    for _ in range(3):
-        fn()
-    sync()
-    samples: list[float] = []
-    while sum(samples) * 10 < min_seconds or len(samples) < 3:
-        start = time.perf_counter()
-        for _ in range(10):
-            fn()
-        sync()
-        samples.append((time.perf_counter() - start) / 10)
-    return sorted(samples)[len(samples) // 2]
-
-
-def random_layer(
-    out_f: int, in_f: int, bits: int, group_size: int, dtype, device, kept: int = 0
-) -> nn.Module:
-    """A ``DecoupledLinear`` from random packed integers, a plausible grid and ``kept`` random 16-bit weights."""
-    from hfquant.nn import DecoupledLinear
-
-    g = torch.Generator(device=device).manual_seed(out_f * 7 + in_f + bits)
-    layer = DecoupledLinear(in_f, out_f, bits, group_size, False, kept, dtype=dtype, device=device)
-    q = layer.qweight
-    q.copy_(torch.randint(-(2**31), 2**31 - 1, q.shape, dtype=torch.int32, device=device, generator=g))
-    s = layer.scales
-    s.copy_(torch.rand(s.shape, device=device, generator=g) * 0.02 + 0.002)
-    layer.zeros.copy_(-s * (2**bits - 1) / 2)
-    if kept:
-        pos = torch.randperm(out_f * in_f, device=device, generator=g)[:kept]
-        layer.outlier_rows.copy_(pos // in_f)
-        layer.outlier_cols.copy_(pos % in_f)
-        layer.outlier_values.copy_(torch.randn(kept, device=device, generator=g) * 0.1)
-    return layer
 
 
 def llama_config(smoke: bool, layers: int, vocab: int | None = None):
@@ -416,23 +381,6 @@ def section_tune(sec: Section) -> None:
     sec.table(f"Launch configurations, W2 g64, {dtype} activations, median", rows)
     sec.data = {"best": best}
     sec.summary.append("best: " + "; ".join(f"{k} {v['best']} {v['us']:.1f} us" for k, v in best.items()))
-
-
-def decode_tokens_per_s(model: nn.Module, prompt: torch.Tensor, new_tokens: int, sync, repeats: int) -> float:
-    """Greedy decode speed with the KV cache: (t(N tokens) - t(1 token)) / (N - 1), prefill excluded."""
-
-    def run(n: int) -> float:
-        sync()
-        start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        sync()
-        return time.perf_counter() - start
-
-    run(4)  # warm-up (and kernel compilation)
-    t1 = sorted(run(1) for _ in range(repeats))[repeats // 2]
-    tn = sorted(run(new_tokens) for _ in range(repeats))[repeats // 2]
-    return prompt.shape[0] * (new_tokens - 1) / (tn - t1)
 
 
 def graph_decode_tokens_per_s(
