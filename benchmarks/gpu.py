@@ -29,7 +29,8 @@ section is cut off: either loses only that section; each logs its progress as it
 Writes ``OUT/<section>.md`` and ``.json``, ``OUT/gpu.log`` (everything the sections print),
 ``OUT/results.md`` (all tables under a dated header naming the GPU, to append to
 benchmarks/RESULTS.md) and ``OUT/summary.md``, printed last. Needs only torch, transformers,
-triton, hfquant and ``_common.py`` beside it (timing helpers; no Hub, no data sets). Speed does not depend on the weights' values.
+triton, hfquant and ``_common.py`` beside it (timing helpers; no Hub, no data sets). Speed does
+not depend on the weights' values.
 """
 
 from __future__ import annotations
