@@ -11,21 +11,19 @@ Appends the table to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-from hfquant.cli import print_table
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
+import torch
+from _common import add_common_arguments, append_results, machine_line, print_table, setup
 
 PROBE = """
 import json, resource, sys
 import torch, transformers, hfquant
 from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[2]))
 def rss_mb():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
@@ -39,16 +37,18 @@ print(json.dumps({"baseline": base, "peak": peak, "after": rss_mb()}))
 
 
 def measure(folder: Path) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(folder)], capture_output=True, text=True, check=True
-    ).stdout
+    """Load ``folder`` in a fresh Python with this process's torch thread count."""
+    cmd = [sys.executable, "-c", PROBE, str(folder), str(torch.get_num_threads())]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", type=Path)
+    add_common_arguments(parser, windows=None)
     args = parser.parse_args()
+    setup(args)
     rows = []
     for folder in args.folders:
         files = sorted(folder.glob("*.safetensors"))
@@ -65,13 +65,9 @@ def main() -> None:
                 "x weights": f"{(m['peak'] - m['baseline']) / size:.2f}",
             }
         )
-    table = print_table(rows)
-    with RESULTS.open("a", encoding="utf-8") as f:
-        f.write(
-            f"\n## load_memory.py, {datetime.date.today()}: {platform.machine()} CPU, each load in a fresh process\n\n"
-            + table
-            + "\n"
-        )
+    print_table(rows)
+    title = "load_memory.py: peak RSS of loading a checkpoint, each load in a fresh process"
+    append_results(rows, title=title, text=f"{machine_line()}.")
 
 
 if __name__ == "__main__":
