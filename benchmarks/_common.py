@@ -50,7 +50,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, windows: int | None = 
         parser.add_argument(
             "--windows", type=int, default=windows, help="512-token windows scored per held-out domain"
         )
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: %(default)s, None: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: %(default)s; None is torch's own choice)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone (smoke runs)")
 
 
