@@ -50,6 +50,21 @@ def tiny_chat_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def quantized_chat_dir(tiny_chat_model_dir, tmp_path_factory) -> Path:
+    """``tiny_chat_model_dir`` quantized at load (W4 g32, RTN) and saved with its tokenizer: a
+    checkpoint that pipelines, lm-eval and the CLI open. Tests may rewrite its model card."""
+    from transformers import AutoTokenizer
+
+    from hfquant import HfQuantConfig
+
+    out = tmp_path_factory.mktemp("chat-w4") / "w4"
+    config = HfQuantConfig(bits=4, group_size=32, method="rtn")
+    AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, quantization_config=config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_chat_model_dir).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def tiny_tokenized_dir(request, tmp_path_factory) -> Path:
     """A tiny random Llama or Qwen2 with the real SmolLM2 tokenizer: calibrated methods can run on it."""

@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import hfquant
 from hfquant.tasks import TASKS_DIR
 
 CHECKPOINTS = Path(__file__).parent / "fixtures" / "checkpoints"
@@ -49,19 +48,7 @@ def test_bare_python_runs_the_hook_and_imports_neither_torch_nor_transformers(tm
 
 
 @pytest.fixture(scope="module")
-def chat_checkpoint(tiny_chat_model_dir, tmp_path_factory):
-    """A tiny 4-bit checkpoint with the real tokenizer (pipeline and lm-eval need one)."""
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("autoload") / "w4"
-    config = hfquant.HfQuantConfig(bits=4, group_size=32, method="rtn")
-    AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, quantization_config=config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_chat_model_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def fresh_python_outputs(chat_checkpoint, tmp_path_factory):
+def fresh_python_outputs(quantized_chat_dir, tmp_path_factory):
     """One fresh Python (never importing hfquant) loads every stored format with ``from_pretrained``,
     the chat checkpoint with ``pipeline``, and scores it with ``lm_eval``'s ``hf`` model."""
     tmp = tmp_path_factory.mktemp("fresh")
@@ -80,12 +67,12 @@ def fresh_python_outputs(chat_checkpoint, tmp_path_factory):
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
             with torch.no_grad():
                 logits[name] = model(load_file(folder + "/expected.safetensors")["input_ids"]).logits
-        pipe = pipeline("text-generation", model={str(chat_checkpoint)!r}, dtype=torch.float32, device="cpu")
+        pipe = pipeline("text-generation", model={str(quantized_chat_dir)!r}, dtype=torch.float32, device="cpu")
         with torch.no_grad():
             logits["pipeline"] = pipe.model(torch.arange(1, 33).unsqueeze(0)).logits
         save_file(logits, "logits.safetensors")
         results = lm_eval.simple_evaluate(
-            model="hf", model_args={{"pretrained": {str(chat_checkpoint)!r}, "device": "cpu", "dtype": "float32"}},
+            model="hf", model_args={{"pretrained": {str(quantized_chat_dir)!r}, "device": "cpu", "dtype": "float32"}},
             tasks=["hfquant_facts_loglik"], limit=4, log_samples=False, bootstrap_iters=0,
             task_manager=TaskManager(include_path={str(TASKS_DIR)!r}, include_defaults=False),
         )
@@ -106,21 +93,21 @@ def test_from_pretrained_without_import_gives_bit_identical_logits(fresh_python_
     assert torch.equal(fresh_python_outputs[0][name], expected)
 
 
-def test_pipeline_without_import_loads_the_quantized_model(fresh_python_outputs, chat_checkpoint):
+def test_pipeline_without_import_loads_the_quantized_model(fresh_python_outputs, quantized_chat_dir):
     logits, out = fresh_python_outputs
     assert out["imported_by_hook"] and out["pipeline_module"].startswith("hfquant.")
-    model = AutoModelForCausalLM.from_pretrained(chat_checkpoint, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(quantized_chat_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(logits["pipeline"], model(torch.arange(1, 33).unsqueeze(0)).logits)
 
 
-def test_lm_eval_hf_model_without_import_scores_like_the_loaded_model(fresh_python_outputs, chat_checkpoint):
+def test_lm_eval_hf_model_without_import_scores_like_the_loaded_model(fresh_python_outputs, quantized_chat_dir):
     from transformers import AutoTokenizer
 
     from hfquant import harness
 
-    model = AutoModelForCausalLM.from_pretrained(chat_checkpoint, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(chat_checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(quantized_chat_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(quantized_chat_dir)
     ours = harness.run_tasks(model, tokenizer, ["hfquant_facts_loglik"], limit=4)["results"]
     theirs = fresh_python_outputs[1]["results"]
     assert theirs["hfquant_facts_loglik"]["perplexity,none"] == pytest.approx(ours["hfquant_facts_loglik"]["perplexity,none"])

@@ -3,24 +3,13 @@
 import os
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import hfquant
 from hfquant import harness
 from hfquant.cli import build_parser, main
 from hfquant.export.model_card import TaskScore, write_scores
 from hfquant.tasks import LOCAL_TASKS, TASKS_DIR
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def quantized_chat_dir(tiny_chat_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("harness") / "w4"
-    config = hfquant.HfQuantConfig(bits=4, group_size=32, method="rtn")
-    AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, quantization_config=config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_chat_model_dir).save_pretrained(out)
-    return out
 
 
 def test_local_tasks_ship_in_the_package():
