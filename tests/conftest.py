@@ -68,19 +68,13 @@ def quantized_chat_dir(tiny_chat_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def tiny_tokenized_dir(request, tmp_path_factory) -> Path:
     """A tiny random Llama or Qwen2 with the real SmolLM2 tokenizer: calibrated methods can run on it."""
-    import copy
-
     from transformers import AutoTokenizer
 
     from hfquant.models import default_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    config = copy.deepcopy(TINY[request.param])
-    config.vocab_size = len(tokenizer)
-    config.tie_word_embeddings = True
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp(f"{request.param}-tok")
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    build_tiny(request.param, path, vocab_size=len(tokenizer), tie_word_embeddings=True)
     tokenizer.save_pretrained(path)
     return path
 

@@ -3,6 +3,7 @@ problems, hand-built layers, and editing a saved checkpoint."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedModel, Qwen2Config
 
 from hfquant import DecoupledLinear
 from hfquant.algorithms.rtn import rtn_quantize
@@ -49,10 +50,18 @@ TINY = {
 }
 
 
-def build_tiny(arch: str, path: Path) -> Path:
+def tiny_model(arch: str = "llama", **overrides) -> PreTrainedModel:
+    """A tiny random model of ``arch`` (seed 0), its config changed by ``overrides`` (e.g. ``vocab_size``)."""
+    config = copy.deepcopy(TINY[arch])
+    for key, value in overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(TINY[arch], dtype=torch.float32)
-    model.save_pretrained(path)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def build_tiny(arch: str, path: Path, **overrides) -> Path:
+    """``tiny_model(arch, **overrides)`` saved in ``path``."""
+    tiny_model(arch, **overrides).save_pretrained(path)
     return path
 
 
@@ -65,7 +74,8 @@ TINY_TEXTS = [
 
 
 class ByteTokenizer:
-    """Token ids are the text's UTF-8 bytes: calibrates the tiny 320-token models without a tokenizer file."""
+    """Token ids are the text's UTF-8 bytes (ASCII text stays below 128): calibrates tiny models
+    without a tokenizer file."""
 
     def __call__(self, text: str, **_kwargs) -> dict[str, list[int]]:
         return {"input_ids": list(text.encode("utf-8"))}

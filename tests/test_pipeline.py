@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from helpers import tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfquant import HfQuantConfig
 from hfquant.algorithms.block import block_error
@@ -22,22 +23,8 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(default_model_path())
 
 
-def _tiny(vocab: int = 320) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=128,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
 def test_capture_keeps_block_kwargs():
-    model = _tiny()
+    model = tiny_model().eval()
     prefix, blocks = find_decoder_blocks(model)
     assert prefix == "model.layers" and len(blocks) == 2
     ids = torch.randint(0, 320, (6, 16), generator=torch.Generator().manual_seed(0))
@@ -52,7 +39,7 @@ def test_capture_keeps_block_kwargs():
 
 
 def _quantized_block(bits: int = 2):
-    model = _tiny()
+    model = tiny_model().eval()
     _, blocks = find_decoder_blocks(model)
     ids = torch.randint(0, 320, (8, 24), generator=torch.Generator().manual_seed(1))
     batches = capture_block_inputs(model, blocks[0], ids, batch_size=4)
@@ -109,7 +96,7 @@ def test_validation_batches(n_batches, fraction, held_out):
 
 
 def test_quantize_with_held_out_blockwise_batches(tokenizer):
-    model = _tiny(vocab=len(tokenizer))
+    model = tiny_model(vocab_size=len(tokenizer)).eval()
     config = HfQuantConfig(
         bits=2, group_size=32, method="gptq", nsamples=8, seqlen=32, blockwise_epochs=2,
         blockwise_batch_size=4, blockwise_validation=0.5,
@@ -127,7 +114,7 @@ def test_blockwise_validation_config_is_checked():
 
 @pytest.mark.parametrize("method", ["gptq", "decoupleq"])
 def test_calibrated_methods_beat_rtn_end_to_end(tokenizer, method):
-    model = _tiny(vocab=len(tokenizer))
+    model = tiny_model(vocab_size=len(tokenizer)).eval()
     ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt").input_ids[
         :, :64
     ]
@@ -151,7 +138,7 @@ def test_calibrated_methods_beat_rtn_end_to_end(tokenizer, method):
 
 def test_offloaded_model_quantizes_to_the_same_result(tokenizer, tmp_path):
     """max_memory/device_map offload: blocks on disk are loaded one at a time and give identical results."""
-    model = _tiny(vocab=len(tokenizer))
+    model = tiny_model(vocab_size=len(tokenizer)).eval()
     model.save_pretrained(tmp_path / "fp")
 
     def config():
