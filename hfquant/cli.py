@@ -396,7 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("export-gguf", help="write a model (float or hfquant-quantized) as one GGUF file for llama.cpp")
     g.add_argument("model", help="model folder or Hub id (a saved hfquant checkpoint or a float model)")
     g.add_argument("out", help="the .gguf file to write (atomically)")
-    g.add_argument("--type", default="q4_1", help="q4_0, q4_1, q8_0, q2_k, q3_k, q4_k, f16 or f32 (default q4_1)")
+    g.add_argument(
+        "--type", default=None,
+        help="q4_0, q4_1, q8_0, q2_k, q3_k, q4_k, f16 or f32 (default: the model's gguf_type, else q4_1)",
+    )
     g.add_argument("--embedding-type", default=None, help="token embedding type (default: the output type when tied, else --type)")
     g.add_argument("--output-type", default=None, help="output head type (default q8_0)")
     g.set_defaults(func=cmd_export_gguf)

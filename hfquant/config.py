@@ -15,6 +15,7 @@ SUPPORTED_METHODS = ("rtn", "gptq", "decoupleq", "inq")
 MAX_SPLIT_CLUSTERS = 8  # cluster indices take at most 3 bits per weight
 SUPPORTED_SALIENCIES = ("tacq", "magnitude", "hessian")
 SUPPORTED_OUTLIER_SCOPES = ("layer", "global")
+SUPPORTED_GGUF_TYPES = (None, "q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k")
 
 # Fields that only steer quantization (not loading) and may hold objects JSON cannot carry.
 _RUNTIME_ONLY = ("tokenizer", "work_dir")
@@ -72,6 +73,15 @@ class HfQuantConfig(QuantizationConfigMixin):
             and used only to choose which epoch's state to keep (whole batches of
             ``blockwise_batch_size``, at least one batch left to train on); they still enter the
             Hessians. ``0`` keeps the state best on the training batches themselves.
+        gguf_type: solve on the grid of a GGUF (llama.cpp) block type and store its blocks
+            (``"q4_0"``, ``"q4_1"``, ``"q8_0"``: blocks of 32 with a float16 scale, and a float16 min
+            for ``q4_1``; ``"q2_k"``, ``"q3_k"``, ``"q4_k"``: super-blocks of 256 with 4- or 6-bit
+            sub-block scale (and min) codes under float16 factors), so that
+            ``hfquant.export.save_gguf`` writes the weights losslessly. The type fixes the integer
+            width and the groups, so ``bits`` and ``group_size`` do not apply; rows a K-quant cannot
+            hold (not a multiple of 256) take llama.cpp's fallback type (see
+            :mod:`hfquant.formats.gguf`). ``method="decoupleq"`` only, without kept weights or
+            SplitQuant. ``None`` (default): hfquant's own grid.
         seed: seed of the calibration window draw.
         tokenizer: tokenizer (or its path) for calibration; defaults to the model's own folder.
         work_dir: folder where each finished decoder block is saved (its quantized modules and the
@@ -102,6 +112,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         blockwise_lr: float = 1e-3,
         blockwise_batch_size: int = 8,
         blockwise_validation: float = 0.0,
+        gguf_type: str | None = None,
         seed: int = 0,
         tokenizer: Any = None,
         work_dir: str | os.PathLike | None = None,
@@ -130,6 +141,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.blockwise_lr = blockwise_lr
         self.blockwise_batch_size = blockwise_batch_size
         self.blockwise_validation = blockwise_validation
+        self.gguf_type = gguf_type
         self.seed = seed
         self.tokenizer = tokenizer
         self.work_dir = work_dir
@@ -155,6 +167,12 @@ class HfQuantConfig(QuantizationConfigMixin):
             raise ValueError(
                 "split_clusters applies to method rtn, gptq or decoupleq, not to inq (powers of two have no grid "
                 "to split): set split_clusters=0"
+            )
+        _check_choice("gguf_type", self.gguf_type, SUPPORTED_GGUF_TYPES)
+        if self.gguf_type and (self.method != "decoupleq" or self.split_clusters > 1 or self.outlier_fraction):
+            raise ValueError(
+                f"gguf_type={self.gguf_type!r} is solved by method='decoupleq' with split_clusters=0 and "
+                "outlier_fraction=0 (GGUF stores no clusters or kept weights)"
             )
         _check_int("nsamples", self.nsamples, minimum=1)
         _check_int("seqlen", self.seqlen, minimum=2)

@@ -33,6 +33,14 @@ Chosen otherwise:
     residual and feed no error in the integer step.
   * a per-tensor grid (``group_size=0``) is one ``(s, z)`` for all rows: its float step solves the
     sum of the rows' normal equations, and steps are accepted on the whole layer's objective.
+  * on a GGUF type's grid (``grid_spec``, :mod:`hfquant.algorithms.gguf_grid`) the type fixes the
+    width and groups; a tied zero (``z = -offset * s``: ``q4_0``, ``q8_0``, ``q3_k``) is solved
+    exactly as one unknown per group; every float solve (and the start's min-max grid) is then
+    projected onto the values the type stores, weighting each group by its diagonal in the normal
+    matrix, and the objective is that of the projected grid. GPTQ rounds a given grid to float16
+    before choosing integers: a K-quant sub-block scale ``d * sc`` (up to 17 significant bits) is
+    off by at most half a float16 step there, which only moves an integer sitting that close to a
+    rounding boundary; the float step and the objective use the exact grid.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hfquant.algorithms.gptq import gptq_solve, prepare_hessian, to_fp16_grid
+from hfquant.algorithms.gguf_grid import BlockGridWeight, GridSpec, cover_range, project
+from hfquant.algorithms.gptq import gptq_solve, masked_minmax_grid, prepare_hessian, to_fp16_grid
 from hfquant.algorithms.grid import QuantizedWeight, effective_group_size, num_groups
 
 
@@ -61,10 +70,17 @@ class _FloatProblem:
     group_sums: torch.Tensor  # [G, G, gs]: 1_g^T H restricted to group h
     delta: float  # absolute dampening added to H's diagonal in the solve
     shared: bool  # one grid for all rows (per tensor): the rows' normal equations are summed
+    spec: GridSpec | None = None  # a GGUF type's grid: each solve is projected onto it
 
     @classmethod
     def build(
-        cls, w: torch.Tensor, hessian: torch.Tensor, group_size: int, keep: torch.Tensor | None, damp: float
+        cls,
+        w: torch.Tensor,
+        hessian: torch.Tensor,
+        group_size: int,
+        keep: torch.Tensor | None,
+        damp: float,
+        spec: GridSpec | None = None,
     ) -> _FloatProblem:
         out_features, in_features = w.shape
         gs = effective_group_size(in_features, group_size)
@@ -96,6 +112,7 @@ class _FloatProblem:
             group_sums=h_pad.reshape(ng, gs, ng, gs).sum(dim=1),
             delta=damp * float(hessian.diagonal().mean()),
             shared=group_size == 0,
+            spec=spec,
         )
 
     def solve(
@@ -176,8 +193,19 @@ class _FloatProblem:
         theta_prev = None if prev is None else torch.cat(prev, dim=1).double()
         if theta_prev is not None:
             rhs = rhs + ridge * theta_prev
-        theta = torch.linalg.solve(p_damped, rhs)
-        if round_fp16:
+        offset = None if self.spec is None else self.spec.offset
+        if offset is None:
+            theta = torch.linalg.solve(p_damped, rhs)
+        else:
+            # Tied zero: theta = T phi with T = [I; -offset I], one unknown per group.
+            eye = torch.eye(ng, dtype=p.dtype, device=p.device)
+            tie = torch.cat([eye, -offset * eye])
+            theta = torch.linalg.solve(tie.T @ p_damped @ tie, rhs @ tie) @ tie.T
+        if self.spec is not None:
+            importance = (p[:, idx, idx].clamp_min(0).float(), p[:, idx + ng, idx + ng].clamp_min(0).float())
+            stored = project(self.spec, theta[:, :ng].float(), theta[:, ng:].float(), importance)
+            theta = torch.cat([stored.scales, stored.zeros], dim=1).double()
+        elif round_fp16:
             theta = to_fp16_grid(theta.float()).double()
 
         def objective(t: torch.Tensor) -> torch.Tensor:
@@ -224,6 +252,7 @@ def decoupleq_quantize(
     act_order: bool = True,
     block_size: int = 128,
     history: list[float] | None = None,
+    grid_spec: GridSpec | None = None,
 ) -> QuantizedWeight:
     """Quantize ``w`` [out, in] by alternating exact float steps and GPTQ integer steps.
 
@@ -237,11 +266,27 @@ def decoupleq_quantize(
         history: if given, receives the objective (undamped, kept weights exact) of the start
             and after every step; non-increasing, since steps are accepted per row only where
             they help.
+        grid_spec: solve on a GGUF type's grid (:mod:`hfquant.algorithms.gguf_grid`); its ``bits``
+            and ``group_size`` replace the arguments, and the result is a ``BlockGridWeight``
+            carrying the codes that store its grid.
     """
     w = w.float()
+    if grid_spec is not None:
+        bits, group_size = grid_spec.bits, grid_spec.group_size
     inv = prepare_hessian(hessian, damp, act_order)
-    problem = _FloatProblem.build(w, hessian.float(), group_size, kept, damp)
-    best = gptq_solve(w, inv, bits, group_size, block_size=block_size, kept=kept)
+    problem = _FloatProblem.build(w, hessian.float(), group_size, kept, damp, grid_spec)
+
+    def integer_step(grid: tuple[torch.Tensor, torch.Tensor] | None) -> QuantizedWeight:
+        result = gptq_solve(w, inv, bits, group_size, block_size=block_size, grid=grid, kept=kept)
+        if grid_spec is not None:  # GPTQ's float16 copy of the grid is not the stored one
+            result.scales, result.zeros = grid[0].clone(), grid[1].clone()
+        return result
+
+    start = None
+    if grid_spec is not None:
+        stored = project(grid_spec, *cover_range(grid_spec, *masked_minmax_grid(w, bits, group_size, kept)))
+        start = (stored.scales, stored.zeros)
+    best = integer_step(start)
     # Each float step also prices the integers it starts from on the grid they were solved on.
     s, z, obj, best_obj = problem.solve(best.qweight, (best.scales, best.zeros), round_fp16=True)
     if history is not None:
@@ -263,9 +308,11 @@ def decoupleq_quantize(
 
     accept(best.qweight, s, z, obj)
     for _ in range(iters):
-        grid = (best.scales, best.zeros)
-        cand = gptq_solve(w, inv, bits, group_size, block_size=block_size, grid=grid, kept=kept)
+        cand = integer_step((best.scales, best.zeros))
         s, z, obj, obj_cand = problem.solve(cand.qweight, (cand.scales, cand.zeros), round_fp16=True)
         accept(cand.qweight, cand.scales, cand.zeros, obj_cand)
         accept(cand.qweight, s, z, obj)
-    return best
+    if grid_spec is None:
+        return best
+    # Projection is idempotent: the kept grid's codes are read back from it exactly.
+    return BlockGridWeight(best.qweight, best.scales, best.zeros, project(grid_spec, best.scales, best.zeros))

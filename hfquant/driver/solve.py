@@ -13,6 +13,7 @@ from hfquant.algorithms.rtn import rtn_quantize
 from hfquant.algorithms.splitquant import SplitWeight, split_quantize
 from hfquant.config import HfQuantConfig
 from hfquant.formats import QuantizedLinear, format_for
+from hfquant.formats.gguf import grid_for
 
 
 def solve_layer(
@@ -24,7 +25,8 @@ def solve_layer(
     """Quantize one weight matrix with the configured method; ``kept`` weights are left out.
 
     With ``split_clusters > 1`` the result is a SplitQuant weight (``kept`` is then refused by the
-    config).
+    config); with ``gguf_type`` decoupleQ solves on that GGUF type's grid (its fallback where the
+    row width needs one).
     """
     if config.split_clusters > 1:
         return split_quantize(
@@ -63,6 +65,7 @@ def solve_layer(
         iters=config.decoupleq_iters,
         damp=config.damp,
         kept=kept,
+        grid_spec=grid_for(config.gguf_type, weight.shape[1]) if config.gguf_type else None,
     )
 
 

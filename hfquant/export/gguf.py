@@ -9,11 +9,11 @@ written with the ``gguf`` package's ``GGUFWriter``.
 Block types (``GGUF_TYPES``): ``q4_0``, ``q4_1``, ``q8_0`` (blocks of 32), ``q2_k``, ``q3_k``,
 ``q4_k`` (super-blocks of 256), and ``f16`` / ``f32``. How each weight is written:
 
-* **lossless**: a ``DecoupledLinear`` whose stored grid is exactly the type's grid (W4 g32 with
-  float16 scale and zero is ``Q4_1``: ``w = d * q + m``; a W4 g32 grid with ``zero = -8 * scale``
-  is ``Q4_0``) is written from its integers and float16 scale/zero, with no requantization. A
-  future GGUF-typed format hands its blocks over the same way: a module with a ``gguf_blocks(qtype)``
-  method returning :class:`GGUFBlocks` (its stored integers and scales) is written as is.
+* **lossless**: a ``GGUFLinear`` (a model quantized with ``HfQuantConfig(gguf_type=...)``, solved
+  on the type's grid, :mod:`hfquant.formats.gguf`) is written from its stored integers and codes
+  when the type written is its own (its fallback included); so is a ``DecoupledLinear`` whose
+  stored grid is exactly the type's grid (W4 g32 with float16 scale and zero is ``Q4_1``:
+  ``w = d * q + m``; a W4 g32 grid with ``zero = -8 * scale`` is ``Q4_0``).
 * **requantized**: any other weight is dequantized and quantized to the type: with
   ``gguf.quants.quantize`` for the 32-blocks, with :func:`quantize_k` (min-max sub-block grids,
   6- or 4-bit sub-block scales under float16 super-block factors) for the K-quants, which ``gguf``
@@ -47,12 +47,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from hfquant.formats.gguf import FALLBACK, GGUFLinear
+
 LLAMACPP_SDIST_VERSION = "0.3.36"
 
 # Allowed values of ``type`` / ``embedding_type`` / ``output_type``.
 GGUF_TYPES = ("q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k", "f16", "f32")
-# llama.cpp's tensor_type_fallback (src/llama-quant.cpp) for rows a 256-block type cannot hold.
-FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0"}
 # The general.file_type written for each main type (llama.cpp's names for the mostly-X files).
 _FILE_TYPE = {
     "q4_0": "MOSTLY_Q4_0",
@@ -108,7 +108,7 @@ class GGUFBlocks:
     per block (``[rows, n_blocks]``, float16) or per sub-block (``[rows, n_blocks, n_sub]``, the
     small integers). Dequantized weight, per type:
 
-    * ``q4_0``: ``d * (q - 8)``; ``q4_1``: ``d * q + m``; ``q8_0``: ``d * (q - 128)``
+    * ``q4_0``: ``d * (q - 8)``; ``q4_1``: ``d * q + m``; ``q5_0``: ``d * (q - 16)``; ``q8_0``: ``d * (q - 128)``
     * ``q2_k``: ``d * sc * q - dmin * mn`` (16 sub-blocks of 16, 4-bit ``sc``, ``mn``, 2-bit ``q``)
     * ``q3_k``: ``d * (sc - 32) * (q - 4)`` (16 sub-blocks of 16, 6-bit ``sc``, 3-bit ``q``)
     * ``q4_k``: ``d * sc * q - dmin * mn`` (8 sub-blocks of 32, 6-bit ``sc``, ``mn``, 4-bit ``q``)
@@ -145,6 +145,8 @@ class GGUFBlocks:
             w = d * (q - 8)
         elif t == "q4_1":
             w = d * q + self.m.astype(np.float32)[..., None]
+        elif t == "q5_0":
+            w = d * (q - 16)
         elif t == "q8_0":
             w = d * (q - 128)
         else:
@@ -169,6 +171,10 @@ class GGUFBlocks:
         if t in ("q4_0", "q4_1"):
             qs = q[:, :16] | (q[:, 16:] << 4)
             parts = [f16(self.d)] + ([f16(self.m)] if t == "q4_1" else []) + [qs]
+        elif t == "q5_0":
+            qh = ((q >> 4).astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(1, dtype=np.uint32)
+            qs = (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)
+            parts = [f16(self.d), qh.astype("<u4").reshape(-1, 1).view(np.uint8), qs]
         elif t == "q8_0":
             parts = [f16(self.d), (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)]
         elif t == "q2_k":
@@ -314,6 +320,32 @@ def quantize_tensor(w: np.ndarray, qtype: str) -> np.ndarray:
 def block_size(qtype: str) -> int:
     gguf = _gguf()
     return gguf.GGML_QUANT_SIZES[qtype_of(qtype)][0]
+
+
+def stored_blocks(module: nn.Module, qtype: str) -> GGUFBlocks | None:
+    """The blocks a quantized layer already stores in ``qtype`` (:func:`gguf_layer_blocks`,
+    :func:`decoupled_blocks`), or None when it must be requantized."""
+    if isinstance(module, GGUFLinear):
+        return gguf_layer_blocks(module) if module.grid.name == qtype else None
+    return decoupled_blocks(module, qtype)
+
+
+def gguf_layer_blocks(module: GGUFLinear) -> GGUFBlocks:
+    """A ``GGUFLinear``'s integers and codes as the blocks of its type."""
+    grid, rows = module.grid, module.out_features
+    q = module.integers().cpu().numpy().reshape(rows, -1, grid.block_size)
+
+    def codes(name: str, shift: int = 0):
+        t = getattr(module, name).detach().cpu()
+        return (t.short() + shift).numpy().astype(np.uint8).reshape(rows, q.shape[1], -1)
+
+    d = module.d.detach().cpu().numpy()
+    if grid.scale_codes is None:
+        m = None if grid.offset is not None else module.dmin.detach().cpu().numpy()
+        return GGUFBlocks(grid.name, q, d, m=m)
+    if grid.min_codes is None:  # q3_k: llama.cpp stores the signed code plus 32
+        return GGUFBlocks(grid.name, q, d, sc=codes("sc", 32))
+    return GGUFBlocks(grid.name, q, d, dmin=module.dmin.detach().cpu().numpy(), sc=codes("sc"), mn=codes("mn"))
 
 
 def decoupled_blocks(module: nn.Module, qtype: str) -> GGUFBlocks | None:
@@ -499,23 +531,25 @@ def save_gguf(
     model: nn.Module,
     tokenizer: Any,
     path: str | os.PathLike,
-    type: str = "q4_1",  # noqa: A002 - the CLI's --type
+    type: str | None = None,  # noqa: A002 - the CLI's --type
     embedding_type: str | None = None,
     output_type: str | None = None,
     model_name: str | None = None,
 ) -> GGUFExportSummary:
     """Write ``model`` (float or hfquant-quantized) and ``tokenizer`` as one GGUF file for llama.cpp.
 
-    ``type`` is the block type of the linear weights (``GGUF_TYPES``); ``embedding_type`` and
+    ``type`` is the block type of the linear weights (``GGUF_TYPES``; default: the ``gguf_type`` the
+    model was solved on, else ``q4_1``); ``embedding_type`` and
     ``output_type`` those of the token embedding and output head (see the module docstring for
     defaults and fallbacks). The file is written to a temporary file in the same folder and moved
     into place: an error leaves no partial file. Returns a summary of how each tensor was written.
     """
     gguf = _gguf()
-    main = check_type(type, "type")
+    quantized = _linear_modules(model)
+    solved_on = next((m.gguf_type for m in quantized.values() if isinstance(m, GGUFLinear)), "q4_1")
+    main = check_type(type or solved_on, "type")
     out_type = check_type(output_type, "output type") if output_type else "q8_0"
     emb_type = check_type(embedding_type, "embedding type") if embedding_type else None
-    quantized = _linear_modules(model)
     _check_no_kept_weights(quantized)
     target = Path(path)
     if target.is_dir():
@@ -607,7 +641,7 @@ def _add_tensor(conv, writer, hf_name: str, source: Any, main, emb_type, out_typ
             how = reason
         qtype = qtype_of(written)
         if perm is not None:
-            blocks = data.gguf_blocks(written) if hasattr(data, "gguf_blocks") else decoupled_blocks(data, written)
+            blocks = stored_blocks(data, written)
             if blocks is not None:
                 array, how = blocks.take_rows(perm).pack(), how or "lossless"
             else:

@@ -12,22 +12,25 @@ from typing import Any
 
 from hfquant.formats.base import STORAGE_DTYPE, CheckpointError, QuantizedLinear
 from hfquant.formats.decoupled import DecoupledLinear
+from hfquant.formats.gguf import GGUFLinear
 from hfquant.formats.power_of_two import PowerOfTwoLinear
 from hfquant.formats.split import SplitLinear
 
 # The registry: every format hfquant writes, by name.
 FORMATS: dict[str, type[QuantizedLinear]] = {
-    cls.name: cls for cls in (DecoupledLinear, SplitLinear, PowerOfTwoLinear)
+    cls.name: cls for cls in (DecoupledLinear, SplitLinear, PowerOfTwoLinear, GGUFLinear)
 }
 
 
 def format_for(config: Any) -> type[QuantizedLinear]:
-    """The format a config stores its layers in: INQ's powers of two, SplitQuant's clusters, or the
-    affine grid of every other method."""
+    """The format a config stores its layers in: INQ's powers of two, SplitQuant's clusters, a GGUF
+    type's blocks, or the affine grid of every other method."""
     if config.method == "inq":
         return FORMATS["power_of_two"]
     if config.split_clusters > 1:
         return FORMATS["split"]
+    if getattr(config, "gguf_type", None):
+        return FORMATS["gguf"]
     return FORMATS["decoupled"]
 
 
@@ -36,6 +39,7 @@ __all__ = [
     "STORAGE_DTYPE",
     "CheckpointError",
     "DecoupledLinear",
+    "GGUFLinear",
     "PowerOfTwoLinear",
     "QuantizedLinear",
     "SplitLinear",

@@ -1,0 +1,217 @@
+"""Solving on a GGUF type's grid: ``HfQuantConfig(gguf_type=...)``, the projection onto what each type
+stores, and the lossless export of the result (gguf's own dequantize == hfquant's weight)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY_TEXTS
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from hfquant import HfQuantConfig
+from hfquant.algorithms.decoupleq import decoupleq_quantize
+from hfquant.algorithms.gguf_grid import project
+from hfquant.formats import GGUFLinear, format_for
+from hfquant.formats.gguf import GGUF_GRIDS, grid_for
+
+gguf = pytest.importorskip("gguf")
+
+from hfquant.export.gguf import llamacpp_source, quantize_k, quantize_tensor, save_gguf  # noqa: E402
+
+TYPES = ("q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k")
+needs_converter = pytest.mark.skipif(
+    not (llamacpp_source() / "conversion").is_dir(),
+    reason=f"llama.cpp's converter is absent ({llamacpp_source()}): run `make llamacpp` or set HFQUANT_LLAMACPP_SRC",
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_config_names_the_field_and_the_allowed_types():
+    with pytest.raises(ValueError, match=r"gguf_type must be one of \[None, 'q4_0', 'q4_1', 'q8_0', 'q2_k', 'q3_k', 'q4_k'\]"):
+        HfQuantConfig(gguf_type="q5_k")
+    with pytest.raises(ValueError, match="gguf_type='q2_k' is solved by method='decoupleq'"):
+        HfQuantConfig(gguf_type="q2_k", method="gptq")
+    with pytest.raises(ValueError, match="outlier_fraction=0"):
+        HfQuantConfig(gguf_type="q4_0", outlier_fraction=0.01)
+    config = HfQuantConfig(gguf_type="q3_k")
+    assert format_for(config) is GGUFLinear
+    assert HfQuantConfig.from_dict(config.to_dict()).gguf_type == "q3_k"
+
+
+def test_rows_a_k_quant_cannot_hold_take_llama_cpp_fallback():
+    assert grid_for("q2_k", 512).name == "q2_k" and grid_for("q2_k", 576).name == "q4_0"
+    assert grid_for("q3_k", 576).name == "q4_0" and grid_for("q4_k", 576).name == "q5_0"
+    assert grid_for("q4_1", 576).name == "q4_1"
+    with pytest.raises(ValueError, match="100 input columns fits no GGUF block type"):
+        grid_for("q4_0", 100)
+
+
+@pytest.mark.parametrize("name", sorted(GGUF_GRIDS))
+def test_projection_is_on_the_type_and_idempotent(name):
+    spec = GGUF_GRIDS[name]
+    gen = torch.Generator().manual_seed(0)
+    groups = 512 // spec.group_size
+    scales = torch.rand(8, groups, generator=gen) * 0.01 + 1e-4
+    if spec.offset is None:
+        zeros = -scales * (2**spec.bits - 1) * torch.rand(8, groups, generator=gen)
+    else:  # a nearly tied grid, as block-wise minimization hands over
+        zeros = -spec.offset * scales * (1 + 0.01 * torch.randn(8, groups, generator=gen))
+    codes = project(spec, scales, zeros)
+    for t, bounds in ((codes.sc, spec.scale_codes), (codes.mn, spec.min_codes)):
+        assert (t is None) == (bounds is None)
+        if t is not None:
+            assert t.dtype == torch.int8 and bounds[0] <= int(t.min()) and int(t.max()) <= bounds[1]
+    assert codes.d.dtype == torch.float16 and codes.d.shape == (8, 512 // spec.block_size)
+    if spec.offset is not None:
+        assert torch.equal(codes.zeros, -spec.offset * codes.scales)
+    again = project(spec, codes.scales, codes.zeros)
+    assert torch.equal(again.scales, codes.scales) and torch.equal(again.zeros, codes.zeros)
+    # The projection is close: within a few per cent of the scale on average.
+    assert float(((codes.scales - scales).abs() / scales).mean()) < 0.1
+
+
+def correlated_problem(rows: int = 32, cols: int = 512, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) * 0.05
+    x = torch.randn(1024, cols, generator=gen) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=gen) / cols**0.5)
+    return w, x.T @ x / x.shape[0]
+
+
+def reference_weight(w: torch.Tensor, name: str) -> torch.Tensor:
+    """llama.cpp's (reference) quantization of ``w``: gguf's quantizer, hfquant's K-quant one."""
+    if name.endswith("_k"):
+        return torch.from_numpy(quantize_k(w.numpy(), name).dequantize())
+    qtype = gguf.GGMLQuantizationType[name.upper()]
+    out = gguf.quants.dequantize(quantize_tensor(w.numpy(), name), qtype)
+    return torch.from_numpy(np.asarray(out, dtype=np.float32).reshape(w.shape))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_decoupleq_on_the_type_grid_beats_the_reference_quantizer(name):
+    """On a correlated Hessian the solved weights have a lower layer objective than llama.cpp-style
+    rounding, and they are exactly what their codes store."""
+    spec = GGUF_GRIDS[name]
+    w, h = correlated_problem()
+    history: list[float] = []
+    result = decoupleq_quantize(w, h, 2, 64, iters=2, grid_spec=spec, history=history)
+    assert history == sorted(history, reverse=True)
+    codes = result.codes
+    assert torch.equal(codes.scales, result.scales) and torch.equal(codes.zeros, result.zeros)
+    assert int(result.qweight.max()) <= 2**spec.bits - 1
+
+    def objective(w_hat):
+        err = (w - w_hat).double()
+        return float(torch.einsum("oi,ij,oj->", err, h.double(), err))
+
+    assert objective(result.dequantize(spec.group_size)) < objective(reference_weight(w, name))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from hfquant.models import default_model_path
+
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+def tiny_llama(tokenizer, hidden: int = 256, intermediate: int = 512):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def quantized_tiny(tokenizer, folder, gguf_type: str, **sizes):
+    base = folder / "base"
+    tiny_llama(tokenizer, **sizes).save_pretrained(base)
+    config = HfQuantConfig(
+        gguf_type=gguf_type, dataset=TINY_TEXTS, nsamples=4, seqlen=32, decoupleq_iters=1, blockwise_epochs=1,
+        blockwise_batch_size=2, tokenizer=tokenizer,
+    )
+    return AutoModelForCausalLM.from_pretrained(base, quantization_config=config, dtype=torch.float32)
+
+
+def gguf_weights(path) -> dict[str, np.ndarray]:
+    """gguf's own dequantization of every tensor of a file, as ``[rows, cols]``."""
+    out = {}
+    for t in gguf.GGUFReader(path).tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        out[t.name] = np.asarray(w, dtype=np.float32).reshape(-1, int(t.shape[0]))
+    return out
+
+
+def hfquant_weights(model) -> dict[str, np.ndarray]:
+    """Each GGUFLinear's dequantized weight under its GGUF name, q/k rows in llama.cpp's order."""
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+
+    def permute(w, n_head):
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, GGUFLinear):
+            w = module.dequantize().detach().numpy()
+            if name.endswith("q_proj"):
+                w = permute(w, config.num_attention_heads)
+            elif name.endswith("k_proj"):
+                w = permute(w, config.num_key_value_heads)
+            out[names.get_name(name + ".weight", try_suffixes=(".weight",))] = w
+    return out
+
+
+@needs_converter
+@pytest.mark.parametrize("gguf_type", TYPES)
+def test_solved_model_exports_losslessly(tokenizer, tmp_path, gguf_type):
+    """Every layer solved on the type's grid is written as is: gguf's dequantize of each exported
+    tensor equals hfquant's dequantized weight exactly (float32 products of float16 factors and
+    small integers are exact)."""
+    model = quantized_tiny(tokenizer, tmp_path, gguf_type)
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    assert len(layers) == 7 and all(m.grid.name == gguf_type for m in layers)
+    summary = save_gguf(model, tokenizer, tmp_path / "solved.gguf")
+    assert summary.type == gguf_type
+    read = gguf_weights(tmp_path / "solved.gguf")
+    expected = hfquant_weights(model)
+    hows = {t.name: t.how for t in summary.tensors}
+    for name, w in expected.items():
+        assert hows[name] == "lossless", name
+        np.testing.assert_array_equal(read[name], w, err_msg=name)
+
+
+@needs_converter
+def test_576_wide_rows_are_solved_on_the_fallback_type(tokenizer, tmp_path):
+    model = quantized_tiny(tokenizer, tmp_path, "q2_k", hidden=576, intermediate=512)
+    grids = {name.rsplit(".", 1)[-1]: m.grid.name for name, m in model.named_modules() if isinstance(m, GGUFLinear)}
+    assert grids["down_proj"] == "q2_k" and grids["q_proj"] == "q4_0" and grids["gate_proj"] == "q4_0"
+    summary = save_gguf(model, tokenizer, tmp_path / "fallback.gguf")
+    written = {t.name: t for t in summary.tensors}
+    assert written["blk.0.attn_q.weight"].written == "q4_0" and "fallback" in written["blk.0.attn_q.weight"].how
+    assert written["blk.0.ffn_down.weight"].how == "lossless"
+    read = gguf_weights(tmp_path / "fallback.gguf")
+    for name, w in hfquant_weights(model).items():
+        np.testing.assert_array_equal(read[name], w, err_msg=name)
+
+
+def test_saved_model_reloads_the_same_weights(tokenizer, tmp_path):
+    """The codes are what is saved; the grid the forward reads is rebuilt from them on load."""
+    model = quantized_tiny(tokenizer, tmp_path, "q4_k", hidden=256, intermediate=512)
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    before = {n: m for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
+    after = {n: m for n, m in again.named_modules() if isinstance(m, GGUFLinear)}
+    assert before.keys() == after.keys()
+    for name, module in before.items():
+        assert torch.equal(module.dequantize(), after[name].dequantize()), name
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    torch.testing.assert_close(model(ids).logits, again(ids).logits, rtol=0, atol=0)
