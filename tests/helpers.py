@@ -81,6 +81,10 @@ class ByteTokenizer:
         return {"input_ids": list(text.encode("utf-8"))}
 
 
+# HfQuantConfig fields that calibrate a tiny model on TINY_TEXTS in a moment.
+TINY_CALIBRATION = dict(dataset=TINY_TEXTS, nsamples=4, seqlen=32, blockwise_batch_size=2, tokenizer=ByteTokenizer())
+
+
 def input_ids(vocab: int = 320, shape: tuple[int, int] = (2, 24), seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_TEXTS, ByteTokenizer, build_tiny
+from helpers import TINY_CALIBRATION, TINY_TEXTS, build_tiny
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -14,8 +14,7 @@ from hfquant import HfQuantConfig
 from hfquant.driver import quantize_model
 from hfquant.export import save_quantized
 
-CALIBRATION = dict(dataset=TINY_TEXTS, nsamples=4, seqlen=32, blockwise_batch_size=2, tokenizer=ByteTokenizer())
-FAST = dict(decoupleq_iters=1, blockwise_epochs=1, **CALIBRATION)
+FAST = dict(decoupleq_iters=1, blockwise_epochs=1, **TINY_CALIBRATION)
 
 METHODS = {
     "rtn": dict(method="rtn"),

@@ -3,15 +3,13 @@ and bits per weight equal to the bytes the quantized layers take in the file."""
 
 import pytest
 import torch
-from helpers import TINY_TEXTS, ByteTokenizer, input_ids
+from helpers import TINY_CALIBRATION, input_ids
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hfquant import HfQuantConfig
 from hfquant.export import bits_per_weight, save_quantized
 from hfquant.formats import FORMATS, QuantizedLinear, format_for
-
-CALIBRATION = dict(dataset=TINY_TEXTS, nsamples=4, seqlen=32, blockwise_batch_size=2, tokenizer=ByteTokenizer())
 
 # One row per stored format and grid kind; each one runs on every architecture of conftest.TINY.
 SETTINGS = {
@@ -23,7 +21,7 @@ SETTINGS = {
     "decoupled-kept": dict(bits=2, group_size=32, method="rtn", outlier_fraction=0.01, saliency="magnitude"),
     "split-g32": dict(bits=2, group_size=32, method="rtn", split_clusters=3),
     "split-tensor": dict(bits=2, group_size=0, method="rtn", split_clusters=3),
-    "power-of-two": dict(bits=3, method="inq", blockwise_epochs=1, **CALIBRATION),
+    "power-of-two": dict(bits=3, method="inq", blockwise_epochs=1, **TINY_CALIBRATION),
 }
 
 
