@@ -29,8 +29,8 @@ needs_cuda = pytest.mark.skipif(
 )
 
 
-def _layer(bits: int, group_size: int, in_f: int, out_f: int = 40, outliers: int = 0, seed: int = 0):
-    return decoupled_layer(bits, group_size, in_f, out_f, kept=outliers, seed=seed)[1]
+def _layer(bits: int, group_size: int, in_f: int, out_f: int = 40, kept: int = 0, seed: int = 0):
+    return decoupled_layer(bits, group_size, in_f, out_f, kept=kept, seed=seed)[1]
 
 
 def _reference(module: DecoupledLinear, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ needs_cpu_kernel = pytest.mark.skipif(
 def test_cpu_kernel_matches_reference(bits, group_size, in_f):
     # Float32 sums in another order than the reference (and z * sum(x) instead of summing z * x):
     # errors stay below 1e-5 of the output's scale.
-    module = _layer(bits, group_size, in_f, out_f=70, outliers=9)
+    module = _layer(bits, group_size, in_f, out_f=70, kept=9)
     for rows in (1, 3, cpu_kernel.MAX_ROWS):
         x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
         with torch.no_grad():
@@ -74,7 +74,7 @@ def test_cpu_kernel_matches_reference(bits, group_size, in_f):
 
 @needs_cpu_kernel
 def test_cpu_kernel_in_bfloat16_and_batched_shapes():
-    module = _layer(2, 64, 200, outliers=3)
+    module = _layer(2, 64, 200, kept=3)
     x = torch.randn(2, 3, 200, dtype=torch.bfloat16)
     with torch.no_grad():
         y = module(x)
