@@ -27,6 +27,7 @@ from _common import (
     append_results,
     load_default,
     machine_line,
+    parse_config,
     print_table,
     setup,
 )
@@ -47,11 +48,6 @@ HFQUANT_METHODS = {
 }
 PEERS = ("hqq", "autoround")
 DATA_FREE = ("rtn", "hqq")
-
-
-def parse_config(text: str) -> tuple[int, int]:
-    bits, group = text.lower().removeprefix("w").split("g")
-    return int(bits), int(group)
 
 
 def parse_settings(items: list[str]) -> dict[str, object]:
