@@ -1,0 +1,188 @@
+"""LoRA on a 2/3-bit base: how much of the task loss that quantization costs does an adapter win back?
+
+    python benchmarks/finetune.py --configs w2g64,w3g64 --steps 200 --threads 2
+    python benchmarks/finetune.py --configs w3g64 --tacq          # also TaCQ kept weights at equal bits
+
+The task is hfquant's facts questions (``hfquant/tasks/facts.jsonl``), chat-formatted, loss on the
+answer tokens only, split once (seeded) into training and held-out questions. For each config the
+default model is quantized (the method and block-wise epochs given), then scored on the held-out
+questions before and after the same LoRA training (PEFT on every projection, AdamW, a fixed
+number of steps over shuffled batches), beside the full-precision model before and after that
+training. ``recovered`` is the share of the quantization's held-out loss gap to full precision
+that the adapter closes: ``(loss_q - loss_q+lora) / (loss_q - loss_fp)``. With ``--tacq``, TaCQ
+kept 16-bit weights chosen on the training questions are added at the adapter's extra bits per
+weight (each kept weight costs its value and two int32 indices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+from _common import (
+    add_common_arguments,
+    append_results,
+    load_default,
+    machine_line,
+    parse_config,
+    print_table,
+    setup,
+)
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+import hfquant.lora
+from hfquant import HfQuantConfig
+from hfquant.task_data import IGNORE, TaskBatch, task_batches
+from hfquant.tasks import TASKS_DIR
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+KEPT_WEIGHT_BITS = 16 + 32 + 32  # value, row and column index (DecoupledLinear.storage_bits)
+
+
+def facts_split(holdout: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) facts as chat rows, a seeded shuffle of ``facts.jsonl``."""
+    rows = [json.loads(line) for line in (TASKS_DIR / "facts.jsonl").read_text().splitlines() if line.strip()]
+    chats = [{"question": r["question"], "answer": r["answers"][0]} for r in rows]
+    random.Random(seed).shuffle(chats)
+    if not 0 < holdout < len(chats):
+        raise SystemExit(f"--holdout must be between 1 and {len(chats) - 1}, got {holdout}")
+    return chats[holdout:], chats[:holdout]
+
+
+def answer_loss(model: PreTrainedModel, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed answer-token NLL, answer tokens, examples whose every answer token is the argmax)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    labels = batch.labels[:, 1:]
+    answer = labels != IGNORE
+    nll = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels.clamp(min=0), reduction="none"
+    )  # fmt: skip
+    # Exact: every answer token and the end of turn; the template's newline after it is not asked for.
+    final = answer & (answer.cumsum(1) == answer.sum(1, keepdim=True))
+    exact = ((logits.argmax(-1) == labels) | ~(answer & ~final)).all(dim=1)
+    return (nll * answer).sum(), answer.sum(), exact.sum()
+
+
+@torch.no_grad()
+def score(model: PreTrainedModel, batches: list[TaskBatch]) -> tuple[float, float]:
+    """Mean answer-token NLL and exact-answer rate (teacher-forced argmax) over ``batches``."""
+    model.eval()
+    nll = tokens = exact = examples = 0
+    for batch in batches:
+        n, t, e = answer_loss(model, batch)
+        nll, tokens, exact, examples = nll + float(n), tokens + int(t), exact + int(e), examples + len(batch.input_ids)
+    return nll / tokens, exact / examples
+
+
+def train_lora(model: PreTrainedModel, batches: list[TaskBatch], args) -> tuple[PreTrainedModel, int, float]:
+    """``args.steps`` AdamW steps of rank-``args.rank`` LoRA on every projection; returns the PEFT
+    model, its trainable parameter count and the training seconds."""
+    config = hfquant.lora.register(LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS))
+    model = get_peft_model(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    order: list[int] = []
+    start = time.perf_counter()
+    model.train()
+    for _ in range(args.steps):
+        if not order:
+            order = torch.randperm(len(batches), generator=generator).tolist()
+        nll, tokens, _ = answer_loss(model, batches[order.pop()])
+        optimizer.zero_grad(set_to_none=True)
+        (nll / tokens).backward()
+        optimizer.step()
+    return model, sum(p.numel() for p in params), time.perf_counter() - start
+
+
+def linear_weights(model: PreTrainedModel) -> int:
+    """Weights of the decoder projections (what bits per weight are counted over)."""
+    return sum(
+        m.in_features * m.out_features for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="w2g64,w3g64")
+    parser.add_argument("--method", default="decoupleq")
+    parser.add_argument("--blockwise-epochs", type=int, default=4)
+    parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (of 512 tokens, the mix)")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--holdout", type=int, default=48, help="held-out questions")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tacq", action="store_true", help="also TaCQ kept weights at the adapter's bits")
+    add_common_arguments(parser)
+    args = parser.parse_args()
+    setup(args)
+    path, tokenizer = load_default()
+    train_rows, heldout_rows = facts_split(args.holdout, args.seed)
+    train = task_batches(train_rows, tokenizer, len(train_rows), 512, batch_size=args.batch_size)
+    heldout = task_batches(heldout_rows, tokenizer, len(heldout_rows), 512, batch_size=args.batch_size)
+
+    def load(config: HfQuantConfig | None = None) -> PreTrainedModel:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config)
+
+    rows: list[dict[str, str]] = []
+
+    def record(config: str, model_name: str, extra_bpw: str, loss: float, exact: float, note: str = "") -> None:
+        row = {"config": config, "model": model_name, "extra bits/weight": extra_bpw,
+               "held-out answer loss": f"{loss:.3f}", "exact answers": f"{exact:.1%}", "note": note}  # fmt: skip
+        title = None if rows else "finetune.py: LoRA on a quantized base, held-out facts"
+        rows.append(row)
+        append_results([row], title=title, text=text)
+        print(" | ".join(row.values()), flush=True)
+
+    text = (
+        f"SmolLM2-135M-Instruct, {machine_line()}. Task: hfquant facts as chat, {len(train_rows)} training and "
+        f"{len(heldout_rows)} held-out questions (seed {args.seed}), loss on answer tokens; `exact` = every answer "
+        f"token and the end of turn is the argmax under teacher forcing. LoRA r={args.rank} on {', '.join(TARGETS)}, AdamW lr "
+        f"{args.lr}, {args.steps} steps of {args.batch_size} questions. Quantization: {args.method}, "
+        f"{args.blockwise_epochs} block-wise epochs, {args.nsamples} x 512 calibration tokens of the mix. "
+        "`recovered` = share of the quantized model's held-out loss gap to full precision the adapter closes."
+    )
+    full = load()
+    n_weights = linear_weights(full)
+    fp_loss, fp_exact = score(full, heldout)
+    record("fp32", "full precision", "-", fp_loss, fp_exact)
+    tuned, n_adapter, seconds = train_lora(full, train, args)
+    adapter_bpw = n_adapter * 16 / n_weights
+    record("fp32", "full precision + LoRA", f"{adapter_bpw:.3f}", *score(tuned, heldout), f"{seconds:.0f} s training")
+    del full, tuned
+    for name in args.configs.split(","):
+        bits, group_size = parse_config(name)
+        settings = dict(bits=bits, group_size=group_size, method=args.method, dataset="mix", nsamples=args.nsamples,
+                        blockwise_epochs=args.blockwise_epochs, tokenizer=tokenizer)  # fmt: skip
+        start = time.perf_counter()
+        model = load(HfQuantConfig(**settings))
+        q_seconds = time.perf_counter() - start
+        q_loss, q_exact = score(model, heldout)
+        record(f"W{bits} g{group_size}", "quantized", "-", q_loss, q_exact, f"{q_seconds:.0f} s quantization")
+        tuned, _, seconds = train_lora(model, train, args)
+        lora_loss, lora_exact = score(tuned, heldout)
+        gap = q_loss - fp_loss
+        recovered = f"recovered {(q_loss - lora_loss) / gap:.0%}" if gap > 0 else "no gap"
+        record(f"W{bits} g{group_size}", "quantized + LoRA", f"{adapter_bpw:.3f}", lora_loss, lora_exact,
+               f"{recovered}, {seconds:.0f} s training")  # fmt: skip
+        del model, tuned
+        if args.tacq:
+            fraction = adapter_bpw / KEPT_WEIGHT_BITS
+            model = load(HfQuantConfig(**settings, outlier_fraction=fraction, saliency="tacq", task_dataset=train_rows))
+            t_loss, t_exact = score(model, heldout)
+            recovered = f"recovered {(q_loss - t_loss) / gap:.0%}" if gap > 0 else "no gap"
+            record(f"W{bits} g{group_size}", f"TaCQ {fraction:.2%} kept", f"{adapter_bpw:.3f}", t_loss, t_exact,
+                   recovered)  # fmt: skip
+            del model
+    print()
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
