@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import time
+from pathlib import Path
 
 import torch
 from _common import (
@@ -158,6 +159,7 @@ def main() -> None:
     parser.add_argument("--e2e-lr", type=float, default=2e-4)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra HfQuantConfig field")
     parser.add_argument("--label", default="", help="names this run's settings in the table")
+    parser.add_argument("--save", default=None, help="folder to save each hfquant model in (for lm-eval, LoRA, ...)")
     add_common_arguments(parser)
     args = parser.parse_args()
     setup(args)
@@ -210,6 +212,11 @@ def main() -> None:
                     note = f"e2e validation KL {tune_e2e(model, path, windows, validation, args)}"
                     seconds += time.perf_counter() - start
                 rows.append(record(yardstick, model, (method, seconds, note), bits, group_size, dataset, bpw, args))
+                if args.save and method in HFQUANT_METHODS:
+                    folder = Path(args.save) / f"w{bits}g{group_size}-{method}-{dataset}"
+                    model.save_pretrained(folder)
+                    tokenizer.save_pretrained(folder)
+                    print(f"saved {folder}", flush=True)
                 del model
     print()
     print_table(rows)
