@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import TINY_CALIBRATION
 from transformers import AutoModelForCausalLM
 
 from hfquant import HfQuantConfig
@@ -60,3 +61,36 @@ def test_bad_arguments_are_named(pair) -> None:
         tune_end_to_end(student, lambda ids: ids, windows, windows[:0])
     with pytest.raises(ValueError, match="lr > 0"):
         tune_end_to_end(student, lambda ids: ids, windows, windows, lr=0)
+
+
+def test_quantize_with_e2e_epochs_tunes_against_the_full_precision_copy(tiny_llama_dir) -> None:
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    settings = dict(bits=2, group_size=32, method="gptq", blockwise_epochs=0, **TINY_CALIBRATION)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=HfQuantConfig(**settings))
+    tuned = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=HfQuantConfig(**settings, e2e_epochs=2, e2e_lr=1e-2)
+    )
+    kl = tuned.hf_quantizer.report.e2e_validation_kl
+    assert len(kl) == 3 and min(kl) < kl[0]  # the start, then two epochs; one of them helped
+    assert not plain.hf_quantizer.report.e2e_validation_kl
+    # Same integers, other grids: the tuning moved only the float part.
+    for name, module in plain.named_modules():
+        if hasattr(module, "qweight"):
+            other = tuned.get_submodule(name)
+            assert torch.equal(module.qweight, other.qweight)
+    windows = torch.randint(0, teacher.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(5))
+    assert _validation_kl(tuned, teacher, windows) < _validation_kl(plain, teacher, windows)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(e2e_epochs=-1), "e2e_epochs"),
+        (dict(e2e_epochs=1, e2e_lr=0), "e2e_lr must be a positive number"),
+        (dict(e2e_epochs=1, outlier_fraction=0.01), "not supported with kept 16-bit weights"),
+        (dict(e2e_epochs=1, method="decoupleq", gguf_type="q4_0"), "not supported with gguf_type"),
+    ],
+)
+def test_e2e_config_errors_name_the_field(settings, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        HfQuantConfig(**settings)

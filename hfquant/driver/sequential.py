@@ -13,11 +13,13 @@ weights and activations take part at a time.
 Kept weights are left out of each solve and stored as 16-bit residuals over the grid; block-wise
 minimization moves the grid under them, so their residuals are recomputed from the original
 weights afterwards. With ``work_dir`` each finished block is saved and a rerun resumes
-(:mod:`hfquant.driver.workdir`).
+(:mod:`hfquant.driver.workdir`). With ``e2e_epochs``, a full-precision copy taken first is the
+teacher of end-to-end tuning (:mod:`hfquant.algorithms.end_to_end`) once every block is done.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from hfquant.algorithms.block import Batches, block_error
 from hfquant.algorithms.blockwise import block_minimize
+from hfquant.algorithms.end_to_end import tune_end_to_end
 from hfquant.algorithms.inq import inq_block
 from hfquant.calibration import get_calibration_data
 from hfquant.config import HfQuantConfig
@@ -64,6 +67,7 @@ class QuantizationReport:
     seconds: float = 0.0
     blocks: list[BlockReport] = field(default_factory=list)
     resumed_blocks: int = 0  # blocks restored from ``work_dir`` rather than quantized in this run
+    e2e_validation_kl: list[float] = field(default_factory=list)  # end-to-end tuning: start, each epoch
 
 
 def quantize_model(
@@ -81,9 +85,12 @@ def quantize_model(
             "the model has no nn.Linear layer to quantize (all skipped by modules_to_not_convert?)"
         )
     report = QuantizationReport(config.method, config.bits, config.group_size, len(linears))
-    # rtn reads text only for a saliency without its own task set.
-    needs_ids = config.needs_calibration and (config.method != "rtn" or config.task_dataset is None)
+    # rtn reads text only for a saliency without its own task set, or to tune end to end.
+    needs_ids = config.needs_calibration and (
+        config.method != "rtn" or config.task_dataset is None or config.e2e_epochs > 0
+    )
     ids = calibration_ids(model, config, tokenizer) if needs_ids else None
+    teacher = full_precision_copy(model) if config.e2e_epochs else None
     kept: dict[str, torch.Tensor] = {}
     if config.outlier_fraction > 0:
         reads_task = config.task_dataset is not None and config.saliency != "magnitude"
@@ -95,8 +102,37 @@ def quantize_model(
     else:
         work = WorkDir.open(config, model, ids, kept) if config.work_dir else None
         quantize_blocks(model, linears, ids, config, report, kept, work, progress)
+    if teacher is not None:
+        report.e2e_validation_kl = tune_whole_model(model, teacher, ids, config, tokenizer)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def full_precision_copy(model: nn.Module) -> nn.Module:
+    """The teacher of end-to-end tuning: a copy of the model before any layer is quantized."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError(
+            "e2e_epochs needs the whole model in memory (some weights are offloaded to disk or the meta "
+            "device): load it without offloading, or set e2e_epochs=0"
+        )
+    return copy.deepcopy(model).eval()
+
+
+def tune_whole_model(
+    model: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: HfQuantConfig, tokenizer: Any
+) -> list[float]:
+    """End-to-end tuning of the quantized model's float part against ``teacher`` (the full-precision
+    copy), on the calibration windows, keeping the epoch best on other windows of the same set;
+    returns the validation KL of the start and of each epoch."""
+    validation = get_calibration_data(
+        config.dataset, resolve_tokenizer(model, config, tokenizer), max(2, config.nsamples // 8),
+        config.seqlen, seed=config.seed + 1000,
+    )  # fmt: skip
+    result = tune_end_to_end(
+        model, lambda batch: teacher(input_ids=batch, use_cache=False).logits, ids, validation,
+        epochs=config.e2e_epochs, lr=config.e2e_lr, batch_size=2, storage_dtype=STORAGE_DTYPE, seed=config.seed,
+    )  # fmt: skip
+    return result.validation_kl
 
 
 def quantize_blocks(
