@@ -119,6 +119,10 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=48, help="held-out questions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tacq", action="store_true", help="also TaCQ kept weights at the adapter's bits")
+    parser.add_argument(
+        "--checkpoint", action="append", default=[], metavar="CONFIG=DIR",
+        help="use a saved hfquant model for CONFIG (e.g. w2g64=DIR) instead of quantizing",
+    )  # fmt: skip
     add_common_arguments(parser)
     args = parser.parse_args()
     setup(args)
@@ -156,15 +160,20 @@ def main() -> None:
     adapter_bpw = n_adapter * 16 / n_weights
     record("fp32", "full precision + LoRA", f"{adapter_bpw:.3f}", *score(tuned, heldout), f"{seconds:.0f} s training")
     del full, tuned
+    saved = dict(item.split("=", 1) for item in args.checkpoint)
     for name in args.configs.split(","):
         bits, group_size = parse_config(name)
         settings = dict(bits=bits, group_size=group_size, method=args.method, dataset="mix", nsamples=args.nsamples,
                         blockwise_epochs=args.blockwise_epochs, tokenizer=tokenizer)  # fmt: skip
         start = time.perf_counter()
-        model = load(HfQuantConfig(**settings))
-        q_seconds = time.perf_counter() - start
+        if name in saved:
+            model = AutoModelForCausalLM.from_pretrained(saved[name])
+            origin = f"saved {saved[name]}"
+        else:
+            model = load(HfQuantConfig(**settings))
+            origin = f"{time.perf_counter() - start:.0f} s quantization"
         q_loss, q_exact = score(model, heldout)
-        record(f"W{bits} g{group_size}", "quantized", "-", q_loss, q_exact, f"{q_seconds:.0f} s quantization")
+        record(f"W{bits} g{group_size}", "quantized", "-", q_loss, q_exact, origin)
         tuned, _, seconds = train_lora(model, train, args)
         lora_loss, lora_exact = score(tuned, heldout)
         gap = q_loss - fp_loss
