@@ -158,7 +158,8 @@ def main() -> None:
     record("fp32", "full precision", "-", fp_loss, fp_exact)
     tuned, n_adapter, seconds = train_lora(full, train, args)
     adapter_bpw = n_adapter * 16 / n_weights
-    record("fp32", "full precision + LoRA", f"{adapter_bpw:.3f}", *score(tuned, heldout), f"{seconds:.0f} s training")
+    fp_lora_loss, fp_lora_exact = score(tuned, heldout)
+    record("fp32", "full precision + LoRA", f"{adapter_bpw:.3f}", fp_lora_loss, fp_lora_exact, f"{seconds:.0f} s training")
     del full, tuned
     saved = dict(item.split("=", 1) for item in args.checkpoint)
     for name in args.configs.split(","):
@@ -179,7 +180,7 @@ def main() -> None:
         gap = q_loss - fp_loss
         recovered = f"recovered {(q_loss - lora_loss) / gap:.0%}" if gap > 0 else "no gap"
         record(f"W{bits} g{group_size}", "quantized + LoRA", f"{adapter_bpw:.3f}", lora_loss, lora_exact,
-               f"{recovered}, {seconds:.0f} s training")  # fmt: skip
+               f"{recovered}; {lora_loss - fp_lora_loss:+.3f} vs fp + LoRA; {seconds:.0f} s training")  # fmt: skip
         del model, tuned
         if args.tacq:
             fraction = adapter_bpw / KEPT_WEIGHT_BITS
