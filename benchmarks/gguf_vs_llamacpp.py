@@ -23,10 +23,8 @@ Q8_0. Tables are printed and appended to benchmarks/RESULTS.md. Needs ``make lla
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -35,15 +33,14 @@ import time
 from pathlib import Path
 
 import torch
+from _common import add_common_arguments, append_results, machine_line, print_table, setup
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfquant import HfQuantConfig
 from hfquant.calibration import mix_windows
-from hfquant.cli import print_table
 from hfquant.export.gguf import llamacpp_source, llamacpp_tool, save_gguf
 from hfquant.models import default_model_path
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 # llama-quantize's names for the types (Q3_K and Q4_K are its _M mixes).
 LLAMA_NAMES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0", "q2_k": "Q2_K", "q3_k": "Q3_K_M", "q4_k": "Q4_K_M"}
 
@@ -100,17 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blockwise-epochs", type=int, default=2)
     parser.add_argument("--skip-requantized", action="store_true", help="no rows for the data-free requantized export")
     parser.add_argument("--decoupleq-iters", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--bench", action="store_true", help="llama-bench tokens/s for q4_0, q4_1, q8_0")
     parser.add_argument("--heldout", default=None, help="comma-separated held-out sets to score (default: all)")
-    parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary one)")
+    add_common_arguments(parser, windows=None)
     args = parser.parse_args(argv)
+    args.threads = args.threads or min(2, os.cpu_count() or 1)  # llama.cpp's tools take a number
+    setup(args)
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     for name in ("llama-perplexity", "llama-quantize", "llama-imatrix"):
         if not llamacpp_tool(name).is_file():
             raise SystemExit(f"{llamacpp_tool(name)} is missing: run `make llamacpp`")
-    torch.set_num_threads(args.threads)
     work = Path(args.work or tempfile.mkdtemp(prefix="hfquant-gguf-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir = default_model_path()
@@ -165,11 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             _, seconds = timed(lambda qtype=qtype, solved=solved: solve_and_export(model_dir, tokenizer, qtype, solved, args))
             row(qtype, f"hfquant solved on {qtype} (decoupleQ + block-wise, {args.calib_windows}x512 calibration tokens)",
                 solved, seconds, base)
-    table = print_table(rows)
+    print_table(rows)
 
-    bench_table = None
+    bench_rows: list[dict[str, str]] = []
     if args.bench:
-        bench_rows = []
         for qtype in ("q4_0", "q4_1", "q8_0"):
             path = work / f"hfquant-{qtype}.gguf"
             if not path.is_file():
@@ -180,31 +176,33 @@ def main(argv: list[str] | None = None) -> int:
             speeds = {("prompt" if r["n_prompt"] else "decode"): r["avg_ts"] for r in results}
             bench_rows.append({"file": path.name, "prompt 128 (tok/s)": f"{speeds.get('prompt', 0):.1f}",
                                "decode 64 (tok/s)": f"{speeds.get('decode', 0):.1f}"})
-        bench_table = print_table(bench_rows)
+        print_table(bench_rows)
 
-    if not args.no_append:
-        version = (llamacpp_tool("VERSION").read_text().strip().replace("\n", "; ")
-                   if llamacpp_tool("VERSION").is_file() else "unknown")
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        with RESULTS.open("a", encoding="utf-8") as f:
-            f.write(
-                f"\n## gguf_vs_llamacpp.py, {datetime.date.today()}: SmolLM2-135M-Instruct, {platform.machine()} CPU, "
-                f"{args.threads} threads (load {load:.1f})\n\n"
-                f"llama.cpp: {version}. Perplexity by `llama-perplexity` (-c 512, {args.chunks} chunks, second half of "
-                f"each chunk scored) on held-out text: {', '.join(texts)}. Bits/weight: file bits over the model's "
-                f"{n_weights / 1e6:.1f} M weights (embedding included; metadata and vocabulary too). Q3_K and Q4_K "
-                "from llama-quantize are its _M mixes (some tensors in Q5_K/Q6_K); hfquant writes one type "
-                "with llama.cpp's per-tensor fallbacks (576-wide rows: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0). "
-                "'requantized' rows round the float model to the type without data; 'solved' rows quantize with "
-                f"HfQuantConfig(gguf_type=...) (decoupleQ {args.decoupleq_iters} iterations, {args.blockwise_epochs} "
-                f"block-wise epochs, the same {args.calib_windows}x512 mix windows the imatrix reads) and export "
-                "losslessly. Time: file production on a CPU shared with other jobs (imatrix time included in its "
-                "rows; for 'solved', quantization included).\n\n"
-            )
-            f.write(table + "\n")
-            if bench_table:
-                f.write(f"\n`llama-bench` (-p 128 -n 64, {args.threads} threads, --repack 0) of hfquant's exports:\n\n")
-                f.write(bench_table + "\n")
+    version = (llamacpp_tool("VERSION").read_text().strip().replace("\n", "; ")
+               if llamacpp_tool("VERSION").is_file() else "unknown")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    append_results(
+        rows,
+        title=f"gguf_vs_llamacpp.py: SmolLM2-135M-Instruct, {machine_line()} (load {load:.1f})",
+        text=(
+            f"llama.cpp: {version}, {args.threads} threads. Perplexity by `llama-perplexity` (-c 512, {args.chunks} "
+            f"chunks, second half of each chunk scored) on held-out text: {', '.join(texts)}. Bits/weight: file bits "
+            f"over the model's {n_weights / 1e6:.1f} M weights (embedding included; metadata and vocabulary too). "
+            "Q3_K and Q4_K from llama-quantize are its _M mixes (some tensors in Q5_K/Q6_K); hfquant writes one type "
+            "with llama.cpp's per-tensor fallbacks (576-wide rows: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0). 'requantized' "
+            "rows round the float model to the type without data; 'solved' rows quantize with "
+            f"HfQuantConfig(gguf_type=...) (decoupleQ {args.decoupleq_iters} iterations, {args.blockwise_epochs} "
+            f"block-wise epochs, the same {args.calib_windows}x512 mix windows the imatrix reads) and export "
+            "losslessly. Time: file production on a CPU shared with other jobs (imatrix time included in its "
+            "rows; for 'solved', quantization included)."
+        ),
+    )
+    if bench_rows:
+        append_results(
+            bench_rows,
+            title=f"gguf_vs_llamacpp.py --bench: llama-bench of hfquant's exports, {machine_line()}",
+            text=f"`llama-bench -p 128 -n 64 -t {args.threads} --repack 0` (prompt and decode tokens/s).",
+        )
     return 0
 
 
