@@ -12,17 +12,12 @@ shared memory per program against the target's limit. Appends the table to bench
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
-from pathlib import Path
 
 import triton
+from _common import add_common_arguments, append_results, machine_line, print_table, setup
 
-from hfquant.cli import print_table
 from hfquant.kernels import aot
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def row(record: dict) -> dict[str, object]:
@@ -45,26 +40,26 @@ def row(record: dict) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cc", type=int, nargs="+", default=list(aot.TARGETS), help="compute capabilities")
-    parser.add_argument("--no-save", action="store_true", help="print only, do not append to RESULTS.md")
+    add_common_arguments(parser, windows=None)
     args = parser.parse_args()
+    setup(args)
     jobs = [(s, cc) for s, cc in aot.specs() if cc in args.cc]
     records = sorted(aot.compile_all(jobs), key=lambda r: (r["name"], r["cc"]))
     for r in records:
         if "error" in r:
             print(f"sm_{r['cc']} {r['name']} failed:\n{r['error']}", file=sys.stderr)
-    table = print_table([row(r) for r in records])
-    text = (
-        f"\n## kernels_compile.py, {datetime.date.today()}: ahead-of-time compile, triton {triton.__version__} "
-        f"on {platform.machine()} CPU (no GPU)\n\n"
-        "Every launch configuration of `triton_matmul.LAUNCH_CONFIGS` (gemv BLOCK_M=1 x BLOCK_N x BLOCK_K; "
-        "gemm BLOCK_M x BLOCK_N x BLOCK_K; w = num_warps, s = num_stages). Registers per thread and spill "
-        "stores/loads from `ptxas -v`; shared memory per program from the compiled metadata, against the "
-        "largest a program may use on the target.\n\n"
-        f"{table}\n"
+    rows = [row(r) for r in records]
+    print_table(rows)
+    append_results(
+        rows,
+        title=f"kernels_compile.py: ahead-of-time compile, triton {triton.__version__}, {machine_line()} (no GPU)",
+        text=(
+            "Every launch configuration of `triton_matmul.LAUNCH_CONFIGS` (gemv BLOCK_M=1 x BLOCK_N x BLOCK_K; "
+            "gemm BLOCK_M x BLOCK_N x BLOCK_K; w = num_warps, s = num_stages). Registers per thread and spill "
+            "stores/loads from `ptxas -v`; shared memory per program from the compiled metadata, against the "
+            "largest a program may use on the target."
+        ),
     )
-    if not args.no_save:
-        with RESULTS.open("a", encoding="utf-8") as f:
-            f.write(text)
     sys.exit(any("error" in r for r in records))
 
 
