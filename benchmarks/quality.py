@@ -70,16 +70,17 @@ def quantize_hfquant(path: str, tokenizer, bits: int, group_size: int, settings:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config)
 
 
-def tune_e2e(model: PreTrainedModel, path: str, windows: torch.Tensor, validation: torch.Tensor, args) -> str:
-    """End-to-end tuning of the float part against the full-precision model; returns the KL path."""
-    from hfquant.algorithms.end_to_end import tune_end_to_end
+def tune_e2e(model: PreTrainedModel, path: str, tokenizer, windows: torch.Tensor, dataset: str, args) -> str:
+    """The library's end-to-end tuning (what ``HfQuantConfig(e2e_epochs=...)`` runs after the last
+    block) on the already quantized ``model``, so one quantization gives the rows before and after;
+    returns the validation KL path."""
+    from hfquant.driver.sequential import tune_whole_model
 
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    result = tune_end_to_end(
-        model, lambda ids: teacher(input_ids=ids, use_cache=False).logits, windows, validation,
-        epochs=args.e2e_epochs, lr=args.e2e_lr, batch_size=2, seed=args.seed,
-    )
-    return " -> ".join(f"{kl:.4f}" for kl in result.validation_kl) + f" (kept epoch {result.best_epoch})"
+    config = HfQuantConfig(dataset=dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                           e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr)  # fmt: skip
+    kl = tune_whole_model(model, teacher, windows, config, tokenizer)
+    return " -> ".join(f"{value:.4f}" for value in kl) + f" (kept epoch {kl.index(min(kl))})"
 
 
 def quantize_hqq(path: str, bits: int, group_size: int) -> tuple[PreTrainedModel, float]:
@@ -184,8 +185,6 @@ def main() -> None:
     append_results(rows, title="quality.py: out-of-domain yardstick", text=text)
     for dataset in args.datasets.split(","):
         windows = get_calibration_data(dataset, tokenizer, args.nsamples, args.seqlen, seed=args.seed)
-        # e2e early stopping: other windows of the same calibration set, never trained on
-        validation = get_calibration_data(dataset, tokenizer, max(2, args.nsamples // 8), args.seqlen, seed=args.seed + 1000)
         for config_name in args.configs.split(","):
             bits, group_size = parse_config(config_name)
             for method in methods:
@@ -209,7 +208,7 @@ def main() -> None:
                 if method.endswith("+e2e"):  # a row before the tuning, then one after
                     rows.append(record(yardstick, model, (method.removesuffix("+e2e"), seconds, ""), bits, group_size, dataset, bpw, args))
                     start = time.perf_counter()
-                    note = f"e2e validation KL {tune_e2e(model, path, windows, validation, args)}"
+                    note = f"e2e validation KL {tune_e2e(model, path, tokenizer, windows, dataset, args)}"
                     seconds += time.perf_counter() - start
                 rows.append(record(yardstick, model, (method, seconds, note), bits, group_size, dataset, bpw, args))
                 if args.save and method in HFQUANT_METHODS:
