@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfquant import HfQuantConfig
 from hfquant.calibration import mix_windows
-from hfquant.export.gguf import llamacpp_source, llamacpp_tool, save_gguf
+from hfquant.export.gguf import save_gguf
+from hfquant.export.llamacpp import llamacpp_perplexity, llamacpp_source, llamacpp_tool
 from hfquant.models import default_model_path
 
 # llama-quantize's names for the types (Q3_K and Q4_K are its _M mixes).
@@ -56,15 +56,6 @@ def timed(fn) -> tuple[object, float]:
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
-
-
-def perplexity(model: Path, text: Path, chunks: int, threads: int) -> float:
-    out = run([str(llamacpp_tool("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", "512", "-b", "512",
-               "--chunks", str(chunks), "-t", str(threads), "--no-repack"])
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
-    if not found:
-        raise RuntimeError(out[-3000:])
-    return float(found.group(1))
 
 
 def held_out_texts() -> dict[str, str]:
@@ -126,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     n_weights = sum(p.numel() for p in model.parameters())
 
     def row(label: str, method: str, path: Path, seconds: float, base: dict[str, float] | None) -> dict[str, object]:
-        ppl = {name: perplexity(path, f, args.chunks, args.threads) for name, f in text_files.items()}
+        ppl = {name: llamacpp_perplexity(path, f.read_text(encoding="utf-8"), args.chunks, args.threads)
+               for name, f in text_files.items()}
         out: dict[str, object] = {"type": label, "method": method, "size (MB)": f"{path.stat().st_size / 1e6:.1f}",
                                   "bits/weight": f"{8 * path.stat().st_size / n_weights:.2f}"}
         for name, value in ppl.items():

@@ -82,7 +82,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         task_dataset=args.task_dataset,
         blockwise_epochs=args.blockwise_epochs,
         decoupleq_iters=args.decoupleq_iters,
+        gguf_type=args.gguf_type,
         tokenizer=tokenizer,
+        **({"e2e_epochs": args.e2e_epochs} if args.e2e_epochs is not None else {}),
         work_dir=args.work_dir,
     )
     start = time.perf_counter()
@@ -96,7 +98,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             tokens=512 * args.eval_windows,
         )
     # With --push-to-hub the card's usage snippet names the repo.
-    out = save_quantized(model, args.out, tokenizer, args.push_to_hub, max_shard_size=args.max_shard_size)
+    out = save_quantized(
+        model,
+        args.out,
+        tokenizer,
+        args.push_to_hub,
+        gguf_type=args.gguf_type,
+        gguf_eval_text=args.eval_text,
+        max_shard_size=args.max_shard_size,
+    )
     report = model.hf_quantizer.report
     rows = [
         {
@@ -113,8 +123,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             {
                 "model": str(path),
                 "method": args.method + (f" + split {args.split_clusters}" if args.split_clusters > 1 else ""),
-                "bits": args.bits,
-                "group size": args.group_size,
+                "bits": f"GGUF {args.gguf_type.upper()}" if args.gguf_type else args.bits,
+                "group size": "the type's" if args.gguf_type else args.group_size,
                 "layers": report.layers,
                 "bits/weight": f"{bits_per_weight(model):.3f}",
                 "kept weights": f"{args.outlier_fraction:.2%} ({config.saliency}, {config.outlier_scope})"
@@ -126,6 +136,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             }
         ]
     )
+    for gguf in sorted(out.glob("*.gguf")):
+        print(f"GGUF for llama.cpp: {gguf} ({gguf.stat().st_size / 1e6:.1f} MB); its figures are in {out / 'README.md'}")
     if ppl_before is not None:
         quality = model.hfquant_quality
         print_table(
@@ -335,6 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--blockwise-epochs", type=int, default=4)
     q.add_argument("--decoupleq-iters", type=int, default=4)
+    q.add_argument(
+        "--e2e-epochs",
+        type=int,
+        default=None,
+        help="epochs of end-to-end tuning of scales, zeros and norms against the full-precision model "
+        "(default: HfQuantConfig's)",
+    )
+    q.add_argument(
+        "--gguf-type",
+        default=None,
+        help="solve on a GGUF block type's grid (q4_0, q4_1, q8_0, q2_k, q3_k, q4_k; --bits and --group-size "
+        "then do not apply) and write <name>-<TYPE>.gguf for llama.cpp beside the safetensors, losslessly",
+    )
     q.add_argument(
         "--work-dir",
         default=None,

@@ -5,7 +5,6 @@ llama.cpp's own tools (built by `make llamacpp`)."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 
@@ -20,12 +19,11 @@ from hfquant.export.gguf import (  # noqa: E402
     GGUF_TYPES,
     GGUFBlocks,
     GGUFExportError,
-    llamacpp_source,
-    llamacpp_tool,
     quantize_k,
     quantize_tensor,
     save_gguf,
 )
+from hfquant.export.llamacpp import llamacpp_perplexity, llamacpp_source, llamacpp_tool  # noqa: E402
 
 TYPES = ("q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k")
 K_TYPES = ("q2_k", "q3_k", "q4_k")
@@ -375,18 +373,6 @@ def hf_greedy(model, tokenizer, prompt: str, n: int) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def llama_perplexity(model_path, text_file) -> float:
-    run = subprocess.run(
-        [str(tool("llama-perplexity")), "-m", str(model_path), "-f", str(text_file), "-c", str(SEQLEN), "-b", str(SEQLEN),
-         "--chunks", str(CHUNKS), "-t", "2", "--no-repack"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr)
-    assert found, (run.stdout + run.stderr)[-3000:]
-    return float(found.group(1))
-
-
 def hf_perplexity(model, tokenizer, text: str) -> float:
     """llama-perplexity's measure in transformers: consecutive SEQLEN-token chunks of the file's tokens
     (no BOS: the model does not add one); in each, logits at positions ``SEQLEN/2 .. SEQLEN-2`` score
@@ -456,7 +442,7 @@ def test_default_model_in_llama_cpp_matches_hfquant(qtype, tmp_path, heldout_fil
         prompts.append("The Book of Mormon is a sacred text that")  # near-ties: only exact arithmetic agrees
     for prompt in prompts:
         assert llama_greedy(out, prompt, NEW_TOKENS) == hf_greedy(model, tokenizer, prompt, NEW_TOKENS)
-    ppl_llama = llama_perplexity(out, heldout_file)
+    ppl_llama = llamacpp_perplexity(out, heldout_file.read_text(encoding="utf-8"), chunks=CHUNKS, threads=2, context=SEQLEN)
     ppl_hf = hf_perplexity(model, tokenizer, heldout_file.read_text(encoding="utf-8"))
     print(f"{qtype}: llama.cpp {ppl_llama:.4f}, transformers {ppl_hf:.4f}", file=sys.stderr)
     assert abs(ppl_llama / ppl_hf - 1) < 0.01, (ppl_llama, ppl_hf)

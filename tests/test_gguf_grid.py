@@ -17,7 +17,8 @@ from hfquant.formats.gguf import GGUF_GRIDS, grid_for
 
 gguf = pytest.importorskip("gguf")
 
-from hfquant.export.gguf import llamacpp_source, quantize_k, quantize_tensor, save_gguf  # noqa: E402
+from hfquant.export.gguf import quantize_k, quantize_tensor, save_gguf  # noqa: E402
+from hfquant.export.llamacpp import llamacpp_source  # noqa: E402
 
 TYPES = ("q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k")
 needs_converter = pytest.mark.skipif(
@@ -215,3 +216,81 @@ def test_saved_model_reloads_the_same_weights(tokenizer, tmp_path):
         assert torch.equal(module.dequantize(), after[name].dequantize()), name
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     torch.testing.assert_close(model(ids).logits, again(ids).logits, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharing: the GGUF file beside the safetensors (save_quantized / push_to_hub / the CLI)
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_converter
+def test_push_to_hub_uploads_the_gguf_beside_the_safetensors(tokenizer, tmp_path, fake_hub):
+    from huggingface_hub import ModelCard
+
+    from hfquant.export.llamacpp import llamacpp_perplexity, llamacpp_tool
+
+    model = quantized_tiny(tokenizer, tmp_path, "q4_1")
+    model.push_to_hub("me/tiny-q4_1", tokenizer=tokenizer, gguf_type="q4_1")
+    remote = fake_hub.remote / "me" / "tiny-q4_1"
+    path = remote / "tiny-q4_1-Q4_1.gguf"
+    assert path.is_file() and (remote / "model.safetensors").is_file()
+    read, expected = gguf_weights(path), hfquant_weights(model)
+    for name, w in expected.items():  # what was solved is what llama.cpp gets
+        np.testing.assert_array_equal(read[name], w, err_msg=name)
+    card = ModelCard.load(remote / "README.md").text
+    assert "## GGUF for llama.cpp" in card and "| `tiny-q4_1-Q4_1.gguf` | Q4_1 |" in card
+    assert "7 tensors written exactly as hfquant solved them" in card
+    assert "llama-cli -hf me/tiny-q4_1:Q4_1" in card
+    if llamacpp_tool("llama-perplexity").is_file():  # built by `make test`: the card has llama.cpp's figure
+        from hfquant.corpora import heldout_texts
+
+        measured = llamacpp_perplexity(path, "\n\n".join(heldout_texts()), chunks=8)
+        assert f"| {measured:.2f} (`llama-perplexity`, 8 chunks of 512 tokens of held-out Book of Mormon" in card
+    else:
+        assert "not measured (" in card and "is not built" in card
+    AutoModelForCausalLM.from_pretrained(remote)  # the .gguf beside does not disturb transformers
+
+
+@needs_converter
+def test_cli_quantize_solves_on_the_type_and_writes_the_gguf(tokenizer, tmp_path, capsys):
+    from hfquant.cli import main
+
+    base = tmp_path / "base"
+    tiny_llama(tokenizer).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(TINY_TEXTS * 4), encoding="utf-8")
+    out = tmp_path / "q"
+    code = main([
+        "quantize", str(base), "--gguf-type", "q4_0", "--dataset", str(text), "--nsamples", "2", "--seqlen", "32",
+        "--blockwise-epochs", "1", "--decoupleq-iters", "1", "--eval-windows", "0", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "GGUF Q4_0" in printed and f"GGUF for llama.cpp: {out / 'q-Q4_0.gguf'}" in printed
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    layers = [m for m in reloaded.modules() if isinstance(m, GGUFLinear)]
+    assert len(layers) == 7 and all(m.grid.name == "q4_0" for m in layers)
+    read = gguf_weights(out / "q-Q4_0.gguf")
+    for name, w in hfquant_weights(reloaded).items():
+        np.testing.assert_array_equal(read[name], w, err_msg=name)
+
+
+def test_gguf_beside_needs_a_tokenizer_and_a_known_type(tokenizer, tmp_path):
+    from hfquant.export import GGUFExportError, save_quantized
+
+    model = AutoModelForCausalLM.from_pretrained(
+        _saved_tiny(tokenizer, tmp_path), quantization_config=HfQuantConfig(bits=4, group_size=32, method="rtn")
+    )
+    with pytest.raises(ValueError, match="gguf_type='q4_1' needs the tokenizer"):
+        save_quantized(model, tmp_path / "a", gguf_type="q4_1")
+    with pytest.raises(GGUFExportError, match=r"unsupported GGUF type \(gguf_type\) 'q9'"):
+        save_quantized(model, tmp_path / "b", tokenizer, gguf_type="q9")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["base"]  # no temporary folder left either
+
+
+def _saved_tiny(tokenizer, folder):
+    base = folder / "base"
+    tiny_llama(tokenizer).save_pretrained(base)
+    return base

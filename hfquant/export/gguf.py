@@ -47,9 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hfquant.export.llamacpp import LLAMACPP_SDIST_VERSION, llamacpp_source
 from hfquant.formats.gguf import FALLBACK, GGUFLinear
-
-LLAMACPP_SDIST_VERSION = "0.3.36"
 
 # Allowed values of ``type`` / ``embedding_type`` / ``output_type``.
 GGUF_TYPES = ("q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k", "f16", "f32")
@@ -376,24 +375,6 @@ def decoupled_blocks(module: nn.Module, qtype: str) -> GGUFBlocks | None:
 # --------------------------------------------------------------------------------------------------
 # llama.cpp's converter and tools
 # --------------------------------------------------------------------------------------------------
-
-
-def llamacpp_dir() -> Path:
-    """Where ``make llamacpp`` keeps llama.cpp: ``$HFQUANT_LLAMACPP`` or ``<venv>/llama.cpp``."""
-    return Path(os.environ.get("HFQUANT_LLAMACPP") or Path(sys.prefix) / "llama.cpp")
-
-
-def llamacpp_source() -> Path:
-    """The vendored llama.cpp source tree (``$HFQUANT_LLAMACPP_SRC`` overrides)."""
-    if os.environ.get("HFQUANT_LLAMACPP_SRC"):
-        return Path(os.environ["HFQUANT_LLAMACPP_SRC"])
-    return llamacpp_dir() / f"llama_cpp_python-{LLAMACPP_SDIST_VERSION}" / "vendor" / "llama.cpp"
-
-
-def llamacpp_tool(name: str) -> Path:
-    """Path of a built llama.cpp tool (``llama-perplexity``, ...); ``$HFQUANT_LLAMACPP_BIN`` overrides the folder."""
-    folder = Path(os.environ.get("HFQUANT_LLAMACPP_BIN") or llamacpp_dir() / "bin")
-    return folder / name
 
 
 def _converter_class(arch: str):

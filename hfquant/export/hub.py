@@ -83,11 +83,25 @@ def push_to_hub(
     max_shard_size: int | str = "5GB",
     revision: str | None = None,
     create_pr: bool = False,
+    gguf_type: str | None = None,
+    gguf_eval_text: str | os.PathLike | None = None,
 ) -> str:
-    """Save ``model`` (with its tokenizer and a card naming ``repo_id``) and upload the folder."""
+    """Save ``model`` (with its tokenizer and a card naming ``repo_id``) and upload the folder.
+
+    ``gguf_type="q4_1"`` (or another GGUF type) uploads a GGUF file for llama.cpp beside the
+    safetensors, with its type, llama.cpp perplexity and chat command in the card (see
+    :func:`hfquant.export.save_quantized`)."""
     tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(model)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_quantized(model, Path(tmp) / "model", tokenizer, repo_id, max_shard_size=max_shard_size)
+        folder = save_quantized(
+            model,
+            Path(tmp) / "model",
+            tokenizer,
+            repo_id,
+            gguf_type=gguf_type,
+            gguf_eval_text=gguf_eval_text,
+            max_shard_size=max_shard_size,
+        )
         return push_folder(
             folder,
             repo_id,

@@ -44,6 +44,23 @@ class QualityFigures:
 
 
 @dataclass
+class GGUFFigures:
+    """The GGUF file saved beside the safetensors (``save_quantized(..., gguf_type=...)``): what it
+    stores and the perplexity llama.cpp's ``llama-perplexity`` measured on it."""
+
+    file: str
+    type: str
+    file_bytes: int
+    bits_per_weight: float
+    lossless: int  # tensors written from the stored integers exactly
+    requantized: int  # tensors quantized to the type at export (other grids, the output head)
+    text: str = "held-out Book of Mormon chapters"
+    chunks: int = 8
+    perplexity: float | None = None
+    not_measured: str = ""  # why perplexity is None
+
+
+@dataclass
 class SourceInfo:
     base_model: str | None = None
     license: str | None = None
@@ -163,9 +180,34 @@ def tags(config: HfQuantConfig) -> list[str]:
     return out
 
 
-def render_model_card(model: Any, folder: str | os.PathLike, model_id: str | None = None) -> ModelCard:
+def _gguf_text(gguf: GGUFFigures | None, model_id: str, folder: str | os.PathLike) -> str:
+    if gguf is None:
+        return ""
+    tag = gguf.type.upper()
+    if gguf.perplexity is not None:
+        ppl = (f"{gguf.perplexity:.2f} (`llama-perplexity`, {gguf.chunks} chunks of 512 tokens of {gguf.text}; "
+               "llama.cpp scores the second half of each chunk, so compare it with llama.cpp figures only)")  # fmt: skip
+    else:
+        ppl = f"not measured ({gguf.not_measured})"
+    run = (f"llama-cli -hf {model_id}:{tag}" if _is_repo_id(model_id)
+           else f"llama-cli -m {Path(folder).resolve() / gguf.file}")  # fmt: skip
+    how = f"{gguf.lossless} tensors written exactly as hfquant solved them"
+    if gguf.requantized:
+        how += f", {gguf.requantized} quantized to the type at export (other grids, the output head)"
+    return (
+        "| file | type | size | bits per weight (whole file) | perplexity in llama.cpp |\n|---|---|---|---|---|\n"
+        f"| `{gguf.file}` | {tag} | {gguf.file_bytes / 1e6:.1f} MB | {gguf.bits_per_weight:.3f} | {ppl} |\n\n"
+        f"Tensors: {how}. Chat with it in llama.cpp (conversation mode, the model's own chat template):\n\n"
+        f"```bash\n{run}\n```"
+    )
+
+
+def render_model_card(
+    model: Any, folder: str | os.PathLike, model_id: str | None = None, gguf: GGUFFigures | None = None
+) -> ModelCard:
     """The card of ``model`` as saved in ``folder`` (whose weight files give the size on disk);
-    ``model_id`` is the Hub id or path the usage snippet loads (default: the folder)."""
+    ``model_id`` is the Hub id or path the usage snippet loads (default: the folder); ``gguf`` the
+    GGUF file saved beside, if any."""
     from hfquant import __version__
 
     config: HfQuantConfig = model.config.quantization_config
@@ -205,12 +247,15 @@ def render_model_card(model: Any, folder: str | os.PathLike, model_id: str | Non
         quality_text=_quality_text(quality),
         model_id=model_id,
         storage_text=_storage_text(config),
+        gguf_text=_gguf_text(gguf, model_id, folder),
     )
 
 
-def write_model_card(model: Any, folder: str | os.PathLike, model_id: str | None = None) -> Path:
+def write_model_card(
+    model: Any, folder: str | os.PathLike, model_id: str | None = None, gguf: GGUFFigures | None = None
+) -> Path:
     path = Path(folder) / "README.md"
-    render_model_card(model, folder, model_id).save(path)
+    render_model_card(model, folder, model_id, gguf).save(path)
     return path
 
 
