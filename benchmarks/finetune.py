@@ -1,16 +1,28 @@
 """LoRA on a 2/3-bit base: how much of the task loss that quantization costs does an adapter win back?
 
     python benchmarks/finetune.py --configs w2g64,w3g64 --steps 200 --threads 2
+    python benchmarks/finetune.py --task code --configs w2g64 --checkpoint w2g64=DIR --steps 150
     python benchmarks/finetune.py --configs w3g64 --tacq          # also TaCQ kept weights at equal bits
 
-The task is hfquant's facts questions (``hfquant/tasks/facts.jsonl``), chat-formatted, loss on the
-answer tokens only, split once (seeded) into training and held-out questions. For each config the
-default model is quantized (the method and block-wise epochs given), then scored on the held-out
-questions before and after the same LoRA training (PEFT on every projection, AdamW, a fixed
+Tasks (``--task``):
+
+* ``facts``: hfquant's facts questions (``hfquant/tasks/facts.jsonl``), chat-formatted, loss on the
+  answer tokens only, split once (seeded) into training and held-out questions. Held-out facts are
+  knowledge the adapter never sees: it can teach the answer format, not the facts a quantized
+  base has lost.
+* ``code``: Python. The held-out windows are the yardstick's ``python-code`` windows (the first
+  ``--holdout`` 512-token windows of the stdlib in the yardstick's fixed order); training windows are
+  drawn (seeded) from the stdlib files after them, so no held-out file is trained on. A skill whose
+  examples the adapter does see: QLoRA's use case.
+
+For each config the default model is quantized (or a saved checkpoint loaded), then scored on the
+held-out examples before and after the same LoRA training (PEFT on every projection, AdamW, a fixed
 number of steps over shuffled batches), beside the full-precision model before and after that
-training. ``recovered`` is the share of the quantization's held-out loss gap to full precision
-that the adapter closes: ``(loss_q - loss_q+lora) / (loss_q - loss_fp)``. With ``--tacq``, TaCQ
-kept 16-bit weights chosen on the training questions are added at the adapter's extra bits per
+training. ``gap closed`` is the share of the quantization's held-out loss gap that LoRA closes,
+judged against full precision trained the same way: ``1 - (loss_q+lora - loss_fp+lora) / (loss_q -
+loss_fp)`` (the issue's goal: at least 50%). Measured against the untrained full-precision model
+instead, an adapter that only learns the task's format would count as recovery. With ``--tacq``,
+TaCQ kept 16-bit weights chosen on the training examples are added at the adapter's extra bits per
 weight (each kept weight costs its value and two int32 indices).
 """
 
@@ -18,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 
@@ -36,7 +49,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import hfquant.lora
 from hfquant import HfQuantConfig
-from hfquant.task_data import IGNORE, TaskBatch, task_batches
+from hfquant.calibration import tokenize_texts
+from hfquant.corpora import heldout_domain
+from hfquant.task_data import IGNORE, TaskBatch, batches_from_ids, task_batches
 from hfquant.tasks import TASKS_DIR
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,6 +66,26 @@ def facts_split(holdout: int, seed: int) -> tuple[list[dict], list[dict]]:
     if not 0 < holdout < len(chats):
         raise SystemExit(f"--holdout must be between 1 and {len(chats) - 1}, got {holdout}")
     return chats[holdout:], chats[:holdout]
+
+
+def code_split(tokenizer, holdout: int, train: int, seed: int, seqlen: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) ``[n, seqlen]`` windows of the stdlib: held-out = the first ``holdout``
+    windows of the yardstick's ``python-code`` stream; training = ``train`` seeded random windows of
+    the files that come after the last held-out one."""
+    docs = heldout_domain("python-code")
+    heldout = tokenize_texts(docs[:1], tokenizer)
+    used = 1
+    while len(heldout) < holdout * seqlen:  # the yardstick's stream: documents joined at blank lines
+        used += 1
+        heldout = tokenize_texts(docs[:used], tokenizer)
+    heldout = heldout[: holdout * seqlen].view(holdout, seqlen)
+    end, chars = used, 0
+    while end < len(docs) and chars < 16 * train * seqlen:  # ~4 characters per token: 4x the windows' tokens
+        chars, end = chars + len(docs[end]), end + 1
+    rest = tokenize_texts(docs[used:end], tokenizer).tolist()
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(rest) - seqlen, (train,), generator=generator).tolist()
+    return torch.tensor([rest[s : s + seqlen] for s in starts]), heldout
 
 
 def answer_loss(model: PreTrainedModel, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,7 +151,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--holdout", type=int, default=48, help="held-out questions")
+    parser.add_argument("--task", default="facts", choices=["facts", "code"])
+    parser.add_argument("--holdout", type=int, default=None, help="held-out questions (48) or code windows (16)")
+    parser.add_argument("--train-windows", type=int, default=256, help="--task code: training windows of 512 tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tacq", action="store_true", help="also TaCQ kept weights at the adapter's bits")
     parser.add_argument(
@@ -127,9 +164,21 @@ def main() -> None:
     args = parser.parse_args()
     setup(args)
     path, tokenizer = load_default()
-    train_rows, heldout_rows = facts_split(args.holdout, args.seed)
-    train = task_batches(train_rows, tokenizer, len(train_rows), 512, batch_size=args.batch_size)
-    heldout = task_batches(heldout_rows, tokenizer, len(heldout_rows), 512, batch_size=args.batch_size)
+    if args.task == "facts":
+        train_rows, heldout_rows = facts_split(args.holdout or 48, args.seed)
+        train = task_batches(train_rows, tokenizer, len(train_rows), 512, batch_size=args.batch_size)
+        heldout = task_batches(heldout_rows, tokenizer, len(heldout_rows), 512, batch_size=args.batch_size)
+        task_text = (f"hfquant facts as chat, {len(train_rows)} training and {len(heldout_rows)} held-out questions "
+                     f"(seed {args.seed}), loss on answer tokens; `exact` = every answer token and the end of turn is "
+                     "the argmax under teacher forcing")  # fmt: skip
+    else:
+        train_ids, heldout_ids = code_split(tokenizer, args.holdout or 16, args.train_windows, args.seed)
+        train_rows = [tokenizer.decode(w) for w in train_ids]  # TaCQ's task examples
+        train = batches_from_ids(train_ids, args.batch_size)
+        heldout = batches_from_ids(heldout_ids, args.batch_size)
+        task_text = (f"Python code, {len(heldout_ids)} held-out 512-token windows (the yardstick's python-code "
+                     f"windows) and {len(train_ids)} training windows from the stdlib files after them (seed "
+                     f"{args.seed}); loss on every token, perplexity in the `exact answers` column's place")  # fmt: skip
 
     def load(config: HfQuantConfig | None = None) -> PreTrainedModel:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config)
@@ -137,20 +186,20 @@ def main() -> None:
     rows: list[dict[str, str]] = []
 
     def record(config: str, model_name: str, extra_bpw: str, loss: float, exact: float, note: str = "") -> None:
+        second = ("exact answers", f"{exact:.1%}") if args.task == "facts" else ("perplexity", f"{math.exp(loss):.2f}")
         row = {"config": config, "model": model_name, "extra bits/weight": extra_bpw,
-               "held-out answer loss": f"{loss:.3f}", "exact answers": f"{exact:.1%}", "note": note}  # fmt: skip
-        title = None if rows else "finetune.py: LoRA on a quantized base, held-out facts"
+               "held-out loss": f"{loss:.3f}", second[0]: second[1], "note": note}  # fmt: skip
+        title = None if rows else f"finetune.py: LoRA on a quantized base, held-out {args.task}"
         rows.append(row)
         append_results([row], title=title, text=text)
         print(" | ".join(row.values()), flush=True)
 
     text = (
-        f"SmolLM2-135M-Instruct, {machine_line()}. Task: hfquant facts as chat, {len(train_rows)} training and "
-        f"{len(heldout_rows)} held-out questions (seed {args.seed}), loss on answer tokens; `exact` = every answer "
-        f"token and the end of turn is the argmax under teacher forcing. LoRA r={args.rank} on {', '.join(TARGETS)}, AdamW lr "
+        f"SmolLM2-135M-Instruct, {machine_line()}. Task: {task_text}. LoRA r={args.rank} on {', '.join(TARGETS)}, AdamW lr "
         f"{args.lr}, {args.steps} steps of {args.batch_size} questions. Quantization: {args.method}, "
         f"{args.blockwise_epochs} block-wise epochs, {args.nsamples} x 512 calibration tokens of the mix. "
-        "`recovered` = share of the quantized model's held-out loss gap to full precision the adapter closes."
+        "`gap closed` = 1 - (loss of quantized + LoRA - loss of fp + LoRA) / (loss of quantized - loss of fp): the "
+        "share of quantization's loss gap that LoRA closes, judged against full precision trained the same way."
     )
     full = load()
     n_weights = linear_weights(full)
@@ -178,17 +227,17 @@ def main() -> None:
         tuned, _, seconds = train_lora(model, train, args)
         lora_loss, lora_exact = score(tuned, heldout)
         gap = q_loss - fp_loss
-        recovered = f"recovered {(q_loss - lora_loss) / gap:.0%}" if gap > 0 else "no gap"
+        closed = f"gap closed {1 - (lora_loss - fp_lora_loss) / gap:.0%}" if gap > 0 else "no gap"
         record(f"W{bits} g{group_size}", "quantized + LoRA", f"{adapter_bpw:.3f}", lora_loss, lora_exact,
-               f"{recovered}; {lora_loss - fp_lora_loss:+.3f} vs fp + LoRA; {seconds:.0f} s training")  # fmt: skip
+               f"{closed}; {lora_loss - fp_lora_loss:+.3f} vs fp + LoRA; {seconds:.0f} s training")  # fmt: skip
         del model, tuned
         if args.tacq:
             fraction = adapter_bpw / KEPT_WEIGHT_BITS
             model = load(HfQuantConfig(**settings, outlier_fraction=fraction, saliency="tacq", task_dataset=train_rows))
             t_loss, t_exact = score(model, heldout)
-            recovered = f"recovered {(q_loss - t_loss) / gap:.0%}" if gap > 0 else "no gap"
+            closed = f"gap to fp closed {(q_loss - t_loss) / gap:.0%}" if gap > 0 else "no gap"
             record(f"W{bits} g{group_size}", f"TaCQ {fraction:.2%} kept", f"{adapter_bpw:.3f}", t_loss, t_exact,
-                   recovered)  # fmt: skip
+                   closed)  # fmt: skip
             del model
     print()
     print_table(rows)
