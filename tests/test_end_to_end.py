@@ -88,7 +88,6 @@ def test_quantize_with_e2e_epochs_tunes_against_the_full_precision_copy(tiny_lla
         (dict(e2e_epochs=-1), "e2e_epochs"),
         (dict(e2e_epochs=1, e2e_lr=0), "e2e_lr must be a positive number"),
         (dict(e2e_epochs=1, outlier_fraction=0.01), "not supported with kept 16-bit weights"),
-        (dict(e2e_epochs=1, method="decoupleq", gguf_type="q4_0"), "not supported with gguf_type"),
     ],
 )
 def test_e2e_config_errors_name_the_field(settings, message) -> None:

@@ -132,12 +132,13 @@ def tiny_llama(tokenizer, hidden: int = 256, intermediate: int = 512):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def quantized_tiny(tokenizer, folder, gguf_type: str, **sizes):
+def quantized_tiny(tokenizer, folder, gguf_type: str, e2e_epochs: int = 0, **sizes):
     base = folder / "base"
-    tiny_llama(tokenizer, **sizes).save_pretrained(base)
+    if not base.exists():
+        tiny_llama(tokenizer, **sizes).save_pretrained(base)
     config = HfQuantConfig(
         gguf_type=gguf_type, dataset=TINY_TEXTS, nsamples=4, seqlen=32, decoupleq_iters=1, blockwise_epochs=1,
-        blockwise_batch_size=2, tokenizer=tokenizer,
+        blockwise_batch_size=2, tokenizer=tokenizer, e2e_epochs=e2e_epochs, e2e_lr=1e-2,
     )
     return AutoModelForCausalLM.from_pretrained(base, quantization_config=config, dtype=torch.float32)
 
@@ -187,6 +188,32 @@ def test_solved_model_exports_losslessly(tokenizer, tmp_path, gguf_type):
     hows = {t.name: t.how for t in summary.tensors}
     for name, w in expected.items():
         assert hows[name] == "lossless", name
+        np.testing.assert_array_equal(read[name], w, err_msg=name)
+
+
+@needs_converter
+@pytest.mark.parametrize("gguf_type", ["q2_k", "q4_1"])
+def test_end_to_end_tuning_keeps_the_type_and_the_lossless_export(tokenizer, tmp_path, gguf_type):
+    """e2e tuning on a GGUF type: the integers stay, the kept grid is one the type stores (codes in
+    range, scales and zeros rebuilt from them), validation KL never rises, and the export is still
+    exactly hfquant's weight."""
+    plain = quantized_tiny(tokenizer, tmp_path, gguf_type)
+    tuned = quantized_tiny(tokenizer, tmp_path, gguf_type, e2e_epochs=2)
+    kl = tuned.hf_quantizer.report.e2e_validation_kl
+    assert len(kl) == 3 and min(kl) <= kl[0]
+    moved = False
+    for name, module in tuned.named_modules():
+        if isinstance(module, GGUFLinear):
+            before = plain.get_submodule(name)
+            assert torch.equal(module.qweight, before.qweight)
+            moved |= not torch.equal(module.d, before.d)
+            scales, zeros = module.scales.clone(), module.zeros.clone()
+            module.check_loaded(name)  # codes within the type's ranges; grid rebuilt from them
+            assert torch.equal(module.scales, scales) and torch.equal(module.zeros, zeros)
+    assert moved == (min(kl) < kl[0])  # the factors move exactly when an epoch was kept
+    save_gguf(tuned, tokenizer, tmp_path / "tuned.gguf")
+    read = gguf_weights(tmp_path / "tuned.gguf")
+    for name, w in hfquant_weights(tuned).items():
         np.testing.assert_array_equal(read[name], w, err_msg=name)
 
 

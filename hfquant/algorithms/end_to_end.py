@@ -16,6 +16,11 @@ towards its own full-precision behaviour, not towards the calibration corpus; st
 calibration windows that were never trained on (the starting state included), scored at storage
 precision, so the result never scores worse than the input on those windows.
 
+Layers stored on a GGUF block type (a ``grid_spec``, :mod:`hfquant.formats.gguf`) are tuned as
+block-wise minimization tunes them: training steps the unprojected grid, each candidate is scored
+projected onto the values the type stores (float16 factors, integer sub-block codes), and the kept
+state's codes are handed back through the layer's ``set_codes``, so the export stays lossless.
+
 Pure: works on any ``nn.Module`` whose quantized layers hold float ``scales`` and ``zeros``
 buffers that the forward reads (every hfquant format does).
 """
@@ -31,7 +36,12 @@ from torch import nn
 from torch.func import functional_call
 
 from hfquant.algorithms.block import train_keep_best
-from hfquant.algorithms.blockwise import relative_values, trainable_float_parameters
+from hfquant.algorithms.blockwise import (
+    project_typed_grids,
+    relative_values,
+    trainable_float_parameters,
+    typed_grids,
+)
 
 
 @dataclass
@@ -54,15 +64,19 @@ class EndToEndResult:
         return self.validation_kl[self.best_epoch]
 
 
-def float_parameters(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every quantized layer's ``scales``/``zeros`` (modules holding both as float buffers) and
-    every normalization weight, as block-wise minimization tunes them."""
-    grids = {
+def grid_modules(model: nn.Module) -> set[str]:
+    """Names of the quantized layers: modules holding float ``scales`` and ``zeros`` buffers."""
+    return {
         name
         for name, module in model.named_modules()
         if {"scales", "zeros"} <= dict(module.named_buffers(recurse=False)).keys() and module.scales.is_floating_point()
     }
-    return trainable_float_parameters(model, grids)
+
+
+def float_parameters(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every quantized layer's ``scales``/``zeros`` and every normalization weight, as block-wise
+    minimization tunes them."""
+    return trainable_float_parameters(model, grid_modules(model))
 
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -105,7 +119,8 @@ def tune_end_to_end(
         raise ValueError(f"need epochs >= 0, lr > 0 and batch_size >= 1, got {epochs}, {lr}, {batch_size}")
     if len(validation) == 0:
         raise ValueError("tune_end_to_end needs validation windows to choose the state it keeps")
-    start = float_parameters(model)
+    grids = grid_modules(model)
+    start, typed = trainable_float_parameters(model, grids), typed_grids(model, grids)
     if not start:
         raise ValueError("the model has no quantized scales/zeros or normalization weights to tune")
     was_training = model.training
@@ -131,17 +146,20 @@ def tune_end_to_end(
             target = teacher(ids)
         return _kl(_logits(model, relative_values(start, deltas, None), ids), target)
 
-    def evaluate() -> tuple[float, dict[str, torch.Tensor]]:
-        candidate = relative_values(start, deltas, storage_dtype)
+    def evaluate() -> tuple[float, tuple[dict[str, torch.Tensor], dict]]:
+        candidate = relative_values(start, deltas, storage_dtype, typed)
+        codes = project_typed_grids(candidate, typed)
         result.validation_kl.append(score(candidate))
-        return result.validation_kl[-1], candidate
+        return result.validation_kl[-1], (candidate, codes)
 
-    _, best_values = train_keep_best(
+    _, (best_values, best_codes) = train_keep_best(
         torch.optim.Adam(list(deltas.values()), lr=lr), loss, len(batches), epochs, evaluate, seed
     )
     with torch.no_grad():
         for name, value in best_values.items():
             module_name, _, attr = name.rpartition(".")
             getattr(model.get_submodule(module_name), attr).copy_(value)
+        for prefix, codes in best_codes.items():
+            model.get_submodule(prefix[:-1]).set_codes(codes)
     model.train(was_training)
     return result
