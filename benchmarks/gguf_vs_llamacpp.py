@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blockwise-epochs", type=int, default=2)
     parser.add_argument("--skip-requantized", action="store_true", help="no rows for the data-free requantized export")
     parser.add_argument("--decoupleq-iters", type=int, default=4)
+    parser.add_argument("--e2e-epochs", default="0",
+                        help="comma-separated end-to-end tuning epochs, one solved row each (e.g. 0,2)")
     parser.add_argument("--bench", action="store_true", help="llama-bench tokens/s for q4_0, q4_1, q8_0")
     parser.add_argument("--heldout", default=None, help="comma-separated held-out sets to score (default: all)")
     parser.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary one)")
@@ -149,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             ours = work / f"hfquant-{qtype}.gguf"
             _, seconds = timed(lambda qtype=qtype, ours=ours: save_gguf(model, tokenizer, ours, type=qtype))
             row(qtype, "hfquant export-gguf (requantized float model)", ours, seconds, base)
-        if qtype in solved_types:
-            solved = work / f"hfquant-solved-{qtype}.gguf"
-            _, seconds = timed(lambda qtype=qtype, solved=solved: solve_and_export(model_dir, tokenizer, qtype, solved, args))
-            row(qtype, f"hfquant solved on {qtype} (decoupleQ + block-wise, {args.calib_windows}x512 calibration tokens)",
+        for e2e in (int(e) for e in args.e2e_epochs.split(",")) if qtype in solved_types else ():
+            solved = work / f"hfquant-solved-{qtype}-e2e{e2e}.gguf"
+            _, seconds = timed(lambda qtype=qtype, solved=solved, e2e=e2e: solve_and_export(model_dir, tokenizer, qtype, solved, e2e, args))
+            tuned = f" + e2e {e2e} epochs" if e2e else ""
+            row(qtype, f"hfquant solved on {qtype} (decoupleQ + block-wise{tuned}, {args.calib_windows}x512 calibration tokens)",
                 solved, seconds, base)
     print_table(rows)
 
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             "with llama.cpp's per-tensor fallbacks (576-wide rows: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0). 'requantized' "
             "rows round the float model to the type without data; 'solved' rows quantize with "
             f"HfQuantConfig(gguf_type=...) (decoupleQ {args.decoupleq_iters} iterations, {args.blockwise_epochs} "
-            f"block-wise epochs, the same {args.calib_windows}x512 mix windows the imatrix reads) and export "
+            f"block-wise epochs, end-to-end tuning epochs as named, the same {args.calib_windows}x512 mix windows "
+            "the imatrix reads) and export "
             "losslessly. Time: file production on a CPU shared with other jobs (imatrix time included in its "
             "rows; for 'solved', quantization included)."
         ),
@@ -198,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def solve_and_export(model_dir: Path, tokenizer, qtype: str, path: Path, args: argparse.Namespace) -> None:
+def solve_and_export(model_dir: Path, tokenizer, qtype: str, path: Path, e2e_epochs: int, args: argparse.Namespace) -> None:
     """Quantize the default model on ``qtype``'s grid and write it as GGUF (lossless)."""
     config = HfQuantConfig(gguf_type=qtype, nsamples=args.calib_windows, seqlen=512,
                            decoupleq_iters=args.decoupleq_iters, blockwise_epochs=args.blockwise_epochs,
-                           tokenizer=tokenizer)
+                           e2e_epochs=e2e_epochs, tokenizer=tokenizer)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=torch.float32).eval()
     summary = save_gguf(model, tokenizer, path, type=qtype)
     print(f"{qtype} solved: {summary.rows()}", flush=True)
