@@ -68,10 +68,12 @@ def facts_split(holdout: int, seed: int) -> tuple[list[dict], list[dict]]:
     return chats[holdout:], chats[:holdout]
 
 
-def code_split(tokenizer, holdout: int, train: int, seed: int, seqlen: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training, held-out) ``[n, seqlen]`` windows of the stdlib: held-out = the first ``holdout``
-    windows of the yardstick's ``python-code`` stream; training = ``train`` seeded random windows of
-    the files that come after the last held-out one."""
+def code_split(
+    tokenizer, holdout: int, train: int, seed: int, train_seqlen: int, seqlen: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) windows of the stdlib: held-out = the first ``holdout`` ``seqlen``-token
+    windows of the yardstick's ``python-code`` stream; training = ``train`` seeded random
+    ``train_seqlen``-token windows of the files that come after the last held-out one."""
     docs = heldout_domain("python-code")
     heldout = tokenize_texts(docs[:1], tokenizer)
     used = 1
@@ -80,12 +82,12 @@ def code_split(tokenizer, holdout: int, train: int, seed: int, seqlen: int = 512
         heldout = tokenize_texts(docs[:used], tokenizer)
     heldout = heldout[: holdout * seqlen].view(holdout, seqlen)
     end, chars = used, 0
-    while end < len(docs) and chars < 16 * train * seqlen:  # ~4 characters per token: 4x the windows' tokens
+    while end < len(docs) and chars < 16 * train * train_seqlen:  # ~4 characters per token: 4x the windows' tokens
         chars, end = chars + len(docs[end]), end + 1
     rest = tokenize_texts(docs[used:end], tokenizer).tolist()
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(rest) - seqlen, (train,), generator=generator).tolist()
-    return torch.tensor([rest[s : s + seqlen] for s in starts]), heldout
+    starts = torch.randint(0, len(rest) - train_seqlen, (train,), generator=generator).tolist()
+    return torch.tensor([rest[s : s + train_seqlen] for s in starts]), heldout
 
 
 def answer_loss(model: PreTrainedModel, batch: TaskBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -153,7 +155,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--task", default="facts", choices=["facts", "code"])
     parser.add_argument("--holdout", type=int, default=None, help="held-out questions (48) or code windows (16)")
-    parser.add_argument("--train-windows", type=int, default=256, help="--task code: training windows of 512 tokens")
+    parser.add_argument("--train-windows", type=int, default=256, help="--task code: training windows")
+    parser.add_argument("--train-seqlen", type=int, default=256, help="--task code: tokens per training window")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tacq", action="store_true", help="also TaCQ kept weights at the adapter's bits")
     parser.add_argument(
@@ -172,12 +175,12 @@ def main() -> None:
                      f"(seed {args.seed}), loss on answer tokens; `exact` = every answer token and the end of turn is "
                      "the argmax under teacher forcing")  # fmt: skip
     else:
-        train_ids, heldout_ids = code_split(tokenizer, args.holdout or 16, args.train_windows, args.seed)
+        train_ids, heldout_ids = code_split(tokenizer, args.holdout or 16, args.train_windows, args.seed, args.train_seqlen)
         train_rows = [tokenizer.decode(w) for w in train_ids]  # TaCQ's task examples
         train = batches_from_ids(train_ids, args.batch_size)
         heldout = batches_from_ids(heldout_ids, args.batch_size)
         task_text = (f"Python code, {len(heldout_ids)} held-out 512-token windows (the yardstick's python-code "
-                     f"windows) and {len(train_ids)} training windows from the stdlib files after them (seed "
+                     f"windows) and {len(train_ids)} training windows of {args.train_seqlen} tokens from the stdlib files after them (seed "
                      f"{args.seed}); loss on every token, perplexity in the `exact answers` column's place")  # fmt: skip
 
     def load(config: HfQuantConfig | None = None) -> PreTrainedModel:
