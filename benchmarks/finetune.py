@@ -199,7 +199,7 @@ def main() -> None:
 
     text = (
         f"SmolLM2-135M-Instruct, {machine_line()}. Task: {task_text}. LoRA r={args.rank} on {', '.join(TARGETS)}, AdamW lr "
-        f"{args.lr}, {args.steps} steps of {args.batch_size} questions. Quantization: {args.method}, "
+        f"{args.lr}, {args.steps} steps of {args.batch_size} {'questions' if args.task == 'facts' else 'windows'}. Quantization: {args.method}, "
         f"{args.blockwise_epochs} block-wise epochs, {args.nsamples} x 512 calibration tokens of the mix. "
         "`gap closed` = 1 - (loss of quantized + LoRA - loss of fp + LoRA) / (loss of quantized - loss of fp): the "
         "share of quantization's loss gap that LoRA closes, judged against full precision trained the same way."
