@@ -42,7 +42,7 @@ del full
 
 for name, config in [
     ("RTN W2 g64", HfQuantConfig(bits=2, group_size=64, method="rtn")),
-    ("decoupleQ + block-wise W2 g64", HfQuantConfig(
+    ("decoupleQ + block-wise + end-to-end W2 g64", HfQuantConfig(
         bits=2, group_size=64, method="decoupleq", nsamples=32, seqlen=256, decoupleq_iters=4,
         blockwise_epochs=4, blockwise_batch_size=4, tokenizer=tokenizer)),
 ]:

@@ -16,6 +16,7 @@ MAX_SPLIT_CLUSTERS = 8  # cluster indices take at most 3 bits per weight
 SUPPORTED_SALIENCIES = ("tacq", "magnitude", "hessian")
 SUPPORTED_OUTLIER_SCOPES = ("layer", "global")
 SUPPORTED_GGUF_TYPES = (None, "q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k")
+DEFAULT_E2E_EPOCHS = 2  # end-to-end tuning epochs where it applies (e2e_epochs=None)
 
 # Fields that only steer quantization (not loading) and may hold objects JSON cannot carry.
 _RUNTIME_ONLY = ("tokenizer", "work_dir")
@@ -73,7 +74,10 @@ class HfQuantConfig(QuantizationConfigMixin):
             and used only to choose which epoch's state to keep (whole batches of
             ``blockwise_batch_size``, at least one batch left to train on); they still enter the
             Hessians. ``0`` keeps the state best on the training batches themselves.
-        e2e_epochs, e2e_lr: end-to-end tuning after the last block (``0`` turns it off): the float
+        e2e_epochs, e2e_lr: end-to-end tuning after the last block (``0`` turns it off; ``None``,
+            the default: ``DEFAULT_E2E_EPOCHS`` (2) for ``gptq`` and ``decoupleq`` without kept weights
+            on a model held in memory, else 0; quantization writes the number it ran into the
+            config, so ``config.json`` says what was done): the float
             part of the whole model (every quantized layer's scales and zeros, and the norms) is
             trained with the integers frozen so that the model's next-token distribution matches
             the full-precision model's (KL divergence on the calibration windows, batches of 2),
@@ -121,7 +125,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         blockwise_lr: float = 1e-3,
         blockwise_batch_size: int = 8,
         blockwise_validation: float = 0.0,
-        e2e_epochs: int = 0,
+        e2e_epochs: int | None = None,
         e2e_lr: float = 2e-4,
         gguf_type: str | None = None,
         seed: int = 0,
@@ -192,7 +196,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         _check_int("decoupleq_iters", self.decoupleq_iters, minimum=0)
         _check_int("blockwise_epochs", self.blockwise_epochs, minimum=0)
         _check_int("blockwise_batch_size", self.blockwise_batch_size, minimum=1)
-        _check_int("e2e_epochs", self.e2e_epochs, minimum=0)
+        if self.e2e_epochs is not None:
+            _check_int("e2e_epochs", self.e2e_epochs, minimum=0)
         if not isinstance(self.e2e_lr, (int, float)) or not self.e2e_lr > 0:
             raise ValueError(f"e2e_lr must be a positive number, got {self.e2e_lr!r}")
         if self.e2e_epochs and self.outlier_fraction:
@@ -241,7 +246,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         return (
             self.method != "rtn"
             or (self.outlier_fraction > 0 and self.saliency != "magnitude")
-            or self.e2e_epochs > 0
+            or bool(self.e2e_epochs)
         )
 
     def to_dict(self) -> dict[str, Any]:

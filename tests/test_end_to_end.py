@@ -66,7 +66,9 @@ def test_bad_arguments_are_named(pair) -> None:
 def test_quantize_with_e2e_epochs_tunes_against_the_full_precision_copy(tiny_llama_dir) -> None:
     teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     settings = dict(bits=2, group_size=32, method="gptq", blockwise_epochs=0, **TINY_CALIBRATION)
-    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=HfQuantConfig(**settings))
+    plain = AutoModelForCausalLM.from_pretrained(
+        tiny_llama_dir, quantization_config=HfQuantConfig(**settings, e2e_epochs=0)
+    )
     tuned = AutoModelForCausalLM.from_pretrained(
         tiny_llama_dir, quantization_config=HfQuantConfig(**settings, e2e_epochs=2, e2e_lr=1e-2)
     )
@@ -80,6 +82,29 @@ def test_quantize_with_e2e_epochs_tunes_against_the_full_precision_copy(tiny_lla
             assert torch.equal(module.qweight, other.qweight)
     windows = torch.randint(0, teacher.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(5))
     assert _validation_kl(tuned, teacher, windows) < _validation_kl(plain, teacher, windows)
+
+
+@pytest.mark.parametrize(
+    ("settings", "resolved"),
+    [
+        (dict(method="decoupleq"), 2),
+        (dict(method="gptq"), 2),
+        (dict(method="gptq", e2e_epochs=1), 1),
+        (dict(method="gptq", e2e_epochs=0), 0),
+        (dict(method="rtn"), 0),
+        (dict(method="gptq", outlier_fraction=0.02, saliency="magnitude"), 0),
+    ],
+)
+def test_default_e2e_epochs_apply_to_calibrated_solvers_and_are_saved(tiny_llama_dir, tmp_path, settings, resolved):
+    """``e2e_epochs=None`` (the default) runs 2 epochs for gptq/decoupleq without kept weights, none
+    otherwise; the number that ran is what config.json records."""
+    config = HfQuantConfig(bits=2, group_size=32, blockwise_epochs=0, **TINY_CALIBRATION, **settings)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
+    assert model.config.quantization_config.e2e_epochs == resolved
+    assert len(model.hf_quantizer.report.e2e_validation_kl) == (resolved + 1 if resolved else 0)
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert reloaded.config.quantization_config.e2e_epochs == resolved
 
 
 @pytest.mark.parametrize(

@@ -136,8 +136,9 @@ def test_calibrated_methods_beat_rtn_end_to_end(tokenizer, method):
     assert errors[method] < errors["rtn"]
 
 
-def test_offloaded_model_quantizes_to_the_same_result(tokenizer, tmp_path):
-    """max_memory/device_map offload: blocks on disk are loaded one at a time and give identical results."""
+def test_offloaded_model_quantizes_to_the_same_result(tokenizer, tmp_path, caplog):
+    """max_memory/device_map offload: blocks on disk are loaded one at a time and give identical results.
+    End-to-end tuning, which needs the whole model, is skipped there by default (and says so)."""
     model = tiny_model(vocab_size=len(tokenizer)).eval()
     model.save_pretrained(tmp_path / "fp")
 
@@ -167,7 +168,11 @@ def test_offloaded_model_quantizes_to_the_same_result(tokenizer, tmp_path):
         quantization_config=config(),
     )
     assert offloaded.hf_device_map["model.layers.1"] == "cpu"  # quantized, the block is resident
-    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config())
+    assert offloaded.config.quantization_config.e2e_epochs == 0
+    assert "end-to-end tuning skipped: some weights are offloaded" in caplog.text
+    same = config()
+    same.e2e_epochs = 0
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=same)
     ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(offloaded(ids).logits, in_memory(ids).logits)

@@ -61,6 +61,7 @@ def test_decoupleq_3bit_beats_rtn_by_a_margin(setup):
             seqlen=128,
             decoupleq_iters=1,
             blockwise_epochs=0,
+            e2e_epochs=0,  # the solver alone (end-to-end tuning is tested in test_end_to_end.py)
             tokenizer=tokenizer,
         ),
     )

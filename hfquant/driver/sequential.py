@@ -20,6 +20,7 @@ teacher of end-to-end tuning (:mod:`hfquant.algorithms.end_to_end`) once every b
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from hfquant.algorithms.blockwise import block_minimize
 from hfquant.algorithms.end_to_end import tune_end_to_end
 from hfquant.algorithms.inq import inq_block
 from hfquant.calibration import get_calibration_data
-from hfquant.config import HfQuantConfig
+from hfquant.config import DEFAULT_E2E_EPOCHS, HfQuantConfig
 from hfquant.driver.blocks import (
     block_linears,
     capture_block_inputs,
@@ -49,6 +50,8 @@ from hfquant.driver.solve import quantize_linear
 from hfquant.driver.workdir import WorkDir
 from hfquant.formats import STORAGE_DTYPE, QuantizedLinear, format_for
 from hfquant.nn.replace import linears_to_convert, set_module
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +88,7 @@ def quantize_model(
             "the model has no nn.Linear layer to quantize (all skipped by modules_to_not_convert?)"
         )
     report = QuantizationReport(config.method, config.bits, config.group_size, len(linears))
+    config.e2e_epochs = end_to_end_epochs(config, model)
     # rtn reads text only for a saliency without its own task set, or to tune end to end.
     needs_ids = config.needs_calibration and (
         config.method != "rtn" or config.task_dataset is None or config.e2e_epochs > 0
@@ -106,6 +110,19 @@ def quantize_model(
         report.e2e_validation_kl = tune_whole_model(model, teacher, ids, config, tokenizer)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def end_to_end_epochs(config: HfQuantConfig, model: nn.Module) -> int:
+    """``config.e2e_epochs``, or where it is ``None`` (the default) ``DEFAULT_E2E_EPOCHS`` for the
+    calibrated solvers without kept weights on a model whose weights are all in memory, else 0."""
+    if config.e2e_epochs is not None:
+        return config.e2e_epochs
+    if config.method not in ("gptq", "decoupleq") or config.outlier_fraction > 0:
+        return 0
+    if any(p.device.type == "meta" for p in model.parameters()):
+        logger.warning("hfquant: end-to-end tuning skipped: some weights are offloaded (it needs the whole model)")
+        return 0
+    return DEFAULT_E2E_EPOCHS
 
 
 def full_precision_copy(model: nn.Module) -> nn.Module:

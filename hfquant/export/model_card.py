@@ -131,6 +131,8 @@ def _method_text(config: HfQuantConfig) -> str:
         text = f"SplitQuant ({config.split_clusters} clusters) on {text}"
     if _blockwise(config):
         text += f" + block-wise minimization ({config.blockwise_epochs} epochs)"
+    if config.e2e_epochs:
+        text += f" + end-to-end tuning ({config.e2e_epochs} epochs)"
     if config.outlier_fraction > 0:
         text += f" + {config.saliency} kept weights"
     return text
@@ -175,6 +177,8 @@ def tags(config: HfQuantConfig) -> list[str]:
         out.append("splitquant")
     if _blockwise(config):
         out.append("blockwise-minimization")
+    if config.e2e_epochs:
+        out.append("end-to-end-tuning")
     if config.outlier_fraction > 0:
         out.append(config.saliency)
     return out
