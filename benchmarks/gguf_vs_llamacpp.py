@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfquant import HfQuantConfig
 from hfquant.calibration import mix_windows
+from hfquant.config import DEFAULT_E2E_EPOCHS
 from hfquant.export.gguf import save_gguf
 from hfquant.export.llamacpp import llamacpp_perplexity, llamacpp_source, llamacpp_tool
 from hfquant.models import default_model_path
@@ -88,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blockwise-epochs", type=int, default=2)
     parser.add_argument("--skip-requantized", action="store_true", help="no rows for the data-free requantized export")
     parser.add_argument("--decoupleq-iters", type=int, default=4)
-    parser.add_argument("--e2e-epochs", default="0",
-                        help="comma-separated end-to-end tuning epochs, one solved row each (e.g. 0,2)")
+    parser.add_argument("--e2e-epochs", default=str(DEFAULT_E2E_EPOCHS),
+                        help="comma-separated end-to-end tuning epochs, one solved row each (e.g. 0,2; "
+                             "default: the library's)")
     parser.add_argument("--bench", action="store_true", help="llama-bench tokens/s for q4_0, q4_1, q8_0")
     parser.add_argument("--heldout", default=None, help="comma-separated held-out sets to score (default: all)")
     parser.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary one)")
