@@ -217,7 +217,8 @@ def main() -> None:
     for name in args.configs.split(","):
         bits, group_size = parse_config(name)
         settings = dict(bits=bits, group_size=group_size, method=args.method, dataset="mix", nsamples=args.nsamples,
-                        blockwise_epochs=args.blockwise_epochs, tokenizer=tokenizer)  # fmt: skip
+                        blockwise_epochs=args.blockwise_epochs, e2e_epochs=0,  # as the TaCQ row, which excludes it
+                        tokenizer=tokenizer)  # fmt: skip
         start = time.perf_counter()
         if name in saved:
             model = AutoModelForCausalLM.from_pretrained(saved[name])

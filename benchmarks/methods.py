@@ -95,6 +95,7 @@ def main() -> None:
                 seqlen=args.seqlen,
                 decoupleq_iters=args.decoupleq_iters,
                 blockwise_batch_size=4,
+                e2e_epochs=0,  # the methods alone, as in the earlier runs of this script
                 tokenizer=tokenizer,
                 **settings,
             )

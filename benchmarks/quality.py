@@ -39,13 +39,14 @@ from hfquant import HfQuantConfig
 from hfquant.calibration import get_calibration_data
 from hfquant.export import bits_per_weight
 
-# hfquant methods: HfQuantConfig settings on top of the run's.
+# hfquant methods: HfQuantConfig settings on top of the run's. End-to-end tuning (the library's
+# default) is off in quantization so that each stage has its own row; "+e2e" runs it afterwards.
 HFQUANT_METHODS = {
-    "rtn": {"method": "rtn", "blockwise_epochs": 0},
-    "gptq": {"method": "gptq", "blockwise_epochs": 0},
-    "decoupleq": {"method": "decoupleq", "blockwise_epochs": 0},
-    "decoupleq+bw": {"method": "decoupleq"},
-    "decoupleq+bw+e2e": {"method": "decoupleq"},  # then end-to-end tuning: two rows, before and after
+    "rtn": {"method": "rtn", "blockwise_epochs": 0, "e2e_epochs": 0},
+    "gptq": {"method": "gptq", "blockwise_epochs": 0, "e2e_epochs": 0},
+    "decoupleq": {"method": "decoupleq", "blockwise_epochs": 0, "e2e_epochs": 0},
+    "decoupleq+bw": {"method": "decoupleq", "e2e_epochs": 0},
+    "decoupleq+bw+e2e": {"method": "decoupleq", "e2e_epochs": 0},  # then tuning: two rows, before and after
 }
 PEERS = ("hqq", "autoround")
 DATA_FREE = ("rtn", "hqq")

@@ -286,6 +286,7 @@ def main() -> None:
             saliency="tacq" if saliency == "none" else saliency,
             outlier_scope=scope,
             task_dataset=task_sets[task][1] if task else None,
+            e2e_epochs=0,  # kept weights exclude it; the "none" baseline must match
             tokenizer=tokenizer,
             seed=seed,
         )
