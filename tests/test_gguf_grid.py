@@ -225,6 +225,7 @@ def test_576_wide_rows_are_solved_on_the_fallback_type(tokenizer, tmp_path):
     summary = save_gguf(model, tokenizer, tmp_path / "fallback.gguf")
     written = {t.name: t for t in summary.tensors}
     assert written["blk.0.attn_q.weight"].written == "q4_0" and "fallback" in written["blk.0.attn_q.weight"].how
+    assert written["blk.0.attn_q.weight"].how.startswith("lossless")  # solved on the fallback: still exact
     assert written["blk.0.ffn_down.weight"].how == "lossless"
     read = gguf_weights(tmp_path / "fallback.gguf")
     for name, w in hfquant_weights(model).items():

@@ -420,7 +420,7 @@ class TensorRecord:
     shape: tuple[int, ...]
     requested: str
     written: str
-    how: str  # "lossless", "requantized", "float", "fallback (...)"
+    how: str  # "lossless", "requantized" or "float", then " (fallback: ...)" where the type fell back
 
 
 @dataclass
@@ -612,26 +612,27 @@ def _add_tensor(conv, writer, hf_name: str, source: Any, main, emb_type, out_typ
             requested = out_type
         else:
             requested = main
-        written, how = requested, None
+        written, fallback = requested, None
         cols = shape[-1]
         if len(shape) > 1 and cols % block_size(written):
-            reason = f"fallback: {cols} columns not a multiple of {block_size(written)}"
+            fallback = f"fallback: {cols} columns not a multiple of {block_size(written)}"
             written = FALLBACK.get(written, "f16")
             if cols % block_size(written):
                 written = "f16"
-            how = reason
         qtype = qtype_of(written)
         if perm is not None:
             blocks = stored_blocks(data, written)
             if blocks is not None:
-                array, how = blocks.take_rows(perm).pack(), how or "lossless"
+                array, how = blocks.take_rows(perm).pack(), "lossless"
             else:
                 w = _dequantized(data).numpy()[perm]
-                array, how = quantize_tensor(w, written), how or "requantized"
+                array, how = quantize_tensor(w, written), "requantized"
         else:
             w = data.numpy().astype(np.float32)
             array = quantize_tensor(w, written)
-            how = how or ("float" if written in ("f32", "f16") else "requantized")
+            how = "float" if written in ("f32", "f16") else "requantized"
+        if fallback:
+            how = f"{how} ({fallback})"
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             writer.add_tensor(new_name, np.ascontiguousarray(array))
         else:

@@ -98,8 +98,8 @@ def _write_gguf(model: Any, tokenizer: Any, folder: Path, name: str, gguf_type: 
         type=gguf_type,
         file_bytes=summary.file_bytes,
         bits_per_weight=summary.bits_per_weight,
-        lossless=sum(t.how == "lossless" for t in summary.tensors),
-        requantized=sum(t.how != "lossless" and t.how != "float" for t in summary.tensors),
+        lossless=sum(t.how.startswith("lossless") for t in summary.tensors),
+        requantized=sum(t.how.startswith("requantized") for t in summary.tensors),
     )
     if eval_file is None:
         from hfquant.corpora import heldout_texts
