@@ -84,8 +84,10 @@ class HfQuantConfig(QuantizationConfigMixin):
             keeping the epoch best on ``max(2, nsamples // 8)`` other windows of the same set
             (drawn with ``seed + 1000``). A full-precision copy of the model is held while it runs.
             With ``gguf_type`` each candidate is scored on the values the type stores, so the
-            export stays lossless. Not with kept 16-bit weights. Measured on the default model at W2 g64 (``benchmarks/RESULTS.md``): 2 epochs took the
-            out-of-domain perplexity from 4.43x to 3.11x full precision, for 29% more time.
+            export stays lossless. Not with kept 16-bit weights. Measured on the default model at
+            g64 (``benchmarks/RESULTS.md``): 2 epochs took the out-of-domain perplexity from 4.43x to
+            3.11x full precision at W2, 1.39x to 1.29x at W3 and 1.06x to 1.04x at W4, for 29-57%
+            more quantization time.
         gguf_type: solve on the grid of a GGUF (llama.cpp) block type and store its blocks
             (``"q4_0"``, ``"q4_1"``, ``"q8_0"``: blocks of 32 with a float16 scale, and a float16 min
             for ``q4_1``; ``"q2_k"``, ``"q3_k"``, ``"q4_k"``: super-blocks of 256 with 4- or 6-bit

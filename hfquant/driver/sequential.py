@@ -112,6 +112,11 @@ def quantize_model(
     return report
 
 
+def _offloaded(model: nn.Module) -> bool:
+    """Whether some weights are offloaded (to disk or the meta device) rather than in memory."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
 def end_to_end_epochs(config: HfQuantConfig, model: nn.Module) -> int:
     """``config.e2e_epochs``, or where it is ``None`` (the default) ``DEFAULT_E2E_EPOCHS`` for the
     calibrated solvers without kept weights on a model whose weights are all in memory, else 0."""
@@ -119,7 +124,7 @@ def end_to_end_epochs(config: HfQuantConfig, model: nn.Module) -> int:
         return config.e2e_epochs
     if config.method not in ("gptq", "decoupleq") or config.outlier_fraction > 0:
         return 0
-    if any(p.device.type == "meta" for p in model.parameters()):
+    if _offloaded(model):
         logger.warning("hfquant: end-to-end tuning skipped: some weights are offloaded (it needs the whole model)")
         return 0
     return DEFAULT_E2E_EPOCHS
@@ -127,7 +132,7 @@ def end_to_end_epochs(config: HfQuantConfig, model: nn.Module) -> int:
 
 def full_precision_copy(model: nn.Module) -> nn.Module:
     """The teacher of end-to-end tuning: a copy of the model before any layer is quantized."""
-    if any(p.device.type == "meta" for p in model.parameters()):
+    if _offloaded(model):
         raise ValueError(
             "e2e_epochs needs the whole model in memory (some weights are offloaded to disk or the meta "
             "device): load it without offloading, or set e2e_epochs=0"
