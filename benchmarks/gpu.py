@@ -36,6 +36,7 @@ not depend on the weights' values.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import importlib
 import json
@@ -58,11 +59,14 @@ LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
 RAGGED_SHAPE = (4096, 4000)  # 4000 = 31 x 128 + 32: a short last group at g64 and g128
 
 
+REGIMES = ("decode", "few", "prefill")  # what the tune section times: batch 1, 16 rows, 512 rows
+
+
 class Section:
     """What a section writes: tables (markdown), summary lines, and a progress log."""
 
-    def __init__(self, name: str, out: Path, smoke: bool) -> None:
-        self.name, self.out, self.smoke = name, out, smoke
+    def __init__(self, name: str, out: Path, smoke: bool, regimes: tuple[str, ...] = REGIMES) -> None:
+        self.name, self.out, self.smoke, self.regimes = name, out, smoke, regimes
         self.device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
         self.min_seconds = 0.0 if smoke else 0.2  # per timing (smoke runs check the code, not speed)
         self.repeats = 1 if smoke else 3  # runs per decode timing, median taken
@@ -115,6 +119,53 @@ def quantize_linears_(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) 
             del module
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+# A few times the L2 cache of any GPU here (H100 50 MiB, H200 60 MiB): graph timings cycle through
+# enough copies of a layer that every call reads its weights from HBM, as in a real decode step.
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+def copies_for(nbytes: int, sec: Section) -> int:
+    """How many copies of a ``nbytes`` layer together exceed :data:`L2_FLUSH_BYTES` (2 to 64; 2 in smoke runs)."""
+    return 2 if sec.smoke else min(64, max(2, -(-L2_FLUSH_BYTES // nbytes)))
+
+
+def layer_bytes(layer: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
+
+
+def graph_seconds(calls: list[Callable[[], object]], sec: Section) -> float:
+    """Median GPU seconds per call, ``calls`` captured once in a CUDA graph and replayed.
+
+    What a decode step costs inside a CUDA graph (or ``torch.compile(mode="reduce-overhead")``):
+    no Python or launch overhead, which dominates eager timings of small layers. On CPU (smoke) the
+    calls run eagerly.
+    """
+    if sec.device != "cuda":  # smoke run: the code path, once
+        start = time.perf_counter()
+        for fn in calls:
+            fn()
+        return (time.perf_counter() - start) / len(calls)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation, allocations) outside the capture
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    graph.replay()
+    sec.sync()
+    samples: list[float] = []
+    while sum(samples) < sec.min_seconds or len(samples) < 5:
+        start = time.perf_counter()
+        graph.replay()
+        sec.sync()
+        samples.append((time.perf_counter() - start) / len(calls))
+    return sorted(samples)[len(samples) // 2]
 
 
 # ----------------------------------------------------------------------------------------- sections
@@ -301,6 +352,7 @@ def nf4_maker(dtype: torch.dtype) -> Callable[[nn.Linear], nn.Module] | None:
 
 
 def section_layers(sec: Section) -> None:
+    """Per-layer latency, eager (Python and launch overhead included) and replayed from a CUDA graph."""
     dtype = torch.float16 if sec.device == "cuda" else torch.float32
     shapes = [(64, 128), (160, 64)] if sec.smoke else LLAMA7B_SHAPES
     batches = (1, 4) if sec.smoke else (1, 4, 16, 512)
@@ -311,77 +363,124 @@ def section_layers(sec: Section) -> None:
         layers = {f"W{b} g64": random_layer(out_f, in_f, b, 64, dtype, sec.device) for b in (2, 3, 4)}
         if nf4:
             layers["bnb NF4"] = nf4(dense)
+        variants = {"fp16": [dense] + [copy.deepcopy(dense) for _ in range(copies_for(layer_bytes(dense), sec) - 1)]}
+        for name, layer in layers.items():
+            variants[name] = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(layer_bytes(layer), sec) - 1)]
         for batch in batches:
             x = torch.randn(batch, in_f, device=sec.device, dtype=dtype)
+            row = {"out x in": f"{out_f} x {in_f}", "rows": batch}
             with torch.no_grad():
-                t_fp = time_call(lambda: F.linear(x, dense.weight), sec.sync, sec.min_seconds)  # noqa: B023
-                row = {"out x in": f"{out_f} x {in_f}", "rows": batch, "fp16 (us)": f"{t_fp * 1e6:.1f}"}
-                for name, layer in layers.items():
-                    t = time_call(lambda layer=layer: layer(x), sec.sync, sec.min_seconds)  # noqa: B023
-                    row[f"{name} (us)"] = f"{t * 1e6:.1f}"
-                    row[f"{name} x fp16"] = f"{t_fp / t:.2f}"
+                for name, copies in variants.items():
+                    t = time_call(lambda layer=copies[0]: layer(x), sec.sync, sec.min_seconds)  # noqa: B023
+                    g = graph_seconds([lambda layer=layer: layer(x) for layer in copies], sec)  # noqa: B023
+                    row[f"{name} eager (us)"] = f"{t * 1e6:.1f}"
+                    row[f"{name} graph (us)"] = f"{g * 1e6:.1f}"
+                    if name != "fp16":
+                        row[f"{name} graph x fp16"] = f"{float(row['fp16 graph (us)']) / (g * 1e6):.2f}"
             rows.append(row)
             sec.log(str(row))
-    sec.table(f"Per-layer latency, {dtype} activations, median (speed-up = fp16 time / layer time)", rows)
+        del variants, layers, dense
+    sec.table(
+        f"Per-layer latency, {dtype} activations, median: eager, and replayed from a CUDA graph over "
+        f"{L2_FLUSH_BYTES >> 20} MiB of layer copies (speed-up = fp16 time / layer time, graph)",
+        rows,
+    )
     batch1 = [r for r in rows if r["rows"] == 1]
     sec.summary.append(
-        "batch-1 W2 g64 speed-up vs fp16: "
-        + ", ".join(f"{r['out x in']} {r['W2 g64 x fp16']}" for r in batch1)
+        "batch-1 W2 g64 speed-up vs fp16 in a graph: "
+        + ", ".join(f"{r['out x in']} {r['W2 g64 graph x fp16']}" for r in batch1)
     )
     if not nf4 and sec.device == "cuda":
         sec.summary.append("bitsandbytes not importable: no NF4 column")
 
 
 # Launch configurations the ``tune`` section times against the dispatcher's choice (W2 g64, fp16):
-# (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for batch 1 / few rows / prefill.
+# (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split_k), for batch 1 / few rows / prefill.
 CANDIDATES = {
-    "decode": [("gemv", 1, n, k, w, 3) for n, k, w in
-               [(16, 512, 4), (16, 256, 4), (8, 512, 4), (32, 512, 4), (16, 1024, 4), (32, 256, 8), (8, 1024, 2)]],
-    "few": [("gemm", 16, n, k, w, s) for n, k, w, s in
+    "decode": [("gemv", 1, n, k, w, 3, sk) for n, k, w, sk in
+               [(16, 512, 4, 1), (16, 1024, 4, 1), (8, 1024, 4, 1), (32, 512, 8, 1), (16, 1024, 8, 2),
+                (16, 512, 4, 2), (16, 512, 4, 4), (32, 512, 4, 4), (16, 256, 4, 4), (8, 512, 4, 4),
+                (32, 256, 4, 8), (64, 256, 8, 8)]],
+    "few": [("gemm", 16, n, k, w, s, 1) for n, k, w, s in
             [(32, 256, 4, 3), (16, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3), (32, 128, 4, 4), (32, 256, 8, 3)]]
-           + [("gemv", 1, 16, 512, 4, 3)],
-    "prefill": [("gemm", m, n, k, w, s) for m, n, k, w, s in
+           + [("gemv", 1, 16, 512, 4, 3, 1)],
+    "prefill": [("gemm", m, n, k, w, s, 1) for m, n, k, w, s in
                 [(64, 64, 128, 4, 3), (64, 128, 64, 4, 3), (128, 64, 128, 8, 3), (64, 128, 128, 8, 3),
                  (128, 128, 64, 8, 4), (64, 64, 256, 4, 3)]],
 }  # fmt: skip
+# How often each Llama-7B shape occurs in a decoder block (q/k/v/o, gate/up, down): the weights of
+# the per-block time that picks one decode configuration for all of them.
+SHAPE_COUNT = {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}
 
 
 def section_tune(sec: Section) -> None:
-    """Each candidate launch configuration at each Llama-7B shape (W2 g64, fp16), beside the default."""
+    """Each candidate launch configuration at each Llama-7B shape (W2 g64, fp16), beside the default.
+
+    Timed eagerly (what HF's eager ``generate`` pays: Python and launch overhead included) and
+    replayed from a CUDA graph over enough layer copies to defeat the L2 cache (the kernel alone);
+    every candidate's output is checked against the dequantize-and-matmul reference.
+    """
     from hfquant.kernels import triton_matmul
 
     dtype = torch.float16 if sec.device == "cuda" else torch.float32
     shapes = [(64, 256)] if sec.smoke else LLAMA7B_SHAPES
     batches = {"decode": 1, "few": 4 if sec.smoke else 16, "prefill": 32 if sec.smoke else 512}
-    rows, best = [], {}
+    batches = {r: b for r, b in batches.items() if r in sec.regimes}
+    rows, best, per_block, measured = [], {}, {}, {}
     for out_f, in_f in shapes:
         layer = random_layer(out_f, in_f, 2, 64, dtype, sec.device)
-        dense = torch.randn(out_f, in_f, device=sec.device, dtype=dtype)
-        args = (layer.qweight, layer.scales, layer.zeros, 2, 64, in_f)
+        copies = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(layer_bytes(layer), sec) - 1)]
+        dense = [torch.randn(out_f, in_f, device=sec.device, dtype=dtype)]
+        dense += [d.clone() for d in dense * (copies_for(dense[0].numel() * dense[0].element_size(), sec) - 1)]
+        ref_w = layer.dequantize(torch.float32)
         for regime, batch in batches.items():
             x = torch.randn(batch, in_f, device=sec.device, dtype=dtype)
-            t_fp = time_call(lambda: F.linear(x, dense), sec.sync, sec.min_seconds)  # noqa: B023
+            ref = x.float() @ ref_w.T
+            t_fp = time_call(lambda: F.linear(x, dense[0]), sec.sync, sec.min_seconds)  # noqa: B023
+            g_fp = graph_seconds([lambda d=d: F.linear(x, d) for d in dense], sec)  # noqa: B023
             default = triton_matmul.launch_config(batch, dtype)
-            configs = [triton_matmul.LaunchConfig(*c) for c in CANDIDATES[regime][: 1 if sec.smoke else None]]
+            configs = [triton_matmul.LaunchConfig(*c) for c in CANDIDATES[regime][: 2 if sec.smoke else None]]
             timed = {}
             for config in [default, *[c for c in configs if c != default]]:
+                def call(c=config, lay=layer):
+                    return triton_matmul.qmatmul(x, lay.qweight, lay.scales, lay.zeros, 2, 64, in_f, config=c)  # noqa: B023
+
                 try:
-                    t = time_call(lambda c=config: triton_matmul.qmatmul(x, *args, config=c), sec.sync, sec.min_seconds)  # noqa: B023
-                except Exception as err:  # noqa: BLE001 - a configuration that does not compile here is a finding
-                    sec.log(f"{config.name}: {type(err).__name__}: {str(err)[:200]}")
+                    err = ((call().float() - ref).abs().max() / ref.abs().max()).item()
+                    t = time_call(call, sec.sync, sec.min_seconds)
+                    g = graph_seconds([lambda c=config, lay=lay: call(c, lay) for lay in copies], sec)
+                except Exception as exc:  # noqa: BLE001 - a configuration that does not compile here is a finding
+                    sec.log(f"{config.name}: {type(exc).__name__}: {str(exc)[:200]}")
                     continue
-                timed[config.name] = t
+                timed[config] = g
+                if regime == "decode":
+                    per_block[config] = per_block.get(config, 0.0) + SHAPE_COUNT.get((out_f, in_f), 1) * g
+                    measured[config] = measured.get(config, 0) + 1
                 rows.append({"out x in": f"{out_f} x {in_f}", "rows": batch, "config": config.name,
-                             "default": "yes" if config == default else "", "us": f"{t * 1e6:.1f}",
-                             "x fp16": f"{t_fp / t:.2f}"})  # fmt: skip
-            name = min(timed, key=timed.get)
-            best[f"{out_f}x{in_f} b{batch}"] = {"best": name, "us": timed[name] * 1e6,
-                                                "default us": timed[default.name] * 1e6, "fp16 us": t_fp * 1e6}  # fmt: skip
-            sec.log(f"{out_f}x{in_f} b{batch}: best {name} {timed[name] * 1e6:.1f} us, default "
-                    f"{timed[default.name] * 1e6:.1f} us, fp16 {t_fp * 1e6:.1f} us")  # fmt: skip
-    sec.table(f"Launch configurations, W2 g64, {dtype} activations, median", rows)
+                             "default": "yes" if config == default else "", "eager us": f"{t * 1e6:.1f}",
+                             "eager x fp16": f"{t_fp / t:.2f}", "graph us": f"{g * 1e6:.1f}",
+                             "graph x fp16": f"{g_fp / g:.2f}", "max rel err": f"{err:.1e}"})  # fmt: skip
+                if not err < 2e-2:
+                    raise AssertionError(f"{config.name} at {out_f}x{in_f}: relative error {err:.2e}")
+            fastest = min(timed, key=timed.get)
+            best[f"{out_f}x{in_f} b{batch}"] = {"best": fastest.name, "graph us": timed[fastest] * 1e6,
+                                                "default graph us": timed[default] * 1e6, "fp16 graph us": g_fp * 1e6}  # fmt: skip
+            sec.log(f"{out_f}x{in_f} b{batch}: fastest in a graph {fastest.name} {timed[fastest] * 1e6:.1f} us, "
+                    f"default {timed[default] * 1e6:.1f} us, fp16 {g_fp * 1e6:.1f} us")  # fmt: skip
+    sec.table(f"Launch configurations, W2 g64, {dtype} activations, median: eager, and replayed from a CUDA graph "
+              f"over {L2_FLUSH_BYTES >> 20} MiB of layer copies", rows)  # fmt: skip
     sec.data = {"best": best}
-    sec.summary.append("best: " + "; ".join(f"{k} {v['best']} {v['us']:.1f} us" for k, v in best.items()))
+    if per_block:
+        everywhere = [c for c in per_block if measured[c] == len(shapes)]  # ran at every shape
+        choice = min(everywhere, key=per_block.get)
+        default = triton_matmul.launch_config(1, dtype)
+        sec.data["decode_choice"] = [choice.kernel, choice.block_m, choice.block_n, choice.block_k,
+                                     choice.num_warps, choice.num_stages, choice.split_k]  # fmt: skip
+        sec.summary.append(
+            f"decode (graph, weighted per block): best {choice.name} {per_block[choice] * 1e6:.1f} us vs default "
+            f"{default.name} {per_block[default] * 1e6:.1f} us"
+        )
+    sec.summary.append("fastest: " + "; ".join(f"{k} {v['best']} {v['graph us']:.1f} us" for k, v in best.items()))
 
 
 def graph_decode_tokens_per_s(
@@ -432,6 +531,7 @@ def graph_decode_tokens_per_s(
             replay = lambda: holder.__setitem__("logits", step())  # noqa: E731
 
         def run(n: int) -> float:
+            rewind(cache, prompt_len)
             synchronize()
             start = time.perf_counter()
             for i in range(n):
@@ -445,6 +545,19 @@ def graph_decode_tokens_per_s(
         run(2)
         seconds = sorted(run(new_tokens) for _ in range(repeats))[repeats // 2]
     return batch * new_tokens / seconds
+
+
+def rewind(cache, length: int) -> None:
+    """Set a static KV cache's write position back to ``length``.
+
+    transformers' ``StaticLayer`` writes at its own ``cumulative_length`` (a device tensor that each
+    step advances, the ``cache_position`` passed in only shapes the mask), so a replayed step keeps
+    advancing it: without a rewind the second timed loop wrote past the cache's end (the
+    device-side assert of the first H100 run).
+    """
+    for layer in cache.layers:
+        if torch.is_tensor(getattr(layer, "cumulative_length", None)):
+            layer.cumulative_length.fill_(length)
 
 
 def section_e2e(sec: Section) -> None:
@@ -518,31 +631,58 @@ def section_e2e(sec: Section) -> None:
     )
 
 
+class ZerosLinear(nn.Module):
+    """A linear layer's output shape, all zeros, at the cost of one memset: with every decoder linear
+    replaced by it, a decode step's time is what the rest of the model (norms, rotary embedding,
+    attention, KV cache) costs, the floor no weight format can go below."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
 def section_graph(sec: Section) -> None:
     """Batch-1 decode of the 7B-shaped model with one step captured in a CUDA graph, fp16 vs W2/W4 g64.
 
-    Its own process, after ``e2e``: a failure here (capture is strict about what a step may do)
-    must not cost the eager figures. ``CUDA_LAUNCH_BLOCKING`` makes any device-side error name its op.
+    Its own process: a failure here (capture is strict about what a step may do) must not cost the
+    other sections. When the ``tune`` section of the same run chose another decode configuration
+    than the dispatcher's, W2 and W4 are timed with it as well.
     """
-    import os
-
     from transformers import AutoModelForCausalLM
 
-    os.environ["CUDA_LAUNCH_BLOCKING"] = "1"  # before CUDA initializes in this process
     dtype = torch.float16 if sec.device == "cuda" else torch.float32
     config = llama_config(sec.smoke, 2 if sec.smoke else 32)
     new_tokens = 8 if sec.smoke else 32
+    from hfquant.kernels import triton_matmul
+
+    builds: list[tuple[str, int | None, triton_matmul.LaunchConfig | None]] = [
+        ("fp16" if dtype == torch.float16 else "fp32", None, None), ("W2 g64", 2, None), ("W4 g64", 4, None),
+        ("no linear layers (floor)", 0, None),
+    ]  # fmt: skip
+    tuned = sec.out / "tune.json"  # the decode configuration the tune section of this run chose
+    choice = json.loads(tuned.read_text())["data"].get("decode_choice") if tuned.exists() else None
+    gemv, *gemm = triton_matmul.LAUNCH_CONFIGS[dtype]
+    if choice and triton_matmul.LaunchConfig(*choice) != gemv:
+        choice = triton_matmul.LaunchConfig(*choice)
+        builds += [(f"W2 g64, {choice.name}", 2, choice), (f"W4 g64, {choice.name}", 4, choice)]
     rows = []
-    for name, bits in [("fp16" if dtype == torch.float16 else "fp32", None), ("W2 g64", 2), ("W4 g64", 4)]:
+    for name, bits, launch in builds:
+        triton_matmul.LAUNCH_CONFIGS[dtype] = (launch or gemv, *gemm)
         with torch.device(sec.device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-        if bits:
+        if bits == 0:
+            quantize_linears_(model, lambda lin: ZerosLinear(lin.out_features))
+        elif bits:
             quantize_linears_(
                 model,
                 lambda lin, bits=bits: random_layer(lin.out_features, lin.in_features, bits, 64, dtype, sec.device),
             )
         tps = graph_decode_tokens_per_s(model, 1, new_tokens, sec.device, sec.repeats, lambda t, n=name: sec.log(f"{n}: {t}"))
-        rows.append({"model": name, "graph decode b1 (tok/s)": tps, "x fp16": tps / (rows[0]["graph decode b1 (tok/s)"] if rows else tps)})
+        rows.append({"model": name, "graph decode b1 (tok/s)": tps, "ms per token": 1e3 / tps,
+                     "x fp16": tps / (rows[0]["graph decode b1 (tok/s)"] if rows else tps)})  # fmt: skip
         sec.log(f"{name}: {tps:.1f} tokens/s")
         del model
         if sec.device == "cuda":
@@ -552,8 +692,10 @@ def section_graph(sec: Section) -> None:
         [{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
     )
     sec.data = {"rows": rows}
-    w2 = next(r for r in rows if r["model"] == "W2 g64")
-    sec.summary.append(f"W2 decode b1 with CUDA graphs {w2['x fp16']:.2f}x fp16 (goal 2.5x)")
+    sec.summary.append(
+        "decode b1 with CUDA graphs x fp16 (goal 2.5x for W2): "
+        + ", ".join(f"{r['model']} {r['x fp16']:.2f}" for r in rows[1:])
+    )
 
 
 # Where the driver looks each stage up (the driver as refactored, then the older pipeline module):
@@ -671,18 +813,18 @@ def section_quantize(sec: Section) -> None:
 SECTIONS: dict[str, tuple[int, Callable[[Section], None]]] = {  # name: (budget in seconds, function)
     "env": (15, section_env),
     "correctness": (140, section_correctness),
-    "tune": (70, section_tune),
-    "layers": (45, section_layers),
+    "tune": (160, section_tune),
+    "layers": (100, section_layers),
     "e2e": (110, section_e2e),
-    "graph": (60, section_graph),
+    "graph": (180, section_graph),
     "quantize": (100, section_quantize),
     "generate": (35, section_generate),
 }
 
 
-def run_section(name: str, out: Path, smoke: bool) -> dict:
+def run_section(name: str, out: Path, smoke: bool, regimes: tuple[str, ...] = REGIMES) -> dict:
     """Run one section here; write and return its record (ok, seconds, markdown, summary, data)."""
-    sec = Section(name, out, smoke)
+    sec = Section(name, out, smoke, regimes)
     start = time.perf_counter()
     record = {"section": name, "device": sec.device}
     try:
@@ -699,10 +841,10 @@ def run_section(name: str, out: Path, smoke: bool) -> dict:
     return record
 
 
-def run_isolated(name: str, out: Path, smoke: bool, log) -> dict:
+def run_isolated(name: str, out: Path, regimes: tuple[str, ...], log) -> dict:
     """Run one section in a child process under its time budget; on a crash or timeout, say so."""
     budget = SECTIONS[name][0]
-    cmd = [sys.executable, __file__, str(out), "--section", name] + (["--smoke"] if smoke else [])
+    cmd = [sys.executable, __file__, str(out), "--section", name, "--tune-regimes", *regimes]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget)
@@ -728,11 +870,14 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="folder for the tables, the log and the summary")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, all sections in this process")
+    parser.add_argument("--tune-regimes", nargs="+", choices=REGIMES, default=list(REGIMES),
+                        help="what the tune section times (default: all)")  # fmt: skip
     parser.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    regimes = tuple(args.tune_regimes)
     if args.section:
-        run_section(args.section, args.out, args.smoke)
+        run_section(args.section, args.out, args.smoke, regimes)
         return
     records = []
     with (args.out / "gpu.log").open("a") as log:
@@ -740,7 +885,9 @@ def main() -> None:
             (args.out / f"{name}.json").unlink(missing_ok=True)
             (args.out / f"{name}.progress").unlink(missing_ok=True)
             record = (
-                run_section(name, args.out, True) if args.smoke else run_isolated(name, args.out, False, log)
+                run_section(name, args.out, True, regimes)
+                if args.smoke
+                else run_isolated(name, args.out, regimes, log)
             )
             records.append(record)
             print(f"== {name}: {'ok' if record['ok'] else 'FAILED'} in {record['seconds']:.0f} s", flush=True)

@@ -51,6 +51,31 @@ def test_triton_kernels_match_reference(bits, group_size, in_f):
         torch.testing.assert_close(y.double(), _reference(module, x), rtol=1e-5, atol=1e-4)
 
 
+@needs_triton
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("group_size", "in_f"), [(32, 200), (64, 512), (-1, 96), (48, 200)])
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_split_k_gemv_matches_reference(bits, group_size, in_f, split_k):
+    """Split-K GEMV: programs share a row's reduction (one split may get no tile); bias added once."""
+    module = _layer(bits, group_size, in_f)
+    config = triton_matmul.LaunchConfig("gemv", 1, 16, 64, split_k=split_k)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, in_f, generator=torch.Generator().manual_seed(split_k)).to(dtype)
+        y = triton_matmul.qmatmul(
+            x, module.qweight, module.scales, module.zeros, bits, group_size, in_f, module.bias, config=config
+        )
+        assert y.dtype == dtype
+        tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(y.double(), _reference(module, x.float()), **tol)
+
+
+def test_split_k_is_refused_for_the_gemm_kernel():
+    with pytest.raises(ValueError, match="split_k must be >= 1, and 1 for the gemm kernel"):
+        triton_matmul.LaunchConfig("gemm", 16, 32, 256, split_k=2)
+    with pytest.raises(ValueError, match="split_k"):
+        triton_matmul.LaunchConfig("gemv", 1, 16, 256, split_k=0)
+
+
 needs_cpu_kernel = pytest.mark.skipif(
     not cpu_kernel.available(), reason="C++ CPU kernel could not be built here"
 )

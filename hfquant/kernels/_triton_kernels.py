@@ -91,8 +91,9 @@ def _dequant(q, s_ptr, z_ptr, offs_n, k0, N, K, G, GS: tl.constexpr, BLOCK_N: tl
 
 @triton.jit
 def gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, WORDS, G,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, WORDS, G, K_PER_SPLIT,
     BITS: tl.constexpr, GS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     """Decode: one input row, ``BLOCK_N`` output rows per program, reduction over K in registers.
 
@@ -100,13 +101,20 @@ def gemv_kernel(
     the grid is applied after the unit's reduction, ``sum_k (s q_k + z) x_k = s * sum_k q_k x_k +
     z * sum_k x_k``: two multiplies and two grid loads per unit instead of per value, and no
     reshape of the tile.
+
+    Split-K (``SPLIT_K > 1``): program ``(m, n, s)`` reduces only ``K_PER_SPLIT`` values (a multiple
+    of ``BLOCK_K``) starting at ``s * K_PER_SPLIT`` and adds its partial sums atomically into ``y``,
+    a zeroed float32 buffer: ``SPLIT_K`` times the programs for layers whose few output rows would
+    leave SMs idle at batch 1.
     """
     U: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # values per unit
     NU: tl.constexpr = BLOCK_K // U
     pid_m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_k = tl.program_id(2)
+    k_start = pid_k * K_PER_SPLIT
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
         if GS % U == 0:
             units = tl.arange(0, NU)
             offs_k = k0 + units[:, None] * U + tl.arange(0, U)[None, :]
@@ -126,8 +134,12 @@ def gemv_kernel(
             w = _dequant(q, s_ptr, z_ptr, offs_n, k0, N, K, G, GS, BLOCK_N, BLOCK_K)
             acc += tl.sum(w * x[None, :], axis=1)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + pid_m * N + offs_n, acc, mask=offs_n < N)
+        if pid_k == 0:  # once per output row
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + pid_m * N + offs_n, acc, mask=offs_n < N)
+    else:
+        tl.atomic_add(y_ptr + pid_m * N + offs_n, acc, mask=offs_n < N, sem="relaxed")
 
 
 @triton.jit

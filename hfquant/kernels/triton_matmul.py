@@ -31,17 +31,28 @@ class LaunchConfig:
     block_k: int  # reduction step
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1  # GEMV only: programs sharing one output row's reduction (atomic float32 adds)
+
+    def __post_init__(self) -> None:
+        if self.split_k < 1 or (self.split_k > 1 and self.kernel != "gemv"):
+            raise ValueError(
+                f"split_k must be >= 1, and 1 for the gemm kernel; got {self.split_k} for {self.kernel!r}"
+            )
 
     @property
     def name(self) -> str:
+        split = f" k{self.split_k}" if self.split_k > 1 else ""
         return (
             f"{self.kernel} {self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
+            f"{split}"
         )
 
     def constexprs(self) -> dict[str, int]:
-        """The tile sizes as the kernel's ``BLOCK_*`` compile-time arguments."""
+        """The tile sizes (and the GEMV's split) as the kernel's compile-time arguments."""
         blocks = {"BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
-        return blocks if self.kernel == "gemv" else {"BLOCK_M": self.block_m, **blocks}
+        if self.kernel == "gemv":
+            return {**blocks, "SPLIT_K": self.split_k}
+        return {"BLOCK_M": self.block_m, **blocks}
 
 
 # Tile sizes measured on an H100 (benchmarks/gpu.py ``tune``, RESULTS.md). BLOCK_K is a multiple of
@@ -108,7 +119,11 @@ def qmatmul(
     config = config or launch_config(m_rows, x.dtype)
     gs = in_features if group_size == -1 else group_size
     x = x.contiguous()
-    y = torch.empty(m_rows, n_out, dtype=x.dtype, device=x.device)
+    split = config.split_k
+    if split > 1:  # partial sums added atomically into a zeroed float32 buffer
+        y = torch.zeros(m_rows, n_out, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(m_rows, n_out, dtype=x.dtype, device=x.device)
     args = (qweight.contiguous(), scales.contiguous(), zeros.contiguous(), bias if bias is not None else y, y)
     sizes = (n_out, in_features, qweight.shape[1], scales.shape[1])
     meta = dict(
@@ -117,7 +132,8 @@ def qmatmul(
     )  # fmt: skip
     grid_n = -(-n_out // config.block_n)
     if config.kernel == "gemv":
-        mod.gemv_kernel[(m_rows, grid_n)](x, *args, *sizes, **meta)
+        per_split = -(-in_features // (split * config.block_k)) * config.block_k
+        mod.gemv_kernel[(m_rows, grid_n, split)](x, *args, *sizes, per_split, **meta)
     else:
         mod.gemm_kernel[(-(-m_rows // config.block_m), grid_n)](x, *args, m_rows, *sizes, **meta)
-    return y
+    return y.to(x.dtype)
