@@ -159,13 +159,30 @@ def graph_seconds(calls: list[Callable[[], object]], sec: Section) -> float:
             fn()
     graph.replay()
     sec.sync()
-    samples: list[float] = []
+    samples: list[float] = []  # seconds per replay
     while sum(samples) < sec.min_seconds or len(samples) < 5:
         start = time.perf_counter()
         graph.replay()
         sec.sync()
-        samples.append((time.perf_counter() - start) / len(calls))
-    return sorted(samples)[len(samples) // 2]
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2] / len(calls)
+
+
+def use_tuned_decode(sec: Section, dtype: torch.dtype):
+    """The decode configuration this run's ``tune`` section chose, put in the dispatcher's table for
+    ``dtype`` (so later sections measure what the next default would be); None if it chose the
+    default or did not run."""
+    from hfquant.kernels import triton_matmul
+
+    tuned = sec.out / "tune.json"
+    choice = json.loads(tuned.read_text())["data"].get("decode_choice") if tuned.exists() else None
+    gemv, *gemm = triton_matmul.LAUNCH_CONFIGS[dtype]
+    if not choice or triton_matmul.LaunchConfig(*choice) == gemv:
+        return None
+    choice = triton_matmul.LaunchConfig(*choice)
+    triton_matmul.LAUNCH_CONFIGS[dtype] = (choice, *gemm)
+    sec.log(f"decode configuration from this run's tune section: {choice.name} (default {gemv.name})")
+    return choice
 
 
 # ----------------------------------------------------------------------------------------- sections
@@ -209,6 +226,7 @@ def section_env(sec: Section) -> None:
 def section_correctness(sec: Section) -> None:
     from hfquant.kernels import triton_matmul
 
+    tuned = [use_tuned_decode(sec, dtype) for dtype in (torch.float16, torch.bfloat16)]
     shapes = [(40, 200), (96, 256)] if sec.smoke else [*LLAMA7B_SHAPES, RAGGED_SHAPE]
     batches = (1, 4, 17) if sec.smoke else (1, 4, 16, 512)
     rows, failures, worst = [], 0, 0.0
@@ -244,6 +262,7 @@ def section_correctness(sec: Section) -> None:
     sec.data = {"failures": failures, "checks": len(rows), "worst": worst}
     sec.summary.append(
         f"{len(rows) - failures}/{len(rows)} layer checks ok, worst relative error {worst:.2e}"
+        + (f" (decode: {tuned[0].name}, from this run's tune)" if tuned[0] else "")
     )
     if failures:
         raise AssertionError(f"{failures} correctness checks failed (see the table)")
@@ -354,6 +373,7 @@ def nf4_maker(dtype: torch.dtype) -> Callable[[nn.Linear], nn.Module] | None:
 def section_layers(sec: Section) -> None:
     """Per-layer latency, eager (Python and launch overhead included) and replayed from a CUDA graph."""
     dtype = torch.float16 if sec.device == "cuda" else torch.float32
+    tuned = use_tuned_decode(sec, dtype)
     shapes = [(64, 128), (160, 64)] if sec.smoke else LLAMA7B_SHAPES
     batches = (1, 4) if sec.smoke else (1, 4, 16, 512)
     nf4 = nf4_maker(dtype) if sec.device == "cuda" else None
@@ -382,7 +402,8 @@ def section_layers(sec: Section) -> None:
         del variants, layers, dense
     sec.table(
         f"Per-layer latency, {dtype} activations, median: eager, and replayed from a CUDA graph over "
-        f"{L2_FLUSH_BYTES >> 20} MiB of layer copies (speed-up = fp16 time / layer time, graph)",
+        f"{L2_FLUSH_BYTES >> 20} MiB of layer copies (speed-up = fp16 time / layer time, graph)"
+        + (f"; batch 1 with this run's tuned {tuned.name}" if tuned else ""),
         rows,
     )
     batch1 = [r for r in rows if r["rows"] == 1]
@@ -395,12 +416,13 @@ def section_layers(sec: Section) -> None:
 
 
 # Launch configurations the ``tune`` section times against the dispatcher's choice (W2 g64, fp16):
-# (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split_k), for batch 1 / few rows / prefill.
+# (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split_k[, planes]), for batch 1 / few rows / prefill.
 CANDIDATES = {
-    "decode": [("gemv", 1, n, k, w, 3, sk) for n, k, w, sk in
-               [(16, 512, 4, 1), (16, 1024, 4, 1), (8, 1024, 4, 1), (32, 512, 8, 1), (16, 1024, 8, 2),
-                (16, 512, 4, 2), (16, 512, 4, 4), (32, 512, 4, 4), (16, 256, 4, 4), (8, 512, 4, 4),
-                (32, 256, 4, 8), (64, 256, 8, 8)]],
+    "decode": [("gemv", 1, n, k, w, 3, sk, p) for n, k, w, sk, p in
+               [(16, 512, 4, 1, False), (8, 1024, 4, 1, False), (16, 512, 4, 4, False),
+                (16, 512, 4, 1, True), (16, 256, 4, 1, True), (32, 256, 4, 1, True), (8, 512, 4, 1, True),
+                (16, 512, 4, 4, True), (32, 256, 4, 4, True), (16, 256, 4, 8, True), (64, 128, 4, 8, True),
+                (32, 512, 8, 2, True)]],
     "few": [("gemm", 16, n, k, w, s, 1) for n, k, w, s in
             [(32, 256, 4, 3), (16, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3), (32, 128, 4, 4), (32, 256, 8, 3)]]
            + [("gemv", 1, 16, 512, 4, 3, 1)],
@@ -439,7 +461,9 @@ def section_tune(sec: Section) -> None:
             t_fp = time_call(lambda: F.linear(x, dense[0]), sec.sync, sec.min_seconds)  # noqa: B023
             g_fp = graph_seconds([lambda d=d: F.linear(x, d) for d in dense], sec)  # noqa: B023
             default = triton_matmul.launch_config(batch, dtype)
-            configs = [triton_matmul.LaunchConfig(*c) for c in CANDIDATES[regime][: 2 if sec.smoke else None]]
+            candidates = CANDIDATES[regime]
+            candidates = [candidates[0], candidates[-1]] if sec.smoke else candidates
+            configs = [triton_matmul.LaunchConfig(*c) for c in candidates]
             timed = {}
             for config in [default, *[c for c in configs if c != default]]:
                 def call(c=config, lay=layer):
@@ -475,7 +499,7 @@ def section_tune(sec: Section) -> None:
         choice = min(everywhere, key=per_block.get)
         default = triton_matmul.launch_config(1, dtype)
         sec.data["decode_choice"] = [choice.kernel, choice.block_m, choice.block_n, choice.block_k,
-                                     choice.num_warps, choice.num_stages, choice.split_k]  # fmt: skip
+                                     choice.num_warps, choice.num_stages, choice.split_k, choice.planes]  # fmt: skip
         sec.summary.append(
             f"decode (graph, weighted per block): best {choice.name} {per_block[choice] * 1e6:.1f} us vs default "
             f"{default.name} {per_block[default] * 1e6:.1f} us"
@@ -662,11 +686,9 @@ def section_graph(sec: Section) -> None:
         ("fp16" if dtype == torch.float16 else "fp32", None, None), ("W2 g64", 2, None), ("W4 g64", 4, None),
         ("no linear layers (floor)", 0, None),
     ]  # fmt: skip
-    tuned = sec.out / "tune.json"  # the decode configuration the tune section of this run chose
-    choice = json.loads(tuned.read_text())["data"].get("decode_choice") if tuned.exists() else None
     gemv, *gemm = triton_matmul.LAUNCH_CONFIGS[dtype]
-    if choice and triton_matmul.LaunchConfig(*choice) != gemv:
-        choice = triton_matmul.LaunchConfig(*choice)
+    choice = use_tuned_decode(sec, dtype)
+    if choice:
         builds += [(f"W2 g64, {choice.name}", 2, choice), (f"W4 g64, {choice.name}", 4, choice)]
     rows = []
     for name, bits, launch in builds:

@@ -90,10 +90,76 @@ def _dequant(q, s_ptr, z_ptr, offs_n, k0, N, K, G, GS: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
+def _plane_code(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
+    """Code ``j`` of each unit (``[BLOCK_N, units]``): word ``w0`` for 2/4 bits; ``w0..w2`` for 3 bits,
+    where codes 10 and 21 straddle two words and take their high bits from the next one."""
+    if BITS == 3:
+        OFF: tl.constexpr = (3 * j) % 32
+        WORD: tl.constexpr = (3 * j) // 32
+        if WORD == 0:
+            v = w0 >> OFF
+            if OFF > 29:
+                v = v | (w1 << (32 - OFF))
+        elif WORD == 1:
+            v = w1 >> OFF
+            if OFF > 29:
+                v = v | (w2 << (32 - OFF))
+        else:
+            v = w2 >> OFF
+    else:
+        v = w0 >> (j * BITS)
+    return (v & ((1 << BITS) - 1)).to(tl.float32)
+
+
+@triton.jit
+def _gemv_planes(
+    x_ptr, qw_ptr, s_ptr, z_ptr, pid_m, offs_n, k_start, k_end, N, K, WORDS, G,
+    BITS: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Rows ``offs_n`` of ``W x`` over values ``k_start .. k_end`` for ``GS`` a multiple of the unit.
+
+    The tile stays two-dimensional, ``[BLOCK_N, units]``, the layout the packed words load in:
+    code ``j`` of every unit (a "plane") is shifted out of the words and multiplied by the input
+    values ``x[unit * U + j]`` (a strided load of ``x``, which stays in L1), and partial sums are
+    kept per (row, unit) until one reduction at the end: no reshape and no cross-thread reduction
+    inside the loop.
+    """
+    U: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # values per unit
+    NU: tl.constexpr = BLOCK_K // U
+    row = qw_ptr + offs_n.to(tl.int64)[:, None] * WORDS
+    row_ok = (offs_n < N)[:, None]
+    acc = tl.zeros((BLOCK_N, NU), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        units = k0 // U + tl.arange(0, NU)
+        first = units * 3 if BITS == 3 else units  # each unit's first word
+        ok = row_ok & (first < WORDS)[None, :]
+        w0 = tl.load(row + first[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+        w1 = w0
+        w2 = w0
+        if BITS == 3:
+            w1 = tl.load(row + first[None, :] + 1, mask=ok, other=0).to(tl.uint32, bitcast=True)
+            w2 = tl.load(row + first[None, :] + 2, mask=ok, other=0).to(tl.uint32, bitcast=True)
+        xu = x_ptr + pid_m * K + units * U
+        qx = tl.zeros((BLOCK_N, NU), dtype=tl.float32)
+        xs = tl.zeros((NU,), dtype=tl.float32)
+        for j in tl.static_range(U):
+            xj = tl.load(xu + j, mask=units * U + j < K, other=0.0).to(tl.float32)
+            qx += _plane_code(w0, w1, w2, j, BITS) * xj[None, :]
+            xs += xj
+        groups = units * U // GS
+        at = offs_n.to(tl.int64)[:, None] * G + groups[None, :]
+        gok = row_ok & (groups < G)[None, :]
+        s = tl.load(s_ptr + at, mask=gok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + at, mask=gok, other=0.0).to(tl.float32)
+        acc += s * qx + z * xs[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, WORDS, G, K_PER_SPLIT,
     BITS: tl.constexpr, GS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, PLANES: tl.constexpr,
 ):  # fmt: skip
     """Decode: one input row, ``BLOCK_N`` output rows per program, reduction over K in registers.
 
@@ -113,26 +179,31 @@ def gemv_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     pid_k = tl.program_id(2)
     k_start = pid_k * K_PER_SPLIT
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(k_start, tl.minimum(K, k_start + K_PER_SPLIT), BLOCK_K):
-        if GS % U == 0:
-            units = tl.arange(0, NU)
-            offs_k = k0 + units[:, None] * U + tl.arange(0, U)[None, :]
-            x = tl.load(x_ptr + pid_m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # [NU, U]
-            q = _units(qw_ptr, offs_n, k0, N, WORDS, BITS, BLOCK_N, BLOCK_K)
-            qx = tl.sum(q * x[None, :, :], axis=2)
-            groups = (k0 + units * U) // GS
-            at = offs_n.to(tl.int64)[:, None] * G + groups[None, :]
-            ok = (offs_n < N)[:, None] & (groups < G)[None, :]
-            s = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            acc += tl.sum(s * qx + z * tl.sum(x, axis=1)[None, :], axis=1)
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + pid_m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            q = _codes(qw_ptr, offs_n, k0, N, WORDS, BITS, BLOCK_N, BLOCK_K)
-            w = _dequant(q, s_ptr, z_ptr, offs_n, k0, N, K, G, GS, BLOCK_N, BLOCK_K)
-            acc += tl.sum(w * x[None, :], axis=1)
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    if PLANES and GS % U == 0:
+        acc = _gemv_planes(x_ptr, qw_ptr, s_ptr, z_ptr, pid_m, offs_n, k_start, k_end, N, K, WORDS, G,
+                           BITS, GS, BLOCK_N, BLOCK_K)  # fmt: skip
+    else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            if GS % U == 0:
+                units = tl.arange(0, NU)
+                offs_k = k0 + units[:, None] * U + tl.arange(0, U)[None, :]
+                x = tl.load(x_ptr + pid_m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # [NU, U]
+                q = _units(qw_ptr, offs_n, k0, N, WORDS, BITS, BLOCK_N, BLOCK_K)
+                qx = tl.sum(q * x[None, :, :], axis=2)
+                groups = (k0 + units * U) // GS
+                at = offs_n.to(tl.int64)[:, None] * G + groups[None, :]
+                ok = (offs_n < N)[:, None] & (groups < G)[None, :]
+                s = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+                acc += tl.sum(s * qx + z * tl.sum(x, axis=1)[None, :], axis=1)
+            else:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + pid_m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                q = _codes(qw_ptr, offs_n, k0, N, WORDS, BITS, BLOCK_N, BLOCK_K)
+                w = _dequant(q, s_ptr, z_ptr, offs_n, k0, N, K, G, GS, BLOCK_N, BLOCK_K)
+                acc += tl.sum(w * x[None, :], axis=1)
     if HAS_BIAS:
         if pid_k == 0:  # once per output row
             acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)

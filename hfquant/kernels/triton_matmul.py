@@ -32,26 +32,30 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1  # GEMV only: programs sharing one output row's reduction (atomic float32 adds)
+    planes: bool = False  # GEMV only: 2-D [rows, units] tile reduced once, one code plane at a time
 
     def __post_init__(self) -> None:
         if self.split_k < 1 or (self.split_k > 1 and self.kernel != "gemv"):
             raise ValueError(
                 f"split_k must be >= 1, and 1 for the gemm kernel; got {self.split_k} for {self.kernel!r}"
             )
+        if self.planes and self.kernel != "gemv":
+            raise ValueError(f"planes applies to the gemv kernel only, not {self.kernel!r}")
 
     @property
     def name(self) -> str:
         split = f" k{self.split_k}" if self.split_k > 1 else ""
+        planes = " planes" if self.planes else ""
         return (
             f"{self.kernel} {self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
-            f"{split}"
+            f"{split}{planes}"
         )
 
     def constexprs(self) -> dict[str, int]:
         """The tile sizes (and the GEMV's split) as the kernel's compile-time arguments."""
         blocks = {"BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         if self.kernel == "gemv":
-            return {**blocks, "SPLIT_K": self.split_k}
+            return {**blocks, "SPLIT_K": self.split_k, "PLANES": self.planes}
         return {"BLOCK_M": self.block_m, **blocks}
 
 
