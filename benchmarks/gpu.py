@@ -416,16 +416,14 @@ def section_layers(sec: Section) -> None:
 
 
 # Launch configurations the ``tune`` section times against the dispatcher's choice (W2 g64, fp16):
-# (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split_k[, planes]), for batch 1 / few rows / prefill.
+# (kernel, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split_k), for batch 1 / few rows / prefill.
 CANDIDATES = {
-    "decode": [("gemv", 1, n, k, w, 3, sk, p) for n, k, w, sk, p in
-               [(16, 512, 4, 1, False), (8, 1024, 4, 1, False), (16, 512, 4, 4, False),
-                (16, 512, 4, 1, True), (16, 256, 4, 1, True), (32, 256, 4, 1, True), (8, 512, 4, 1, True),
-                (16, 512, 4, 4, True), (32, 256, 4, 4, True), (16, 256, 4, 8, True), (64, 128, 4, 8, True),
-                (32, 512, 8, 2, True)]],
+    "decode": [("gemv", 1, n, k, w, 3, sk) for n, k, w, sk in
+               [(16, 512, 4, 4), (16, 512, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1), (8, 1024, 4, 1),
+                (16, 256, 4, 8), (32, 256, 4, 4), (64, 128, 4, 8), (32, 512, 8, 2)]],
     "few": [("gemm", 16, n, k, w, s, 1) for n, k, w, s in
             [(32, 256, 4, 3), (16, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3), (32, 128, 4, 4), (32, 256, 8, 3)]]
-           + [("gemv", 1, 16, 512, 4, 3, 1)],
+           + [("gemv", 1, 16, 512, 4, 3, 4)],
     "prefill": [("gemm", m, n, k, w, s, 1) for m, n, k, w, s in
                 [(64, 64, 128, 4, 3), (64, 128, 64, 4, 3), (128, 64, 128, 8, 3), (64, 128, 128, 8, 3),
                  (128, 128, 64, 8, 4), (64, 64, 256, 4, 3)]],
@@ -499,7 +497,7 @@ def section_tune(sec: Section) -> None:
         choice = min(everywhere, key=per_block.get)
         default = triton_matmul.launch_config(1, dtype)
         sec.data["decode_choice"] = [choice.kernel, choice.block_m, choice.block_n, choice.block_k,
-                                     choice.num_warps, choice.num_stages, choice.split_k, choice.planes]  # fmt: skip
+                                     choice.num_warps, choice.num_stages, choice.split_k]  # fmt: skip
         sec.summary.append(
             f"decode (graph, weighted per block): best {choice.name} {per_block[choice] * 1e6:.1f} us vs default "
             f"{default.name} {per_block[default] * 1e6:.1f} us"

@@ -54,12 +54,12 @@ def test_triton_kernels_match_reference(bits, group_size, in_f):
 @needs_triton
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize(("group_size", "in_f"), [(32, 200), (64, 512), (-1, 96), (48, 200)])
-@pytest.mark.parametrize(("split_k", "planes"), [(2, False), (3, False), (1, True), (3, True)])
-def test_gemv_variants_match_reference(bits, group_size, in_f, split_k, planes):
-    """Split-K GEMV (programs share a row's reduction; one split may get no tile; bias added once)
-    and the code-plane GEMV (groups not a multiple of 32 values take the general path)."""
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_split_k_gemv_matches_reference(bits, group_size, in_f, split_k):
+    """Split-K GEMV: programs share a row's reduction (one split may get no tile); bias added once;
+    groups that are not whole units (48) take the per-value path."""
     module = _layer(bits, group_size, in_f)
-    config = triton_matmul.LaunchConfig("gemv", 1, 16, 64, split_k=split_k, planes=planes)
+    config = triton_matmul.LaunchConfig("gemv", 1, 16, 64, split_k=split_k)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(1, in_f, generator=torch.Generator().manual_seed(split_k)).to(dtype)
         y = triton_matmul.qmatmul(
@@ -70,13 +70,11 @@ def test_gemv_variants_match_reference(bits, group_size, in_f, split_k, planes):
         torch.testing.assert_close(y.double(), _reference(module, x.float()), **tol)
 
 
-def test_gemv_options_are_refused_for_the_gemm_kernel():
+def test_split_k_is_refused_for_the_gemm_kernel():
     with pytest.raises(ValueError, match="split_k must be >= 1, and 1 for the gemm kernel"):
         triton_matmul.LaunchConfig("gemm", 16, 32, 256, split_k=2)
     with pytest.raises(ValueError, match="split_k"):
         triton_matmul.LaunchConfig("gemv", 1, 16, 256, split_k=0)
-    with pytest.raises(ValueError, match="planes applies to the gemv kernel only"):
-        triton_matmul.LaunchConfig("gemm", 16, 32, 256, planes=True)
 
 
 needs_cpu_kernel = pytest.mark.skipif(

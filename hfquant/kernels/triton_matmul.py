@@ -32,37 +32,35 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1  # GEMV only: programs sharing one output row's reduction (atomic float32 adds)
-    planes: bool = False  # GEMV only: 2-D [rows, units] tile reduced once, one code plane at a time
 
     def __post_init__(self) -> None:
         if self.split_k < 1 or (self.split_k > 1 and self.kernel != "gemv"):
             raise ValueError(
                 f"split_k must be >= 1, and 1 for the gemm kernel; got {self.split_k} for {self.kernel!r}"
             )
-        if self.planes and self.kernel != "gemv":
-            raise ValueError(f"planes applies to the gemv kernel only, not {self.kernel!r}")
 
     @property
     def name(self) -> str:
         split = f" k{self.split_k}" if self.split_k > 1 else ""
-        planes = " planes" if self.planes else ""
         return (
             f"{self.kernel} {self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
-            f"{split}{planes}"
+            f"{split}"
         )
 
     def constexprs(self) -> dict[str, int]:
         """The tile sizes (and the GEMV's split) as the kernel's compile-time arguments."""
         blocks = {"BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         if self.kernel == "gemv":
-            return {**blocks, "SPLIT_K": self.split_k, "PLANES": self.planes}
+            return {**blocks, "SPLIT_K": self.split_k}
         return {"BLOCK_M": self.block_m, **blocks}
 
 
 # Tile sizes measured on an H100 (benchmarks/gpu.py ``tune``, RESULTS.md). BLOCK_K is a multiple of
-# 32, so tiles start on a packing block. Small BLOCK_N keeps every SM busy at batch 1: a 4096-row
-# layer gives 256 programs of 16 rows.
-GEMV = LaunchConfig("gemv", 1, 16, 512)
+# 32, so tiles start on a packing block. At batch 1 a 4096 x 4096 layer gives 256 row blocks of 16,
+# each split 4 ways over K: 1024 programs of 2 steps. Replayed from a CUDA graph, that was the
+# fastest of 12 candidates per Llama-7B block (191 us vs 203 us unsplit); eagerly, the zeroed
+# buffer and the cast to the activation dtype cost two more launches.
+GEMV = LaunchConfig("gemv", 1, 16, 512, split_k=4)
 # tl.dot kernel: the first configuration whose BLOCK_M holds the rows, the last one beyond.
 GEMM = (LaunchConfig("gemm", 16, 32, 256), LaunchConfig("gemm", 32, 64, 128), LaunchConfig("gemm", 64, 64, 128))
 # Float32 tiles take twice the shared memory per pipeline stage: two stages of 64-wide K steps fit
