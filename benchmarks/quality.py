@@ -46,6 +46,7 @@ HFQUANT_METHODS = {
     "gptq": {"method": "gptq", "blockwise_epochs": 0, "e2e_epochs": 0},
     "decoupleq": {"method": "decoupleq", "blockwise_epochs": 0, "e2e_epochs": 0},
     "decoupleq+bw": {"method": "decoupleq", "e2e_epochs": 0},
+    "decoupleq+rounding+bw": {"method": "decoupleq", "learned_rounding": True, "e2e_epochs": 0},
     "decoupleq+bw+e2e": {"method": "decoupleq", "e2e_epochs": 0},  # then tuning: two rows, before and after
 }
 PEERS = ("hqq", "autoround")

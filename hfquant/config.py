@@ -70,6 +70,12 @@ class HfQuantConfig(QuantizationConfigMixin):
             float parameters after each block's solve (``blockwise_epochs=0`` turns it off).
             For ``inq`` they set the retraining of the still-float weights between steps
             (the learning rate relative to each layer's weight spread).
+        learned_rounding: before block-wise minimization, move each solved integer by at most one
+            step where a trained offset lowers the block's output error, then re-solve each
+            layer's grid exactly for the new integers (AutoRound-style signed gradient descent
+            on the solver's integers, :mod:`hfquant.algorithms.rounding`); runs for
+            ``blockwise_epochs`` epochs, keeping the best state. ``gptq``/``decoupleq`` with
+            block-wise minimization, without kept weights, SplitQuant or ``gguf_type``.
         blockwise_validation: fraction of the calibration windows held out of block-wise training
             and used only to choose which epoch's state to keep (whole batches of
             ``blockwise_batch_size``, at least one batch left to train on); they still enter the
@@ -127,6 +133,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         blockwise_lr: float = 1e-3,
         blockwise_batch_size: int = 8,
         blockwise_validation: float = 0.0,
+        learned_rounding: bool = False,
         e2e_epochs: int | None = None,
         e2e_lr: float = 2e-4,
         gguf_type: str | None = None,
@@ -158,6 +165,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.blockwise_lr = blockwise_lr
         self.blockwise_batch_size = blockwise_batch_size
         self.blockwise_validation = blockwise_validation
+        self.learned_rounding = learned_rounding
         self.e2e_epochs = e2e_epochs
         self.e2e_lr = e2e_lr
         self.gguf_type = gguf_type
@@ -223,6 +231,22 @@ class HfQuantConfig(QuantizationConfigMixin):
         if not isinstance(self.blockwise_validation, (int, float)) or not 0.0 <= self.blockwise_validation < 1.0:
             raise ValueError(
                 f"blockwise_validation must be a fraction in [0, 1), got {self.blockwise_validation!r}"
+            )
+        if not isinstance(self.learned_rounding, bool):
+            raise ValueError(f"learned_rounding must be True or False, got {self.learned_rounding!r}")
+        if self.learned_rounding and (
+            self.method not in ("gptq", "decoupleq")
+            or not self.blockwise_epochs
+            or self.outlier_fraction
+            or self.split_clusters > 1
+            or self.gguf_type
+        ):
+            raise ValueError(
+                "learned_rounding=True needs method='gptq' or 'decoupleq' with blockwise_epochs > 0, and no kept "
+                "weights (outlier_fraction=0), SplitQuant (split_clusters <= 1) or gguf_type; got "
+                f"method={self.method!r}, blockwise_epochs={self.blockwise_epochs!r}, "
+                f"outlier_fraction={self.outlier_fraction!r}, split_clusters={self.split_clusters!r}, "
+                f"gguf_type={self.gguf_type!r}"
             )
         if not isinstance(self.act_order, bool):
             raise ValueError(f"act_order must be True or False, got {self.act_order!r}")

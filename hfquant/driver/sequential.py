@@ -6,6 +6,7 @@ full-precision model (TaCQ, :mod:`hfquant.driver.kept`), then either rounds ever
 then, block by block, the full-precision block runs on its inputs (collecting each linear's input
 Hessian ``H = X^T X / n`` and the block's outputs as targets), each linear is solved against its
 ``H`` (or, for INQ, the block's linears are quantized share by share with retraining in between),
+learned rounding optionally moves the solved integers (:mod:`hfquant.algorithms.rounding`),
 block-wise minimization tunes the block's float parameters, and the *quantized* block produces
 the next block's inputs, so later blocks learn to absorb earlier blocks' errors. Only one block's
 weights and activations take part at a time.
@@ -34,6 +35,7 @@ from hfquant.algorithms.block import Batches, block_error
 from hfquant.algorithms.blockwise import block_minimize
 from hfquant.algorithms.end_to_end import tune_end_to_end
 from hfquant.algorithms.inq import inq_block
+from hfquant.algorithms.rounding import learn_rounding
 from hfquant.calibration import get_calibration_data
 from hfquant.config import DEFAULT_E2E_EPOCHS, HfQuantConfig
 from hfquant.driver.blocks import (
@@ -185,6 +187,8 @@ def quantize_blocks(
             originals = quantize_block_inq(block, layers, batches, targets, config)
         else:
             originals = solve_block(block, layers, hessians, config, kept, block_prefix)
+            if config.learned_rounding:
+                round_block(block, layers, hessians, batches, targets, config)
         del hessians
         before = block_error(block, batches, targets)
         after = refine_block(block, batches, targets, config, originals) if config.blockwise_epochs else before
@@ -271,6 +275,30 @@ def refine_block(
         for name, values in originals.items():
             block.get_submodule(name).refresh_kept(values)
     return block_error(block, batches, targets)
+
+
+def round_block(
+    block: nn.Module,
+    layers: dict[str, nn.Linear],
+    hessians: dict[str, torch.Tensor],
+    batches: Batches,
+    targets: list[torch.Tensor],
+    config: HfQuantConfig,
+) -> None:
+    """Learned rounding of the block's solved integers (on the block-wise training batches, scored
+    on its validation batches when some are held out), then exact grids for them."""
+    held_out = validation_batches(len(batches), config.blockwise_validation)
+    train = len(batches) - held_out
+    result = learn_rounding(
+        block, batches[:train], targets[:train],
+        {name: (linear.weight.data, hessians[name]) for name, linear in layers.items()},
+        epochs=config.blockwise_epochs, seed=config.seed,
+        validation=(batches[train:], targets[train:]) if held_out else None, damp=config.damp,
+    )  # fmt: skip
+    logger.info(
+        "learned rounding: block error %.4g -> %.4g, %d integers moved, grids re-solved: %s",
+        result.error_before, result.error_after, result.moved, result.resolved,
+    )  # fmt: skip
 
 
 def validation_batches(n_batches: int, fraction: float) -> int:

@@ -129,6 +129,8 @@ def _method_text(config: HfQuantConfig) -> str:
     text = METHOD_NAMES[config.method]
     if _split(config):
         text = f"SplitQuant ({config.split_clusters} clusters) on {text}"
+    if config.learned_rounding:
+        text += " + learned rounding"
     if _blockwise(config):
         text += f" + block-wise minimization ({config.blockwise_epochs} epochs)"
     if config.e2e_epochs:
@@ -175,6 +177,8 @@ def tags(config: HfQuantConfig) -> list[str]:
     out = ["hfquant", f"{config.bits}-bit", "quantized", config.method]
     if _split(config):
         out.append("splitquant")
+    if config.learned_rounding:
+        out.append("learned-rounding")
     if _blockwise(config):
         out.append("blockwise-minimization")
     if config.e2e_epochs:

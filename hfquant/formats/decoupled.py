@@ -170,6 +170,10 @@ class DecoupledLinear(QuantizedLinear):
         """The unpacked integer matrix ``Q`` (uint8 ``[out, in]``)."""
         return unpack_int(self.qweight, self.bits, self.in_features)
 
+    def set_integers(self, q: torch.Tensor) -> None:
+        """Store new integers (uint8 ``[out, in]``, within the width), packed; the grid is left as is."""
+        self.qweight.copy_(pack_int(q, self.bits))
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``W_hat`` (``[out, in]``): the integer part on its grid plus the kept 16-bit weights."""
         dtype = dtype or self.scales.dtype
