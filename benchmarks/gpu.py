@@ -13,15 +13,20 @@ section is cut off: either loses only that section; each logs its progress as it
   float16 and bfloat16.
 * ``generate``: a tiny chat model built from a config and a tokenizer trained on the spot, quantized
   at load (RTN), ``generate()`` on the GPU against the CPU, save and reload, ``hfquant chat --device``.
-* ``tune``: candidate launch configurations (tile sizes, warps, stages) against the dispatcher's
-  choice at each Llama-7B shape, W2 g64, for batch 1, 16 and 512 rows.
-* ``layers``: per-layer latency at the Llama-7B shapes, fp16 cuBLAS vs hfquant W2/W3/W4 g64 (and
-  bitsandbytes NF4 when it imports).
+* ``tune``: candidate launch configurations (tile sizes, warps, stages, split-K) against the
+  dispatcher's choice at each Llama-7B shape, W2 g64, for batch 1, 16 and 512 rows
+  (``--tune-regimes``), timed eagerly and replayed from a CUDA graph over layer copies that
+  exceed the L2 cache; each candidate's output checked against the reference. The decode
+  configuration fastest per Llama block is what ``correctness``, ``layers`` and ``graph`` then
+  use (beside the default, in ``graph``).
+* ``layers``: per-layer latency at the Llama-7B shapes, eager and in a CUDA graph, fp16 cuBLAS vs
+  hfquant W2/W3/W4 g64 (and bitsandbytes NF4 when it imports).
 * ``e2e``: a Llama-2-7B-shaped model with random weights, fp16 vs W2 g64 vs W4 g64 (quantized
   modules built from random codes): decode tokens/s at batch 1 and 8 (eager ``generate``),
   prefill tokens/s at 512, weight and peak memory.
 * ``graph``: the same three models, batch-1 decode with a static KV cache and one decode step
-  captured in a CUDA graph and replayed (no Python launch overhead).
+  captured in a CUDA graph and replayed (no Python launch overhead), and a floor: the model with
+  every decoder linear replaced by a memset (what the rest of the step costs).
 * ``quantize``: decoupleQ + block-wise minimization at the library defaults on 2 blocks of the
   7B-shaped model (random calibration token ids: speed does not depend on them), time per stage
   (Hessian pass, solve, block-wise epochs), extrapolated to 32 blocks; peak GPU and host memory.
