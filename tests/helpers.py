@@ -139,3 +139,28 @@ def decoupled_layer(
     result = rtn_quantize(linear.weight.data, bits, group_size)
     module = DecoupledLinear.from_result(result, linear, config, None if mask is None else mask.to(device))
     return linear.weight.data, module
+
+
+def solved_block(method: str = "rtn", bits: int = 2, **settings):
+    """Block 0 of a tiny Llama with its linears solved at ``bits`` g32 by ``method``.
+
+    Returns the block, its calibration batches and full-precision targets, and per linear name
+    the original weight and input Hessian.
+    """
+    from hfquant import HfQuantConfig
+    from hfquant.driver.blocks import capture_block_inputs, find_decoder_blocks, full_precision_pass
+    from hfquant.driver.solve import quantize_linear
+    from hfquant.nn.replace import set_module
+
+    model = tiny_model().eval()
+    _, blocks = find_decoder_blocks(model)
+    ids = torch.randint(0, 320, (8, 24), generator=torch.Generator().manual_seed(1))
+    batches = capture_block_inputs(model, blocks[0], ids, batch_size=4)
+    block = blocks[0]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    hessians, targets = full_precision_pass(block, linears, batches)
+    config = HfQuantConfig(bits=bits, group_size=32, method=method, **settings)
+    for name, linear in linears.items():
+        set_module(block, name, quantize_linear(linear, hessians[name], config))
+    layers = {name: (linear.weight.data.clone(), hessians[name]) for name, linear in linears.items()}
+    return block, batches, targets, layers

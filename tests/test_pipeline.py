@@ -4,18 +4,16 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import solved_block, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfquant import HfQuantConfig
 from hfquant.algorithms.block import block_error
 from hfquant.algorithms.blockwise import block_minimize, trainable_float_parameters
 from hfquant.driver import quantize_model
-from hfquant.driver.blocks import capture_block_inputs, find_decoder_blocks, full_precision_pass
+from hfquant.driver.blocks import capture_block_inputs, find_decoder_blocks
 from hfquant.driver.sequential import validation_batches
-from hfquant.driver.solve import quantize_linear
 from hfquant.models import default_model_path
-from hfquant.nn.replace import set_module
 
 
 @pytest.fixture(scope="module")
@@ -38,18 +36,9 @@ def test_capture_keeps_block_kwargs():
     assert torch.isfinite(direct[0] if isinstance(direct, tuple) else direct).all()
 
 
-def _quantized_block(bits: int = 2):
-    model = tiny_model().eval()
-    _, blocks = find_decoder_blocks(model)
-    ids = torch.randint(0, 320, (8, 24), generator=torch.Generator().manual_seed(1))
-    batches = capture_block_inputs(model, blocks[0], ids, batch_size=4)
-    block = blocks[0]
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    hessians, targets = full_precision_pass(block, linears, batches)
-    config = HfQuantConfig(bits=bits, group_size=32, method="rtn")
-    for name, linear in linears.items():
-        set_module(block, name, quantize_linear(linear, hessians[name], config))
-    return block, batches, targets, set(linears)
+def _quantized_block():
+    block, batches, targets, layers = solved_block("rtn")
+    return block, batches, targets, set(layers)
 
 
 def test_block_minimize_lowers_block_loss_and_never_raises_it():

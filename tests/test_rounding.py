@@ -4,31 +4,16 @@ import copy
 
 import pytest
 import torch
-from helpers import TINY_CALIBRATION, tiny_model
+from helpers import TINY_CALIBRATION, solved_block
 from transformers import AutoModelForCausalLM
 
 from hfquant import HfQuantConfig
 from hfquant.algorithms.block import block_error
 from hfquant.algorithms.rounding import SignSGD, learn_rounding
-from hfquant.driver.blocks import capture_block_inputs, find_decoder_blocks, full_precision_pass
-from hfquant.driver.solve import quantize_linear
-from hfquant.nn.replace import set_module
 
 
 def _solved_block(method: str = "gptq"):
-    """Block 0 of a tiny Llama, its linears solved at W2 g32; with the originals and Hessians."""
-    model = tiny_model().eval()
-    _, blocks = find_decoder_blocks(model)
-    ids = torch.randint(0, 320, (8, 24), generator=torch.Generator().manual_seed(1))
-    batches = capture_block_inputs(model, blocks[0], ids, batch_size=4)
-    block = blocks[0]
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    hessians, targets = full_precision_pass(block, linears, batches)
-    config = HfQuantConfig(bits=2, group_size=32, method=method, decoupleq_iters=1)
-    for name, linear in linears.items():
-        set_module(block, name, quantize_linear(linear, hessians[name], config))
-    layers = {name: (linear.weight.data.clone(), hessians[name]) for name, linear in linears.items()}
-    return block, batches, targets, layers
+    return solved_block(method, decoupleq_iters=1)
 
 
 def test_learned_rounding_lowers_the_block_error_and_moves_integers_one_step():
@@ -46,6 +31,7 @@ def test_learned_rounding_lowers_the_block_error_and_moves_integers_one_step():
         assert int((q.int() - start[name].int()).abs().max()) <= 1  # at most one step
         moved += int((q != start[name]).sum())
     assert moved == result.moved
+    assert all(p.grad is None for p in block.parameters())  # only the offsets trained
     for name in layers:  # grids stay on their float16 storage values
         module = block.get_submodule(name)
         for grid in (module.scales, module.zeros):

@@ -10,7 +10,8 @@ the block loss never increases.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -52,6 +53,21 @@ def block_error(
         float(batch_loss(block, h, kw, t, values)) * t.numel() for (h, kw), t in zip(batches, targets, strict=True)
     )
     return total / sum(t.numel() for t in targets)
+
+
+@contextmanager
+def parameters_frozen(block: nn.Module) -> Iterator[None]:
+    """The block's own parameters take no gradient inside (only what the caller trains does);
+    their ``requires_grad`` flags are put back, and no ``.grad`` is left, on exit."""
+    flags = {p: p.requires_grad for p in block.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.grad = None
+            p.requires_grad_(flag)
 
 
 def train_keep_best(

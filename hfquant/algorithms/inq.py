@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hfquant.algorithms.block import Batches, batch_loss, block_error, train_keep_best
+from hfquant.algorithms.block import Batches, batch_loss, block_error, parameters_frozen, train_keep_best
 from hfquant.algorithms.grid import power_of_two_codes, power_of_two_values, top_exponents
 
 INQ_SHARES = (0.5, 0.75, 0.875, 1.0)
@@ -55,37 +55,31 @@ def retrain_float_weights(
     seed: int = 0,
 ) -> float:
     """Adam on the not-yet-frozen weights of ``linears`` (all else fixed); returns the kept block loss."""
-    flags = {p: p.requires_grad for p in block.parameters()}
-    for p in block.parameters():
-        p.requires_grad_(False)
-    groups, hooks = [], []
-    for name, linear in linears.items():
-        weight = linear.weight
-        weight.requires_grad_(True)
-        free = (~frozen[name]).to(weight.dtype)
-        hooks.append(weight.register_hook(lambda g, free=free: g * free))
-        groups.append({"params": [weight], "lr": lr * float(weight.detach().float().std().clamp_min(1e-8))})
-    optimizer = torch.optim.Adam(groups)
 
     def evaluate() -> tuple[float, dict[str, torch.Tensor]]:
         state = {n: m.weight.detach().clone() for n, m in linears.items()}
         return block_error(block, batches, targets), state
 
-    try:
-        best, best_state = train_keep_best(
-            optimizer,
-            lambda i: batch_loss(block, *batches[i], targets[i]),
-            len(batches),
-            epochs,
-            evaluate,
-            seed,
-        )
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for p, flag in flags.items():
-            p.grad = None
-            p.requires_grad_(flag)
+    with parameters_frozen(block):
+        groups, hooks = [], []
+        for name, linear in linears.items():
+            weight = linear.weight
+            weight.requires_grad_(True)
+            free = (~frozen[name]).to(weight.dtype)
+            hooks.append(weight.register_hook(lambda g, free=free: g * free))
+            groups.append({"params": [weight], "lr": lr * float(weight.detach().float().std().clamp_min(1e-8))})
+        try:
+            best, best_state = train_keep_best(
+                torch.optim.Adam(groups),
+                lambda i: batch_loss(block, *batches[i], targets[i]),
+                len(batches),
+                epochs,
+                evaluate,
+                seed,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
     with torch.no_grad():
         for name, linear in linears.items():
             linear.weight.copy_(best_state[name])

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hfquant.algorithms.block import Batches, batch_loss, block_error, train_keep_best
+from hfquant.algorithms.block import Batches, batch_loss, block_error, parameters_frozen, train_keep_best
 from hfquant.algorithms.decoupleq import solve_float_step
 from hfquant.algorithms.grid import expand_groups
 
@@ -131,14 +131,15 @@ def learn_rounding(
 
     swap(shadows)
     try:
-        best, best_integers = train_keep_best(
-            SignSGD([shadow.offset for shadow in shadows.values()], lr=STEP, bound=1.0),
-            lambda i: batch_loss(block, *batches[i], targets[i]),
-            len(batches),
-            epochs,
-            evaluate,
-            seed,
-        )
+        with parameters_frozen(block):  # only the offsets train
+            _, best_integers = train_keep_best(
+                SignSGD([shadow.offset for shadow in shadows.values()], lr=STEP, bound=1.0),
+                lambda i: batch_loss(block, *batches[i], targets[i]),
+                len(batches),
+                epochs,
+                evaluate,
+                seed,
+            )
     finally:
         swap(modules)
     moved = sum(int((best_integers[n] != shadows[n].q0).sum()) for n in modules)
