@@ -9,7 +9,7 @@ import hfquant
 
 ALGORITHMS = Path(hfquant.__file__).parent / "algorithms"
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoints" / "decoupled_kept"
-STDLIB = {"__future__", "collections", "dataclasses", "math", "typing"}
+STDLIB = {"__future__", "collections", "contextlib", "dataclasses", "math", "typing"}
 
 
 def _imports(path: Path) -> set[str]:
