@@ -122,8 +122,7 @@ def learn_rounding(
 
     def swap(use: dict[str, nn.Module]) -> None:
         for name, module in use.items():
-            parent, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent) if parent else block, child, module)
+            block.set_submodule(name, module)
 
     def evaluate() -> tuple[float, dict[str, torch.Tensor]]:
         state = {name: shadow.integers() for name, shadow in shadows.items()}

@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class BlockReport:
     index: int
-    error_before: float  # mean squared error of the block output after the per-layer solve
+    error_before: float  # mean squared error of the block output after the per-layer solve (and learned rounding)
     error_after: float  # ... after block-wise minimization
 
 
@@ -263,13 +263,12 @@ def refine_block(
     """Block-wise minimization of the block's grids and norms; kept weights reset to their original
     values on the moved grid. Returns the block's error after."""
     grids = {n for n, m in block.named_modules() if isinstance(m, QuantizedLinear) and m.tunable_grid}
-    held_out = validation_batches(len(batches), config.blockwise_validation)
-    train = len(batches) - held_out
+    train, validation = split_validation(batches, targets, config)
     after = block_minimize(
-        block, batches[:train], targets[:train], grids, epochs=config.blockwise_epochs, lr=config.blockwise_lr,
-        storage_dtype=STORAGE_DTYPE, validation=(batches[train:], targets[train:]) if held_out else None,
+        block, *train, grids, epochs=config.blockwise_epochs, lr=config.blockwise_lr,
+        storage_dtype=STORAGE_DTYPE, validation=validation,
     )  # fmt: skip
-    if not held_out and not originals:
+    if validation is None and not originals:
         return after  # already scored on every batch
     with torch.no_grad():
         for name, values in originals.items():
@@ -287,18 +286,25 @@ def round_block(
 ) -> None:
     """Learned rounding of the block's solved integers (on the block-wise training batches, scored
     on its validation batches when some are held out), then exact grids for them."""
-    held_out = validation_batches(len(batches), config.blockwise_validation)
-    train = len(batches) - held_out
+    train, validation = split_validation(batches, targets, config)
     result = learn_rounding(
-        block, batches[:train], targets[:train],
-        {name: (linear.weight.data, hessians[name]) for name, linear in layers.items()},
-        epochs=config.blockwise_epochs, seed=config.seed,
-        validation=(batches[train:], targets[train:]) if held_out else None, damp=config.damp,
+        block, *train, {name: (linear.weight.data, hessians[name]) for name, linear in layers.items()},
+        epochs=config.blockwise_epochs, seed=config.seed, validation=validation, damp=config.damp,
     )  # fmt: skip
     logger.info(
         "learned rounding: block error %.4g -> %.4g, %d integers moved, grids re-solved: %s",
         result.error_before, result.error_after, result.moved, result.resolved,
     )  # fmt: skip
+
+
+def split_validation(
+    batches: Batches, targets: list[torch.Tensor], config: HfQuantConfig
+) -> tuple[tuple[Batches, list[torch.Tensor]], tuple[Batches, list[torch.Tensor]] | None]:
+    """(training batches and targets, held-out ones or None) for the block-wise stages, by
+    ``config.blockwise_validation``: the last batches are held out."""
+    train = len(batches) - validation_batches(len(batches), config.blockwise_validation)
+    held_out = (batches[train:], targets[train:]) if train < len(batches) else None
+    return (batches[:train], targets[:train]), held_out
 
 
 def validation_batches(n_batches: int, fraction: float) -> int:
