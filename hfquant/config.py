@@ -64,6 +64,9 @@ class HfQuantConfig(QuantizationConfigMixin):
             loss on the answer tokens only; all of them are used, ``nsamples`` counts text
             windows) or a ``.jsonl`` file of them. ``None`` uses ``dataset``.
         damp: GPTQ/decoupleQ Hessian dampening, as a fraction of the mean diagonal.
+        hessian_shrink: each layer's Hessian is pulled toward its diagonal before the solve,
+            ``(1 - hessian_shrink) * H + hessian_shrink * diag(H)`` (:func:`hfquant.algorithms.gptq.shrink_hessian`):
+            the channel correlations of a small calibration set are what the solver overfits.
         act_order: GPTQ processes columns by decreasing Hessian diagonal.
         decoupleq_iters: alternating integer/float rounds of decoupleQ.
         blockwise_epochs, blockwise_lr, blockwise_batch_size: block-wise minimization of the
@@ -130,6 +133,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         outlier_scope: str | None = None,
         task_dataset: Any = None,
         damp: float = 0.01,
+        hessian_shrink: float = 0.0,
         act_order: bool = False,
         decoupleq_iters: int = 4,
         blockwise_epochs: int = 4,
@@ -162,6 +166,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.outlier_scope = outlier_scope or ("global" if saliency == "tacq" else "layer")
         self.task_dataset = task_dataset
         self.damp = damp
+        self.hessian_shrink = hessian_shrink
         self.act_order = act_order
         self.decoupleq_iters = decoupleq_iters
         self.blockwise_epochs = blockwise_epochs
@@ -229,6 +234,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             )
         if not isinstance(self.damp, (int, float)) or not 0.0 < self.damp < 1.0:
             raise ValueError(f"damp must be a number in (0, 1), got {self.damp!r}")
+        if not isinstance(self.hessian_shrink, (int, float)) or not 0.0 <= self.hessian_shrink < 1.0:
+            raise ValueError(f"hessian_shrink must be a number in [0, 1), got {self.hessian_shrink!r}")
         if not isinstance(self.blockwise_lr, (int, float)) or not self.blockwise_lr > 0:
             raise ValueError(f"blockwise_lr must be a positive number, got {self.blockwise_lr!r}")
         if not isinstance(self.blockwise_validation, (int, float)) or not 0.0 <= self.blockwise_validation < 1.0:

@@ -89,6 +89,23 @@ def _upper_triangular_inverse(r: torch.Tensor, leaf: int = 128) -> torch.Tensor:
     return out
 
 
+def shrink_hessian(hessian: torch.Tensor, shrink: float) -> torch.Tensor:
+    """``(1 - shrink) * H + shrink * diag(H)``: the Hessian pulled toward its diagonal.
+
+    Shrinkage of a sample covariance toward its diagonal (Ledoit and Wolf's target): the
+    correlations between input channels estimated from a few thousand calibration tokens are
+    what the solver's error compensation fits and other text does not share, while the
+    diagonal (what llama.cpp's importance matrix keeps) carries over. Unlike ``damp``, which adds
+    the same amount to every channel, it keeps each channel's own scale. Not in GPTQ or
+    decoupleQ; measured per layer and end to end in ``benchmarks/RESULTS.md``.
+    """
+    if not 0.0 <= shrink < 1.0:
+        raise ValueError(f"shrink must be in [0, 1), got {shrink!r}")
+    if shrink == 0.0:
+        return hessian
+    return torch.lerp(hessian, torch.diag_embed(hessian.diagonal()), shrink)
+
+
 def prepare_hessian(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> InverseHessian:
     """Dampen ``H``, fix dead columns and factor its inverse (float64, the costly part of a solve).
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from hfquant.algorithms.block import Batches, block_error
 from hfquant.algorithms.blockwise import block_minimize
 from hfquant.algorithms.end_to_end import tune_end_to_end
+from hfquant.algorithms.gptq import shrink_hessian
 from hfquant.algorithms.inq import inq_block
 from hfquant.algorithms.rounding import learn_rounding
 from hfquant.calibration import get_calibration_data
@@ -183,6 +184,7 @@ def quantize_blocks(
         layers = block_linears(linears, block_prefix)
         # INQ reads no Hessian: no linear is hooked.
         hessians, targets = full_precision_pass(block, {} if config.method == "inq" else layers, batches)
+        hessians = {name: shrink_hessian(h, config.hessian_shrink) for name, h in hessians.items()}
         if config.method == "inq":
             originals = quantize_block_inq(block, layers, batches, targets, config)
         else:
