@@ -38,6 +38,8 @@ def test_dataset_objects_recorded_by_description():
         ("seqlen", 1, "seqlen must be an integer >= 2"),
         ("outlier_fraction", 1.5, r"outlier_fraction must be a number in \[0, 1\)"),
         ("damp", 0.0, "damp must be a number in"),
+        ("hessian_shrink", 1.0, r"hessian_shrink must be a number in \[0, 1\), got 1.0"),
+        ("hessian_shrink", "0.3", "hessian_shrink must be a number in"),
         ("modules_to_not_convert", "lm_head", "modules_to_not_convert must be a list"),
         ("blockwise_lr", -1.0, "blockwise_lr must be a positive number"),
     ],

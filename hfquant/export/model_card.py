@@ -127,6 +127,8 @@ def _blockwise(config: HfQuantConfig) -> bool:
 
 def _method_text(config: HfQuantConfig) -> str:
     text = METHOD_NAMES[config.method]
+    if config.hessian_shrink and config.method in ("gptq", "decoupleq"):
+        text += f" (Hessian shrunk {config.hessian_shrink:g} toward its diagonal)"
     if _split(config):
         text = f"SplitQuant ({config.split_clusters} clusters) on {text}"
     if config.learned_rounding:
