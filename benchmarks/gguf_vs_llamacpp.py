@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-epochs", default=str(DEFAULT_E2E_EPOCHS),
                         help="comma-separated end-to-end tuning epochs, one solved row each (e.g. 0,2; "
                              "default: the library's)")
+    parser.add_argument("--hessian-shrink", default="0",
+                        help="comma-separated HfQuantConfig(hessian_shrink=...) values, one solved row each (e.g. 0,0.3)")
+    parser.add_argument("--pure", action="store_true",
+                        help="also llama-quantize --pure (with and without the imatrix), embedding and output in Q8_0: "
+                             "the layout hfquant writes, for a same-size comparison")
     parser.add_argument("--bench", action="store_true", help="llama-bench tokens/s for q4_0, q4_1, q8_0")
     parser.add_argument("--heldout", default=None, help="comma-separated held-out sets to score (default: all)")
     parser.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary one)")
@@ -149,16 +154,26 @@ def main(argv: list[str] | None = None) -> int:
         imat = work / f"llama-imatrix-{qtype}.gguf"
         _, seconds = timed(lambda qtype=qtype, imat=imat: run([quantize, "--imatrix", str(imatrix), str(f16), str(imat), LLAMA_NAMES[qtype], str(args.threads)]))
         row(qtype, f"llama-quantize {LLAMA_NAMES[qtype]} + imatrix ({args.calib_windows}x512 calibration tokens)", imat, seconds + imatrix_seconds, base)
+        if args.pure:
+            for imat_args, label, extra in (([], "", 0.0), (["--imatrix", str(imatrix)], " + imatrix", imatrix_seconds)):
+                pure = work / f"llama-pure{'-imatrix' * bool(imat_args)}-{qtype}.gguf"
+                cmd = [quantize, "--pure", *imat_args, "--output-tensor-type", "q8_0", "--token-embedding-type", "q8_0",
+                       str(f16), str(pure), qtype.upper(), str(args.threads)]
+                _, seconds = timed(lambda cmd=cmd: run(cmd))
+                row(qtype, f"llama-quantize --pure {qtype.upper()}{label}, q8_0 embedding/output", pure, seconds + extra, base)
         if not args.skip_requantized:
             ours = work / f"hfquant-{qtype}.gguf"
             _, seconds = timed(lambda qtype=qtype, ours=ours: save_gguf(model, tokenizer, ours, type=qtype))
             row(qtype, "hfquant export-gguf (requantized float model)", ours, seconds, base)
-        for e2e in (int(e) for e in args.e2e_epochs.split(",")) if qtype in solved_types else ():
-            solved = work / f"hfquant-solved-{qtype}-e2e{e2e}.gguf"
-            _, seconds = timed(lambda qtype=qtype, solved=solved, e2e=e2e: solve_and_export(model_dir, tokenizer, qtype, solved, e2e, args))
+        variants = [(int(e), float(h)) for h in args.hessian_shrink.split(",") for e in args.e2e_epochs.split(",")]
+        for e2e, shrink in variants if qtype in solved_types else ():
+            solved = work / f"hfquant-solved-{qtype}-e2e{e2e}-shrink{shrink:g}.gguf"
+            _, seconds = timed(lambda qtype=qtype, solved=solved, e2e=e2e, shrink=shrink:
+                               solve_and_export(model_dir, tokenizer, qtype, solved, e2e, shrink, args))
             tuned = f" + e2e {e2e} epochs" if e2e else ""
-            row(qtype, f"hfquant solved on {qtype} (decoupleQ + block-wise{tuned}, {args.calib_windows}x512 calibration tokens)",
-                solved, seconds, base)
+            shrunk = f", Hessian shrink {shrink:g}" if shrink else ""
+            row(qtype, f"hfquant solved on {qtype} (decoupleQ{shrunk} + block-wise{tuned}, {args.calib_windows}x512 "
+                "calibration tokens)", solved, seconds, base)
     print_table(rows)
 
     bench_rows: list[dict[str, str]] = []
@@ -189,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
             "with llama.cpp's per-tensor fallbacks (576-wide rows: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0). 'requantized' "
             "rows round the float model to the type without data; 'solved' rows quantize with "
             f"HfQuantConfig(gguf_type=...) (decoupleQ {args.decoupleq_iters} iterations, {args.blockwise_epochs} "
-            f"block-wise epochs, end-to-end tuning epochs as named, the same {args.calib_windows}x512 mix windows "
+            f"block-wise epochs, end-to-end tuning epochs and Hessian shrinkage as named, the same {args.calib_windows}x512 mix windows "
             "the imatrix reads) and export "
             "losslessly. Time: file production on a CPU shared with other jobs (imatrix time included in its "
-            "rows; for 'solved', quantization included)."
+            "rows; for 'solved', quantization included). `--pure` rows: llama-quantize --pure with the embedding and "
+            "output in Q8_0, hfquant's layout."
         ),
     )
     if bench_rows:
@@ -204,11 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def solve_and_export(model_dir: Path, tokenizer, qtype: str, path: Path, e2e_epochs: int, args: argparse.Namespace) -> None:
+def solve_and_export(
+    model_dir: Path, tokenizer, qtype: str, path: Path, e2e_epochs: int, hessian_shrink: float, args: argparse.Namespace
+) -> None:
     """Quantize the default model on ``qtype``'s grid and write it as GGUF (lossless)."""
     config = HfQuantConfig(gguf_type=qtype, nsamples=args.calib_windows, seqlen=512,
                            decoupleq_iters=args.decoupleq_iters, blockwise_epochs=args.blockwise_epochs,
-                           e2e_epochs=e2e_epochs, tokenizer=tokenizer)
+                           e2e_epochs=e2e_epochs, hessian_shrink=hessian_shrink, tokenizer=tokenizer)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=torch.float32).eval()
     summary = save_gguf(model, tokenizer, path, type=qtype)
     print(f"{qtype} solved: {summary.rows()}", flush=True)
