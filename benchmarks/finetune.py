@@ -3,6 +3,7 @@
     python benchmarks/finetune.py --configs w2g64,w3g64 --steps 200 --threads 2
     python benchmarks/finetune.py --task code --configs w2g64 --checkpoint w2g64=DIR --steps 150
     python benchmarks/finetune.py --configs w3g64 --tacq          # also TaCQ kept weights at equal bits
+    python benchmarks/finetune.py --task code --init peft,scaled-error   # adapters started at the quantization error
 
 Tasks (``--task``):
 
@@ -23,7 +24,8 @@ judged against full precision trained the same way: ``1 - (loss_q+lora - loss_fp
 loss_fp)`` (the issue's goal: at least 50%). Measured against the untrained full-precision model
 instead, an adapter that only learns the task's format would count as recovery. With ``--tacq``,
 TaCQ kept 16-bit weights chosen on the training examples are added at the adapter's extra bits per
-weight (each kept weight costs its value and two int32 indices).
+weight (each kept weight costs its value and two int32 indices). ``--init`` compares adapter
+initializations (:func:`hfquant.lora.init_from_quantization_error`), a LoRA row each.
 """
 
 from __future__ import annotations
@@ -115,11 +117,14 @@ def score(model: PreTrainedModel, batches: list[TaskBatch]) -> tuple[float, floa
     return nll / tokens, exact / examples
 
 
-def train_lora(model: PreTrainedModel, batches: list[TaskBatch], args) -> tuple[PreTrainedModel, int, float]:
-    """``args.steps`` AdamW steps of rank-``args.rank`` LoRA on every projection; returns the PEFT
-    model, its trainable parameter count and the training seconds."""
+def train_lora(model: PreTrainedModel, batches: list[TaskBatch], args, init=None) -> tuple[PreTrainedModel, int, float]:
+    """``args.steps`` AdamW steps of rank-``args.rank`` LoRA on every projection, the adapters first
+    set by ``init(peft_model)`` when given; returns the PEFT model, its trainable parameter count and
+    the training seconds."""
     config = hfquant.lora.register(LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS))
     model = get_peft_model(model, config)
+    if init is not None:
+        init(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
@@ -158,6 +163,10 @@ def main() -> None:
     parser.add_argument("--train-windows", type=int, default=256, help="--task code: training windows")
     parser.add_argument("--train-seqlen", type=int, default=256, help="--task code: tokens per training window")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", default="peft",
+                        help="comma-separated adapter initializations, a LoRA row each: peft (B = 0), error (LoftQ: "
+                             "SVD of W - W_hat), scaled-error (the SVD weighted by input-channel scales on the "
+                             "training data)")
     parser.add_argument("--tacq", action="store_true", help="also TaCQ kept weights at the adapter's bits")
     parser.add_argument(
         "--checkpoint", action="append", default=[], metavar="CONFIG=DIR",
@@ -166,17 +175,22 @@ def main() -> None:
     add_common_arguments(parser)
     args = parser.parse_args()
     setup(args)
+    inits = args.init.split(",")
+    if unknown := sorted(set(inits) - {"peft", "error", "scaled-error"}):
+        raise SystemExit(f"--init: unknown {unknown}; choose from peft, error, scaled-error")
     path, tokenizer = load_default()
     if args.task == "facts":
         train_rows, heldout_rows = facts_split(args.holdout or 48, args.seed)
         train = task_batches(train_rows, tokenizer, len(train_rows), 512, batch_size=args.batch_size)
         heldout = task_batches(heldout_rows, tokenizer, len(heldout_rows), 512, batch_size=args.batch_size)
+        train_tokens = [ids[mask.bool()] for b in train for ids, mask in zip(b.input_ids, b.attention_mask, strict=True)]
         task_text = (f"hfquant facts as chat, {len(train_rows)} training and {len(heldout_rows)} held-out questions "
                      f"(seed {args.seed}), loss on answer tokens; `exact` = every answer token and the end of turn is "
                      "the argmax under teacher forcing")  # fmt: skip
     else:
         train_ids, heldout_ids = code_split(tokenizer, args.holdout or 16, args.train_windows, args.seed, args.train_seqlen)
         train_rows = [tokenizer.decode(w) for w in train_ids]  # TaCQ's task examples
+        train_tokens = list(train_ids)
         train = batches_from_ids(train_ids, args.batch_size)
         heldout = batches_from_ids(heldout_ids, args.batch_size)
         task_text = (f"Python code, {len(heldout_ids)} held-out 512-token windows (the yardstick's python-code "
@@ -213,28 +227,44 @@ def main() -> None:
     fp_lora_loss, fp_lora_exact = score(tuned, heldout)
     record("fp32", "full precision + LoRA", f"{adapter_bpw:.3f}", fp_lora_loss, fp_lora_exact, f"{seconds:.0f} s training")
     del full, tuned
+    reference = load() if set(inits) - {"peft"} else None  # what the error-based inits approximate
+    scales = hfquant.lora.input_scales(reference, train_tokens[:64], TARGETS) if "scaled-error" in inits else None
+    init_loss: dict[str, float] = {}  # held-out loss right after an error-based init, before training
+
+    def init_with(kind: str):
+        def init(peft_model) -> None:
+            hfquant.lora.init_from_quantization_error(peft_model, reference, scales if kind == "scaled-error" else None)
+            init_loss[kind] = score(peft_model, heldout)[0]
+
+        return init
+
+    init_fns = {"peft": None, "error": init_with("error"), "scaled-error": init_with("scaled-error")}
     saved = dict(item.split("=", 1) for item in args.checkpoint)
     for name in args.configs.split(","):
         bits, group_size = parse_config(name)
         settings = dict(bits=bits, group_size=group_size, method=args.method, dataset="mix", nsamples=args.nsamples,
                         blockwise_epochs=args.blockwise_epochs, e2e_epochs=0,  # as the TaCQ row, which excludes it
                         tokenizer=tokenizer)  # fmt: skip
-        start = time.perf_counter()
-        if name in saved:
-            model = AutoModelForCausalLM.from_pretrained(saved[name])
-            origin = f"saved {saved[name]}"
-        else:
-            model = load(HfQuantConfig(**settings))
-            origin = f"{time.perf_counter() - start:.0f} s quantization"
-        q_loss, q_exact = score(model, heldout)
-        record(f"W{bits} g{group_size}", "quantized", "-", q_loss, q_exact, origin)
-        tuned, _, seconds = train_lora(model, train, args)
-        lora_loss, lora_exact = score(tuned, heldout)
-        gap = q_loss - fp_loss
-        closed = f"gap closed {1 - (lora_loss - fp_lora_loss) / gap:.0%}" if gap > 0 else "no gap"
-        record(f"W{bits} g{group_size}", "quantized + LoRA", f"{adapter_bpw:.3f}", lora_loss, lora_exact,
-               f"{closed}; {lora_loss - fp_lora_loss:+.3f} vs fp + LoRA; {seconds:.0f} s training")  # fmt: skip
-        del model, tuned
+        for init in inits:
+            start = time.perf_counter()
+            if name in saved:
+                model = AutoModelForCausalLM.from_pretrained(saved[name])
+                origin = f"saved {saved[name]}"
+            else:
+                model = load(HfQuantConfig(**settings))
+                origin = f"{time.perf_counter() - start:.0f} s quantization"
+            q_loss, q_exact = score(model, heldout)
+            if init == inits[0]:
+                record(f"W{bits} g{group_size}", "quantized", "-", q_loss, q_exact, origin)
+            tuned, _, seconds = train_lora(model, train, args, init_fns[init])
+            lora_loss, lora_exact = score(tuned, heldout)
+            gap = q_loss - fp_loss
+            closed = f"gap closed {1 - (lora_loss - fp_lora_loss) / gap:.0%}" if gap > 0 else "no gap"
+            label = "quantized + LoRA" + ("" if init == "peft" else f" ({init} init)")
+            untrained = f"; loss {init_loss.pop(init):.3f} after the init alone" if init in init_loss else ""
+            record(f"W{bits} g{group_size}", label, f"{adapter_bpw:.3f}", lora_loss, lora_exact,
+                   f"{closed}; {lora_loss - fp_lora_loss:+.3f} vs fp + LoRA; {seconds:.0f} s training{untrained}")  # fmt: skip
+            del model, tuned
         if args.tacq:
             fraction = adapter_bpw / KEPT_WEIGHT_BITS
             model = load(HfQuantConfig(**settings, outlier_fraction=fraction, saliency="tacq", task_dataset=train_rows))

@@ -176,3 +176,45 @@ def test_input_gradient_through_triton_kernel():
     g = torch.randn_like(y)
     y.backward(g)
     torch.testing.assert_close(x.grad, g @ layer.dequantize(), rtol=1e-4, atol=1e-4)
+
+
+def test_init_from_quantization_error_at_full_rank_gives_back_the_full_precision_model(tiny_llama_dir, quantized_dir):
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    full_rank = max(m.in_features for m in reference.modules() if isinstance(m, nn.Linear))
+    model = AutoModelForCausalLM.from_pretrained(quantized_dir)
+    model = get_peft_model(model, register(LoraConfig(r=full_rank, target_modules=TARGETS))).eval()
+    ids = input_ids(shape=(2, 16))
+    scales = hfquant.lora.input_scales(reference, ids, TARGETS)
+    captured = hfquant.lora.init_from_quantization_error(model, reference, scales)
+    assert len(captured) == 7 * reference.config.num_hidden_layers
+    assert all(share > 0.999 for share in captured.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_init_from_quantization_error_brings_a_low_rank_adapter_closer(tiny_llama_dir, quantized_dir, weighted):
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    ids = input_ids(shape=(2, 16))
+    model = peft_model(quantized_dir).eval()  # PEFT's init: B = 0, the quantized base's output
+    with torch.no_grad():
+        target = reference(ids).logits
+        before = (model(ids).logits - target).pow(2).mean()
+        scales = hfquant.lora.input_scales(reference, ids, TARGETS) if weighted else None
+        captured = hfquant.lora.init_from_quantization_error(model, reference, scales)
+        after = (model(ids).logits - target).pow(2).mean()
+    assert all(0 < share < 1 for share in captured.values())
+    assert after < 0.9 * before
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_init_from_quantization_error_names_what_is_missing(tiny_llama_dir, quantized_dir):
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    plain = AutoModelForCausalLM.from_pretrained(quantized_dir)
+    with pytest.raises(ValueError, match="no LoRA adapter 'default' on a quantized layer"):
+        hfquant.lora.init_from_quantization_error(plain, reference)
+    model = peft_model(quantized_dir)
+    with pytest.raises(ValueError, match="the reference model has no linear 'model.layers.0.self_attn.q_proj'"):
+        hfquant.lora.init_from_quantization_error(model, nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"no nn.Linear of the model ends in one of \['nope'\]"):
+        hfquant.lora.input_scales(reference, input_ids(shape=(1, 8)), ["nope"])
