@@ -905,10 +905,11 @@ def main() -> None:
         run_section(args.section, args.out, args.smoke, regimes)
         return
     records = []
+    for name in SECTIONS:  # every section's, not only those run: a later section reads this run's tune only
+        (args.out / f"{name}.json").unlink(missing_ok=True)
+        (args.out / f"{name}.progress").unlink(missing_ok=True)
     with (args.out / "gpu.log").open("a") as log:
         for name in args.sections:
-            (args.out / f"{name}.json").unlink(missing_ok=True)
-            (args.out / f"{name}.progress").unlink(missing_ok=True)
             record = (
                 run_section(name, args.out, True, regimes)
                 if args.smoke
