@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfquant import HfQuantConfig
 from hfquant.calibration import mix_windows
-from hfquant.config import DEFAULT_E2E_EPOCHS
+from hfquant.config import DEFAULT_E2E_EPOCHS, DEFAULT_HESSIAN_SHRINK
 from hfquant.export.gguf import save_gguf
 from hfquant.export.llamacpp import llamacpp_perplexity, llamacpp_source, llamacpp_tool
 from hfquant.models import default_model_path
@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-epochs", default=str(DEFAULT_E2E_EPOCHS),
                         help="comma-separated end-to-end tuning epochs, one solved row each (e.g. 0,2; "
                              "default: the library's)")
-    parser.add_argument("--hessian-shrink", default="0",
-                        help="comma-separated HfQuantConfig(hessian_shrink=...) values, one solved row each (e.g. 0,0.3)")
+    parser.add_argument("--hessian-shrink", default=str(DEFAULT_HESSIAN_SHRINK),
+                        help="comma-separated HfQuantConfig(hessian_shrink=...) values, one solved row each (e.g. 0,0.3; "
+                             "default: the library's)")
     parser.add_argument("--pure", action="store_true",
                         help="also llama-quantize --pure (with and without the imatrix), embedding and output in Q8_0: "
                              "the layout hfquant writes, for a same-size comparison")

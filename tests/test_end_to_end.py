@@ -65,7 +65,9 @@ def test_bad_arguments_are_named(pair) -> None:
 
 def test_quantize_with_e2e_epochs_tunes_against_the_full_precision_copy(tiny_llama_dir) -> None:
     teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    settings = dict(bits=2, group_size=32, method="gptq", blockwise_epochs=0, **TINY_CALIBRATION)
+    # The unshrunk solve leaves the tiny model's grids far enough from the teacher on random windows
+    # for tuning on 4 calibration windows to show there too (shrunk, both are within 2% there).
+    settings = dict(bits=2, group_size=32, method="gptq", blockwise_epochs=0, hessian_shrink=0.0, **TINY_CALIBRATION)
     plain = AutoModelForCausalLM.from_pretrained(
         tiny_llama_dir, quantization_config=HfQuantConfig(**settings, e2e_epochs=0)
     )
