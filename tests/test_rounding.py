@@ -76,7 +76,7 @@ def test_quantize_with_learned_rounding_reloads_bit_identical(tiny_llama_dir, tm
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     assert again.config.quantization_config.learned_rounding is True
     card = (tmp_path / "q" / "README.md").read_text()
-    assert "decoupleQ + learned rounding + block-wise minimization (1 epochs)" in card
+    assert "decoupleQ (Hessian shrunk 0.3 toward its diagonal) + learned rounding + block-wise minimization (1 epochs)" in card
     assert "- learned-rounding" in card  # a tag
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
