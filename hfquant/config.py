@@ -290,6 +290,12 @@ class HfQuantConfig(QuantizationConfigMixin):
             or bool(self.e2e_epochs)
         )
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """A saved config; one written before a field existed gets the value its quantization used
+        (``hessian_shrink``: 0, no shrinkage), not today's default, so it still says what was done."""
+        return super().from_dict({"hessian_shrink": 0.0, **config_dict}, return_unused_kwargs, **kwargs)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: a calibration set given as objects is recorded by description only."""
         out = {k: v for k, v in self.__dict__.items() if k not in _RUNTIME_ONLY}

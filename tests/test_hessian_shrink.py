@@ -60,3 +60,11 @@ def test_the_config_reaches_the_solve_and_reloads(tiny_llama_dir, tmp_path):
     assert "decoupleQ (Hessian shrunk 0.9 toward its diagonal)" in (tmp_path / "README.md").read_text()
     ids = torch.arange(1, 17)[None]
     assert torch.equal(again(ids).logits, shrunk(ids).logits)
+
+
+def test_a_config_saved_before_the_field_existed_reads_as_unshrunk():
+    saved = HfQuantConfig(bits=2).to_dict()
+    assert saved["hessian_shrink"] == 0.3  # today's default is written out
+    del saved["hessian_shrink"]
+    assert HfQuantConfig.from_dict(saved).hessian_shrink == 0.0
+    assert HfQuantConfig.from_dict({**saved, "hessian_shrink": 0.5}).hessian_shrink == 0.5
