@@ -31,6 +31,7 @@ initializations (:func:`hfquant.lora.init_from_quantization_error`), a LoRA row 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -183,14 +184,12 @@ def main() -> None:
         train_rows, heldout_rows = facts_split(args.holdout or 48, args.seed)
         train = task_batches(train_rows, tokenizer, len(train_rows), 512, batch_size=args.batch_size)
         heldout = task_batches(heldout_rows, tokenizer, len(heldout_rows), 512, batch_size=args.batch_size)
-        train_tokens = [ids[mask.bool()] for b in train for ids, mask in zip(b.input_ids, b.attention_mask, strict=True)]
         task_text = (f"hfquant facts as chat, {len(train_rows)} training and {len(heldout_rows)} held-out questions "
                      f"(seed {args.seed}), loss on answer tokens; `exact` = every answer token and the end of turn is "
                      "the argmax under teacher forcing")  # fmt: skip
     else:
         train_ids, heldout_ids = code_split(tokenizer, args.holdout or 16, args.train_windows, args.seed, args.train_seqlen)
         train_rows = [tokenizer.decode(w) for w in train_ids]  # TaCQ's task examples
-        train_tokens = list(train_ids)
         train = batches_from_ids(train_ids, args.batch_size)
         heldout = batches_from_ids(heldout_ids, args.batch_size)
         task_text = (f"Python code, {len(heldout_ids)} held-out 512-token windows (the yardstick's python-code "
@@ -228,7 +227,8 @@ def main() -> None:
     record("fp32", "full precision + LoRA", f"{adapter_bpw:.3f}", fp_lora_loss, fp_lora_exact, f"{seconds:.0f} s training")
     del full, tuned
     reference = load() if set(inits) - {"peft"} else None  # what the error-based inits approximate
-    scales = hfquant.lora.input_scales(reference, train_tokens[:64], TARGETS) if "scaled-error" in inits else None
+    scale_batches = train[: max(1, 64 // args.batch_size)]  # about 64 training examples
+    scales = hfquant.lora.input_scales(reference, scale_batches, TARGETS) if "scaled-error" in inits else None
     init_loss: dict[str, float] = {}  # held-out loss right after an error-based init, before training
 
     def init_with(kind: str):
@@ -245,17 +245,17 @@ def main() -> None:
         settings = dict(bits=bits, group_size=group_size, method=args.method, dataset="mix", nsamples=args.nsamples,
                         blockwise_epochs=args.blockwise_epochs, e2e_epochs=0,  # as the TaCQ row, which excludes it
                         tokenizer=tokenizer)  # fmt: skip
+        start = time.perf_counter()
+        if name in saved:
+            quantized = AutoModelForCausalLM.from_pretrained(saved[name])
+            origin = f"saved {saved[name]}"
+        else:
+            quantized = load(HfQuantConfig(**settings))
+            origin = f"{time.perf_counter() - start:.0f} s quantization"
+        q_loss, q_exact = score(quantized, heldout)
+        record(f"W{bits} g{group_size}", "quantized", "-", q_loss, q_exact, origin)
         for init in inits:
-            start = time.perf_counter()
-            if name in saved:
-                model = AutoModelForCausalLM.from_pretrained(saved[name])
-                origin = f"saved {saved[name]}"
-            else:
-                model = load(HfQuantConfig(**settings))
-                origin = f"{time.perf_counter() - start:.0f} s quantization"
-            q_loss, q_exact = score(model, heldout)
-            if init == inits[0]:
-                record(f"W{bits} g{group_size}", "quantized", "-", q_loss, q_exact, origin)
+            model = copy.deepcopy(quantized)  # PEFT wraps the model in place: each init gets its own copy
             tuned, _, seconds = train_lora(model, train, args, init_fns[init])
             lora_loss, lora_exact = score(tuned, heldout)
             gap = q_loss - fp_loss
@@ -265,6 +265,7 @@ def main() -> None:
             record(f"W{bits} g{group_size}", label, f"{adapter_bpw:.3f}", lora_loss, lora_exact,
                    f"{closed}; {lora_loss - fp_lora_loss:+.3f} vs fp + LoRA; {seconds:.0f} s training{untrained}")  # fmt: skip
             del model, tuned
+        del quantized
         if args.tacq:
             fraction = adapter_bpw / KEPT_WEIGHT_BITS
             model = load(HfQuantConfig(**settings, outlier_fraction=fraction, saliency="tacq", task_dataset=train_rows))

@@ -32,7 +32,9 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+from hfquant.driver.kept import task_statistics
 from hfquant.formats import QuantizedLinear
+from hfquant.task_data import TaskBatch, batches_from_ids
 
 
 class QuantizedLoraLinear(LoraLinear):
@@ -70,35 +72,19 @@ def register(config: LoraConfig | str | os.PathLike) -> LoraConfig:
     return config
 
 
-@torch.no_grad()
 def input_scales(
-    model: nn.Module, input_ids: torch.Tensor | list[torch.Tensor], targets: list[str]
+    model: nn.Module, data: torch.Tensor | list[TaskBatch], targets: list[str]
 ) -> dict[str, torch.Tensor]:
     """Root mean square of each input channel of every linear whose name ends in one of ``targets``,
-    over the tokens of ``input_ids`` ([n, seqlen], or a list of 1-D token tensors) run through
-    ``model`` one window at a time (the
-    diagonal of the layer's input Hessian, square-rooted: what llama.cpp's importance matrix holds)."""
-    sums: dict[str, torch.Tensor] = {}
-    tokens = {"n": 0}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-
-            def hook(_module: nn.Module, args: tuple, name: str = name) -> None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
-
-            handles.append(module.register_forward_pre_hook(hook))
-    if not handles:
+    over the tokens of ``data`` (``[n, seqlen]`` token windows, or task batches, whose padding is
+    left out) run through ``model``: the diagonal of the layer's input Hessian, square-rooted (what
+    llama.cpp's importance matrix holds), collected by the pass that scores TaCQ's baselines."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+    if not linears:
         raise ValueError(f"no nn.Linear of the model ends in one of {targets}")
-    try:
-        for window in input_ids:
-            model(window[None].to(next(model.parameters()).device))
-            tokens["n"] += window.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: (total / tokens["n"]).sqrt() for name, total in sums.items()}
+    batches = batches_from_ids(data, 1) if isinstance(data, torch.Tensor) else data
+    _, diag = task_statistics(model, linears, batches, gradients=False, hessian_diag=True)
+    return {name: d.sqrt() for name, d in diag.items()}
 
 
 @torch.no_grad()
@@ -131,8 +117,8 @@ def init_from_quantization_error(
             weight = reference.get_submodule(ref_name).weight.detach().float()
         except AttributeError as err:
             raise ValueError(f"the reference model has no linear {ref_name!r} for adapter layer {name!r}") from err
-        base = module.get_base_layer()
-        error = weight.to(base.dequantize().device) - base.dequantize().float()
+        w_hat = module.get_base_layer().dequantize().float()
+        error = weight.to(w_hat.device) - w_hat
         scale = torch.ones(error.shape[1]) if scales is None else scales[ref_name].float()
         scale = scale.to(error.device).clamp(min=torch.finfo(torch.float32).tiny)
         u, s, vh = torch.linalg.svd(error * scale, full_matrices=False)
