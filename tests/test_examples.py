@@ -41,7 +41,8 @@ def test_push_to_hub_example(tiny_chat_model_dir, tmp_path, monkeypatch, capsys,
 
 
 def test_finetune_lora_example(tiny_chat_model_dir, tmp_path):
-    """LoRA through PEFT and the Trainer on a saved W2 checkpoint (quantized here with RTN: fast)."""
+    """LoRA through PEFT and the Trainer on a saved W2 checkpoint (quantized here with RTN: fast), the
+    adapters started at the quantization error."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hfquant import HfQuantConfig
@@ -51,6 +52,10 @@ def test_finetune_lora_example(tiny_chat_model_dir, tmp_path):
         tiny_chat_model_dir, quantization_config=HfQuantConfig(bits=2, group_size=64, method="rtn")
     )
     save_quantized(model, tmp_path / "w2", AutoTokenizer.from_pretrained(tiny_chat_model_dir))
-    printed = run("finetune_lora.py", str(tmp_path / "w2"), "--out", str(tmp_path / "adapter"), "--steps", "3")
+    printed = run(
+        "finetune_lora.py", str(tmp_path / "w2"), "--out", str(tmp_path / "adapter"), "--steps", "3",
+        "--init-from", str(tiny_chat_model_dir),
+    )  # fmt: skip
+    assert "adapters start at the quantization error" in printed
     assert "training loss:" in printed and "identical logits" in printed
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
