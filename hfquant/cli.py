@@ -78,6 +78,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         seqlen=args.seqlen,
         outlier_fraction=args.outlier_fraction,
         saliency=args.saliency,
+        saliency_grid=args.saliency_grid,
         outlier_scope=args.outlier_scope,
         task_dataset=args.task_dataset,
         blockwise_epochs=args.blockwise_epochs,
@@ -341,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="task examples the kept weights are chosen on: a text file/folder or a .jsonl of chat "
         "examples ({'messages': [...]} or {'question', 'answer'}); default: --dataset",
     )
-    q.add_argument("--saliency", default="tacq", help="tacq, magnitude or hessian")
+    q.add_argument("--saliency", default="tacq", help="tacq, tacq_fisher, magnitude or hessian")
+    q.add_argument(
+        "--saliency-grid", default="rtn", help="rtn or solved: the quantized weights the saliency contrasts with"
+    )
     q.add_argument(
         "--outlier-scope", default=None, help="layer or global (default: global for tacq, layer otherwise)"
     )

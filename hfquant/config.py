@@ -13,7 +13,9 @@ SUPPORTED_BITS = (2, 3, 4)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1, 0)
 SUPPORTED_METHODS = ("rtn", "gptq", "decoupleq", "inq")
 MAX_SPLIT_CLUSTERS = 8  # cluster indices take at most 3 bits per weight
-SUPPORTED_SALIENCIES = ("tacq", "magnitude", "hessian")
+SUPPORTED_SALIENCIES = ("tacq", "tacq_fisher", "magnitude", "hessian")
+LOSS_UNIT_SALIENCIES = ("tacq", "tacq_fisher")  # comparable across layers: ranked globally by default
+SUPPORTED_SALIENCY_GRIDS = ("rtn", "solved")
 SUPPORTED_OUTLIER_SCOPES = ("layer", "global")
 SUPPORTED_GGUF_TYPES = (None, "q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k")
 DEFAULT_HESSIAN_SHRINK = 0.3  # Hessian shrinkage toward its diagonal (see hessian_shrink)
@@ -53,10 +55,18 @@ class HfQuantConfig(QuantizationConfigMixin):
             0.0035 to 0.01; 0 keeps none.
         saliency: how kept weights are chosen: ``"tacq"`` (task-loss gradient times the change
             quantization makes, see :mod:`hfquant.algorithms.tacq`), ``"magnitude"`` (largest
-            ``|W|``) or ``"hessian"`` (largest ``diag(H) * (W - W_hat)^2``).
+            ``|W|``), ``"hessian"`` (largest ``diag(H) * (W - W_hat)^2``) or ``"tacq_fisher"``
+            (TaCQ with the second-order term of the loss change added to its first-order one:
+            ``|G (Q(W) - W)| + F (Q(W) - W)^2 / 2``, ``F`` the task gradients' squares, i.e. the
+            Hessian's activation-weighted error in the task loss's units).
+        saliency_grid: which ``Q(W)`` the saliency contrasts with ``W``: ``"rtn"`` (the layer
+            rounded to nearest on its min-max grid: data-free, the TaCQ paper's uniform
+            quantizer) or ``"solved"`` (the solver's own result: a first pass of the configured
+            solver without kept weights or block-wise minimization, then selection, then the
+            real pass; about one more solve per layer).
         outlier_scope: ``"layer"`` keeps ``outlier_fraction`` of every layer; ``"global"`` ranks
             all layers' weights together (some layers then keep many more than others). Default:
-            ``"global"`` for ``saliency="tacq"``, whose scores estimate the task-loss change in the
+            ``"global"`` for ``saliency="tacq"`` and ``"tacq_fisher"``, whose scores estimate the task-loss change in the
             same unit in every layer (measured on the default model at W3 g64, 2 seeds: fact QA
             21.5% vs 20.3% per layer, code perplexity 20.85 vs 21.14; ``benchmarks/RESULTS.md``), and
             ``"layer"`` for the baselines, whose scores do not compare across layers.
@@ -135,6 +145,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         outlier_fraction: float = 0.0,
         saliency: str = "tacq",
+        saliency_grid: str = "rtn",
         outlier_scope: str | None = None,
         task_dataset: Any = None,
         damp: float = 0.01,
@@ -168,7 +179,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         )
         self.outlier_fraction = outlier_fraction
         self.saliency = saliency
-        self.outlier_scope = outlier_scope or ("global" if saliency == "tacq" else "layer")
+        self.saliency_grid = saliency_grid
+        self.outlier_scope = outlier_scope or ("global" if saliency in LOSS_UNIT_SALIENCIES else "layer")
         self.task_dataset = task_dataset
         self.damp = damp
         self.hessian_shrink = hessian_shrink
@@ -197,6 +209,12 @@ class HfQuantConfig(QuantizationConfigMixin):
         _check_choice("group_size", self.group_size, SUPPORTED_GROUP_SIZES)
         _check_choice("method", self.method, SUPPORTED_METHODS)
         _check_choice("saliency", self.saliency, SUPPORTED_SALIENCIES)
+        _check_choice("saliency_grid", self.saliency_grid, SUPPORTED_SALIENCY_GRIDS)
+        if self.saliency_grid == "solved" and self.method not in ("gptq", "decoupleq"):
+            raise ValueError(
+                f"saliency_grid='solved' needs method='gptq' or 'decoupleq' (a solver to run first), got "
+                f"method={self.method!r}; with rtn the solved grid is the round-to-nearest one: use saliency_grid='rtn'"
+            )
         _check_choice("outlier_scope", self.outlier_scope, SUPPORTED_OUTLIER_SCOPES)
         _check_int("split_clusters", self.split_clusters, minimum=0)
         if self.split_clusters > MAX_SPLIT_CLUSTERS:

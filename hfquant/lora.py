@@ -83,7 +83,7 @@ def input_scales(
     if not linears:
         raise ValueError(f"no nn.Linear of the model ends in one of {targets}")
     batches = batches_from_ids(data, 1) if isinstance(data, torch.Tensor) else data
-    _, diag = task_statistics(model, linears, batches, gradients=False, hessian_diag=True)
+    diag = task_statistics(model, linears, batches, gradients=False, hessian_diag=True).hessian_diag
     return {name: d.sqrt() for name, d in diag.items()}
 
 

@@ -74,6 +74,24 @@ def test_tacq_formula_matches_the_paper():
     assert torch.equal(saliency_scores("tacq", w, 3, 32, gradient=g), expected)
 
 
+def test_scores_against_a_given_solve_and_the_fisher_term():
+    """``quantized`` replaces round-to-nearest as ``Q(W)``; ``tacq_fisher`` adds ``F dW^2 / 2`` to QAL."""
+    torch.manual_seed(0)
+    w, g, f = torch.randn(4, 32), torch.randn(4, 32), torch.rand(4, 32)
+    solved = w + 0.1 * torch.randn(4, 32)
+    solved[0] = w[0]  # a row the solve holds exactly: nothing to keep there
+    change = solved - w
+    tacq = saliency_scores("tacq", w, 3, 32, gradient=g, quantized=solved)
+    assert torch.equal(tacq, (g * change).abs() * (w * g).abs())
+    assert (tacq[0] == 0).all()
+    hybrid = saliency_scores("tacq_fisher", w, 3, 32, gradient=g, squared_gradient=f, quantized=solved)
+    torch.testing.assert_close(hybrid, ((g * change).abs() + 0.5 * f * change.pow(2)) * (w * g).abs())
+    zero_f = saliency_scores("tacq_fisher", w, 3, 32, gradient=g, squared_gradient=torch.zeros_like(f))
+    assert torch.equal(zero_f, saliency_scores("tacq", w, 3, 32, gradient=g))
+    hessian = saliency_scores("hessian", w, 3, 32, hessian_diag=f[0], quantized=solved)
+    assert torch.equal(hessian, f[0][None, :] * change.pow(2))
+
+
 def test_planted_weight_is_selected():
     torch.manual_seed(0)
     w = torch.randn(32, 64) * 0.02
@@ -122,24 +140,31 @@ def test_gradients_sum_absolute_per_example_values(tiny_chat_model_dir, tokenize
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir).eval()
     linears = linears_to_convert(model, ["lm_head"])
     ids = torch.randint(0, len(tokenizer), (3, 16), generator=torch.Generator().manual_seed(0))
-    summed, _ = task_statistics(model, linears, batches_from_ids(ids, 3), gradients=True, hessian_diag=False)
+    stats = task_statistics(
+        model, linears, batches_from_ids(ids, 3), gradients=True, hessian_diag=False, squared_gradients=True
+    )
     direct = {name: torch.zeros_like(m.weight) for name, m in linears.items()}
+    squares = {name: torch.zeros_like(m.weight) for name, m in linears.items()}
     for i in range(3):  # plain autograd, one example at a time
         model.zero_grad()
         model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss.backward()
         for name, m in linears.items():
             direct[name] += m.weight.grad.abs()
+            squares[name] += m.weight.grad.pow(2)
     model.zero_grad()
+    assert not stats.hessian_diag
     for name in linears:
-        torch.testing.assert_close(summed[name], direct[name], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(stats.gradients[name], direct[name], rtol=1e-4, atol=1e-7)
+        # tacq_fisher's F: the per-example squares, not the square of the sum
+        torch.testing.assert_close(stats.squared_gradients[name], squares[name], rtol=1e-4, atol=1e-12)
     assert all(p.requires_grad for p in model.parameters())  # flags restored
     assert not model.is_activation_checkpointing and not model.training
     # Chat examples of different lengths: right padding in a shared batch changes nothing.
     padded = task_batches(QA, tokenizer, nsamples=4, seqlen=64, batch_size=4)
     single = task_batches(QA, tokenizer, nsamples=4, seqlen=64, batch_size=1)
     assert (padded[0].attention_mask == 0).any()
-    one, _ = task_statistics(model, linears, padded, gradients=True, hessian_diag=False)
-    two, _ = task_statistics(model, linears, single, gradients=True, hessian_diag=False)
+    one = task_statistics(model, linears, padded, gradients=True, hessian_diag=False).gradients
+    two = task_statistics(model, linears, single, gradients=True, hessian_diag=False).gradients
     for name in linears:
         torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-7)
 
@@ -201,6 +226,56 @@ def test_baselines_and_global_scope(tiny_chat_model_dir, tokenizer, saliency):
         assert all(float(linears[n].weight.detach().abs()[~m].max()) <= threshold for n, m in masks.items())
 
 
+def test_solved_grid_scores_against_the_solvers_own_result(tiny_chat_model_dir, tokenizer):
+    """``saliency_grid="solved"``: the first pass is the configured solver without kept weights or
+    block-wise minimization, on a copy (the model is untouched), and its weights are what the
+    saliency contrasts with; the result saves and reloads bit-identical."""
+    from hfquant.driver.sequential import calibration_ids, first_solve
+
+    fp = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir).eval()
+    before = {k: v.clone() for k, v in fp.state_dict().items()}
+    linears = linears_to_convert(fp, ["lm_head"])
+    config = _config(method="decoupleq", decoupleq_iters=1, outlier_fraction=0.02, task_dataset=QA,
+                     saliency_grid="solved", tokenizer=tokenizer)  # fmt: skip
+    ids = calibration_ids(fp, config, tokenizer)
+    solved = first_solve(fp, linears, ids, config, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in fp.state_dict().items())
+    plain = _quantize(tiny_chat_model_dir, tokenizer, method="decoupleq", decoupleq_iters=1, blockwise_epochs=0,
+                      e2e_epochs=0)  # fmt: skip
+    for name, m in plain.named_modules():
+        if isinstance(m, DecoupledLinear):
+            assert torch.equal(solved[name], m.dequantize(torch.float32))
+    # The masks are TaCQ's scores against that solve, not against round-to-nearest.
+    expected = choose_kept(fp, linears, config, tokenizer, ids, lambda: dict(solved))
+    rtn_masks = choose_kept(fp, linears, _config(outlier_fraction=0.02, task_dataset=QA), tokenizer, ids)
+    assert any(not torch.equal(expected[n], rtn_masks[n]) for n in expected)
+    model = _quantize(tiny_chat_model_dir, tokenizer, method="decoupleq", decoupleq_iters=1, outlier_fraction=0.02,
+                      task_dataset=QA, saliency_grid="solved")  # fmt: skip
+    for name, m in model.named_modules():
+        if isinstance(m, DecoupledLinear):
+            rows, cols = m.kept_positions()
+            mask = torch.zeros(m.out_features, m.in_features, dtype=torch.bool)
+            mask[rows, cols] = True
+            assert torch.equal(mask, expected[name]), name
+
+
+def test_solved_grid_reloads_bit_identical(tiny_chat_model_dir, tokenizer, tmp_path):
+    from hfquant.export import save_quantized
+
+    model = _quantize(tiny_chat_model_dir, tokenizer, method="decoupleq", decoupleq_iters=1, outlier_fraction=0.02,
+                      saliency="tacq_fisher", task_dataset=QA, saliency_grid="solved")  # fmt: skip
+    ids = _ids(tokenizer)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    save_quantized(model, tmp_path / "q", tokenizer)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert reloaded.config.quantization_config.saliency_grid == "solved"
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert "tacq_fisher kept weights (scored against a first solve)" in card
+
+
 def test_rtn_with_magnitude_needs_no_data_and_keeps_weights(tiny_chat_model_dir):
     config = HfQuantConfig(bits=2, group_size=32, method="rtn", outlier_fraction=0.01, saliency="magnitude")
     assert not config.needs_calibration
@@ -217,9 +292,14 @@ def test_rtn_with_magnitude_needs_no_data_and_keeps_weights(tiny_chat_model_dir)
 
 def test_config_fields_validated():
     with pytest.raises(
-        ValueError, match=r"saliency must be one of \['tacq', 'magnitude', 'hessian'\], got 'fisher'"
+        ValueError, match=r"saliency must be one of \['tacq', 'tacq_fisher', 'magnitude', 'hessian'\], got 'fisher'"
     ):
         HfQuantConfig(saliency="fisher")
+    with pytest.raises(ValueError, match=r"saliency_grid must be one of \['rtn', 'solved'\], got 'gptq'"):
+        HfQuantConfig(saliency_grid="gptq")
+    with pytest.raises(ValueError, match=r"saliency_grid='solved' needs method='gptq' or 'decoupleq'.*got method='rtn'"):
+        HfQuantConfig(method="rtn", saliency_grid="solved")
+    assert HfQuantConfig(saliency="tacq_fisher").outlier_scope == "global"
     # TaCQ's scores are task-loss estimates, comparable across layers; the baselines' are not.
     assert HfQuantConfig(saliency="tacq").outlier_scope == "global"
     assert HfQuantConfig(saliency="magnitude").outlier_scope == "layer"

@@ -14,10 +14,19 @@ Saliency of weight ``W_ij`` of a linear layer (``saliency="tacq"``), as in the p
   code perplexity 23.10 -> 20.85 and fact QA 20.0% -> 21.5%. QAL is the first-order (attribution
   patching) estimate of how much the loss moves when ``W_ij`` moves to its quantized value; MSG,
   the first-order effect of removing the weight, sharpens it towards weights that matter at all.
-* ``Q(W)``: the layer quantized uniformly, i.e. round-to-nearest on its min-max grid at the
-  configured ``bits`` and ``group_size`` -- the paper's "uniformly quantized model" that the
-  full-precision one is contrasted with. It is data-free, so all layers' scores exist before the
-  sequential pass and can be ranked together (``outlier_scope="global"``).
+* ``Q(W)``: by default (``saliency_grid="rtn"``) the layer quantized uniformly, i.e.
+  round-to-nearest on its min-max grid at the configured ``bits`` and ``group_size`` -- the
+  paper's "uniformly quantized model" that the full-precision one is contrasted with. It is
+  data-free, so all layers' scores exist before the sequential pass and can be ranked together
+  (``outlier_scope="global"``). With ``saliency_grid="solved"`` it is the solver's own result
+  (the driver runs a first pass of GPTQ or decoupleQ without kept weights, selects, and
+  quantizes again), as the paper scores against GPTQ's weights; departure: the first pass skips
+  block-wise minimization, whose float changes come after the selection anyway.
+* ``"tacq_fisher"`` (a hybrid with the Hessian's activation-weighted error): QAL's first-order
+  loss change ``|G (Q(W) - W)|`` plus the second-order term ``F (Q(W) - W)^2 / 2``, where
+  ``F = sum_n (dL_n/dW)^2`` is the empirical Fisher diagonal -- per example the squared output
+  gradient times the squared input activation, i.e. ``diag(H)``'s activation-weighted error in the
+  task loss's units, so the scores still rank across layers. The product with MSG is kept.
 
 Baselines at the same budget:
 
@@ -54,17 +63,27 @@ def saliency_scores(
     group_size: int,
     gradient: torch.Tensor | None = None,
     hessian_diag: torch.Tensor | None = None,
+    squared_gradient: torch.Tensor | None = None,
+    quantized: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Score of every weight (float32 ``[out, in]``, higher = keep); see the module docstring."""
+    """Score of every weight (float32 ``[out, in]``, higher = keep); see the module docstring.
+
+    ``quantized`` is ``Q(W)`` (the solver's dequantized result, ``saliency_grid="solved"``);
+    ``None`` rounds ``weight`` to nearest on its min-max grid."""
     w = weight.detach().float()
     if kind == "magnitude":
         return w.abs()
-    change = quantization_change(w, bits, group_size)
+    if quantized is None:
+        change = quantization_change(w, bits, group_size)
+    else:
+        change = quantized.float() - w
     if kind == "hessian":
         return hessian_diag.float()[None, :] * change.pow(2)
     if kind == "tacq":
         return (gradient * change).abs() * (w * gradient).abs()
-    raise ValueError(f"saliency must be one of ['tacq', 'magnitude', 'hessian'], got {kind!r}")
+    if kind == "tacq_fisher":
+        return ((gradient * change).abs() + 0.5 * squared_gradient * change.pow(2)) * (w * gradient).abs()
+    raise ValueError(f"saliency must be one of ['tacq', 'tacq_fisher', 'magnitude', 'hessian'], got {kind!r}")
 
 
 def select_kept(

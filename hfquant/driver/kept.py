@@ -1,15 +1,19 @@
 """Choosing the kept 16-bit weights (TaCQ and its baselines) on the full-precision model.
 
 The scores and the selection are pure (:mod:`hfquant.algorithms.tacq`); this module runs the model
-to collect what they need: ``G = sum_n |dL_n/dW|`` over the task examples and ``diag(E[x x^T])``
-of each linear's inputs. Memory: gradients live in the weights' ``.grad`` (one float tensor per
-quantized weight, the size of the model) and their running sum of absolute values (another), with
+to collect what they need: ``G = sum_n |dL_n/dW|`` over the task examples (and for
+``tacq_fisher`` ``F = sum_n (dL_n/dW)^2``) and ``diag(E[x x^T])`` of each linear's inputs. With
+``saliency_grid="solved"`` the scores contrast ``W`` with the solver's result, which the driver
+passes in (``solved``). Memory: gradients live in the weights' ``.grad`` (one float tensor per
+quantized weight, the size of the model) and their running sums (one more per statistic), with
 gradient checkpointing where the model supports it, so activations stay at one block's worth per
 example.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,15 +26,25 @@ from hfquant.driver.blocks import execution_device
 from hfquant.task_data import IGNORE, TaskBatch, batches_from_ids, single_examples, task_batches
 
 
+@dataclass
+class TaskStatistics:
+    """What :func:`task_statistics` collected, by linear name (empty where not asked for)."""
+
+    gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # sum_n |dL_n/dW|
+    squared_gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # sum_n (dL_n/dW)^2
+    hessian_diag: dict[str, torch.Tensor] = field(default_factory=dict)  # diag(E[x x^T]) of the inputs
+
+
 def task_statistics(
     model: nn.Module,
     linears: dict[str, nn.Linear],
     batches: list[TaskBatch],
     gradients: bool,
     hessian_diag: bool,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``sum_n |dL_n/dW|`` of every linear (``gradients``) and ``diag(E[x x^T])`` of its inputs
-    (``hessian_diag``).
+    squared_gradients: bool = False,
+) -> TaskStatistics:
+    """``sum_n |dL_n/dW|`` of every linear (``gradients``), ``sum_n (dL_n/dW)^2``
+    (``squared_gradients``, computed with them) and ``diag(E[x x^T])`` of its inputs (``hessian_diag``).
 
     ``L_n`` is the mean token loss of example ``n`` (one backward each, whatever the batching), so
     weights that two examples pull in opposite directions still count for both. Only the linears'
@@ -38,15 +52,18 @@ def task_statistics(
     gradient-checkpointing setting are restored after.
     """
     device = execution_device(model)
+    gradients = gradients or squared_gradients
     if gradients:
         batches = [one for batch in batches for one in single_examples(batch)]
         if all(int((b.labels[:, 1:] != IGNORE).sum()) == 0 for b in batches):
             raise ValueError("the task examples have no token to take the loss on")
     diag = {n: torch.zeros(m.in_features, device=m.weight.device) for n, m in linears.items()}
     counts = dict.fromkeys(linears, 0)
-    grads = (
-        {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in linears.items()} if gradients else {}
-    )
+    out = TaskStatistics()
+    if gradients:
+        out.gradients = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in linears.items()}
+    if squared_gradients:
+        out.squared_gradients = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in linears.items()}
     state = {"mask": None}  # tokens of the current batch's first forward (recomputation skipped)
 
     def make_hook(name: str):
@@ -96,7 +113,9 @@ def task_statistics(
                     (loss / max(int((batch.labels[:, 1:] != IGNORE).sum()), 1)).backward()
                     for name, m in linears.items():
                         if m.weight.grad is not None:
-                            grads[name] += m.weight.grad.abs()
+                            out.gradients[name] += m.weight.grad.abs()
+                            if squared_gradients:
+                                out.squared_gradients[name] += m.weight.grad.float().pow(2)
                             m.weight.grad = None
                 del logits
     finally:
@@ -110,7 +129,9 @@ def task_statistics(
             m.weight.grad = None
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return grads, {n: d / max(counts[n], 1) for n, d in diag.items()}
+    if hessian_diag:
+        out.hessian_diag = {n: d / max(counts[n], 1) for n, d in diag.items()}
+    return out
 
 
 def choose_kept(
@@ -119,12 +140,16 @@ def choose_kept(
     config: HfQuantConfig,
     tokenizer: Any = None,
     calibration_ids: torch.Tensor | None = None,
+    solve_first: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Bool masks of the weights of each linear kept in 16 bits, chosen on the full-precision model
     (before quantizing).
 
     The saliency data is ``config.task_dataset``, else the calibration windows ``calibration_ids``.
-    Scores need every layer's weights at once, so offloaded (``meta``) weights are refused.
+    ``solve_first`` (``saliency_grid="solved"``) returns each linear's dequantized weight after a
+    first solve, called once the task statistics are collected; ``None`` scores against
+    round-to-nearest. Scores need every layer's weights at once, so offloaded (``meta``) weights are
+    refused.
     """
     offloaded = [n for n, m in linears.items() if m.weight.device.type == "meta"]
     if offloaded:
@@ -142,11 +167,18 @@ def choose_kept(
         batches = task_batches(config.task_dataset, tokenizer, config.nsamples, config.seqlen, config.seed)
     else:
         batches = batches_from_ids(calibration_ids)
-    tacq = config.saliency == "tacq"
-    grads, diags = task_statistics(model, linears, batches, gradients=tacq, hessian_diag=not tacq)
+    hessian = config.saliency == "hessian"
+    stats = task_statistics(
+        model, linears, batches, gradients=not hessian, hessian_diag=hessian,
+        squared_gradients=config.saliency == "tacq_fisher",
+    )  # fmt: skip
+    solved = solve_first() if solve_first is not None else {}
     scores = {}
     for name, m in linears.items():
         scores[name] = saliency_scores(
-            config.saliency, m.weight, config.bits, config.group_size, grads.pop(name, None), diags.pop(name)
-        )
+            config.saliency, m.weight, config.bits, config.group_size,
+            gradient=stats.gradients.pop(name, None), hessian_diag=stats.hessian_diag.pop(name, None),
+            squared_gradient=stats.squared_gradients.pop(name, None),
+            quantized=solved.pop(name, None),
+        )  # fmt: skip
     return select_kept(scores, config.outlier_fraction, config.outlier_scope)

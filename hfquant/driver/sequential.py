@@ -1,7 +1,8 @@
 """The sequential block-by-block driver (GPTQ style), top-down.
 
 :func:`quantize_model` reads the calibration windows, chooses the kept 16-bit weights on the
-full-precision model (TaCQ, :mod:`hfquant.driver.kept`), then either rounds every linear
+full-precision model (TaCQ, :mod:`hfquant.driver.kept`; with ``saliency_grid="solved"`` against
+:func:`first_solve`, a pass of the solver over a copy), then either rounds every linear
 (``rtn``: no data) or runs :func:`quantize_blocks`: the first block's inputs are captured once;
 then, block by block, the full-precision block runs on its inputs (collecting each linear's input
 Hessian ``H = X^T X / n`` and the block's outputs as targets), each linear is solved against its
@@ -102,7 +103,9 @@ def quantize_model(
     if config.outlier_fraction > 0:
         reads_task = config.task_dataset is not None and config.saliency != "magnitude"
         task_tokenizer = resolve_tokenizer(model, config, tokenizer) if reads_task else None
-        kept = choose_kept(model, linears, config, task_tokenizer, ids)
+        scored_against_solve = config.saliency_grid == "solved" and config.saliency != "magnitude"
+        solve_first = (lambda: first_solve(model, linears, ids, config, progress)) if scored_against_solve else None
+        kept = choose_kept(model, linears, config, task_tokenizer, ids, solve_first)
     if config.method == "rtn":
         for name, linear in tqdm(linears.items(), desc="hfquant rtn", disable=not progress):
             set_module(model, name, quantize_linear(linear, None, config, kept.get(name)))
@@ -113,6 +116,22 @@ def quantize_model(
         report.e2e_validation_kl = tune_whole_model(model, teacher, ids, config, tokenizer)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def first_solve(
+    model: nn.Module, linears: dict[str, nn.Linear], ids: torch.Tensor, config: HfQuantConfig, progress: bool
+) -> dict[str, torch.Tensor]:
+    """Each linear's dequantized weight (float32) after a pass of the configured solver over a copy
+    of the model, without kept weights, learned rounding or block-wise minimization: the ``Q(W)``
+    that ``saliency_grid="solved"`` scores kept weights against. ``model`` is left as it is."""
+    copy_model = copy.deepcopy(model)
+    settings = copy.copy(config)
+    settings.outlier_fraction, settings.blockwise_epochs, settings.learned_rounding = 0.0, 0, False
+    settings.work_dir = None
+    copied = {name: copy_model.get_submodule(name) for name in linears}
+    report = QuantizationReport(config.method, config.bits, config.group_size, len(copied))
+    quantize_blocks(copy_model, copied, ids, settings, report, {}, None, progress)
+    return {name: copy_model.get_submodule(name).dequantize(torch.float32) for name in linears}
 
 
 def _offloaded(model: nn.Module) -> bool:

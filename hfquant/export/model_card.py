@@ -139,6 +139,8 @@ def _method_text(config: HfQuantConfig) -> str:
         text += f" + end-to-end tuning ({config.e2e_epochs} epochs)"
     if config.outlier_fraction > 0:
         text += f" + {config.saliency} kept weights"
+        if config.saliency != "magnitude" and config.saliency_grid == "solved":
+            text += " (scored against a first solve)"
     return text
 
 
@@ -149,7 +151,7 @@ def _calibration_text(config: HfQuantConfig) -> str:
     if data == "mix":
         data = "mix (equal shares of Book of Mormon, Jargon File and zstd C source windows)"
     text = f"{data}, {config.nsamples} windows x {config.seqlen} tokens"
-    if config.outlier_fraction > 0 and config.saliency == "tacq":
+    if config.outlier_fraction > 0 and config.saliency != "magnitude":
         task = config.task_dataset if isinstance(config.task_dataset, str | os.PathLike) else None
         text += f"; task examples: {task or ('user-supplied examples' if config.task_dataset else data)}"
     return text
