@@ -8,6 +8,7 @@ on a GPU machine that has only torch, transformers, triton and hfquant: import n
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import os
 import platform
@@ -63,6 +64,20 @@ def setup(args: argparse.Namespace) -> None:
     _record = not args.no_record
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def parse_settings(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs for HfQuantConfig; values are Python literals (``0.1``, ``True``) or strings."""
+    settings: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            settings[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            settings[key] = value
+    return settings
 
 
 def parse_config(text: str) -> tuple[int, int]:

@@ -44,6 +44,7 @@ from _common import (
     load_default,
     machine_line,
     parse_config,
+    parse_settings,
     print_table,
     setup,
 )
@@ -169,6 +170,8 @@ def main() -> None:
                              "SVD of W - W_hat), scaled-error (the SVD weighted by input-channel scales on the "
                              "training data)")
     parser.add_argument("--tacq", action="store_true", help="also TaCQ kept weights at the adapter's bits")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra HfQuantConfig field of every quantization (e.g. to match a --checkpoint's settings)")
     parser.add_argument(
         "--checkpoint", action="append", default=[], metavar="CONFIG=DIR",
         help="use a saved hfquant model for CONFIG (e.g. w2g64=DIR) instead of quantizing",
@@ -213,7 +216,8 @@ def main() -> None:
     text = (
         f"SmolLM2-135M-Instruct, {machine_line()}. Task: {task_text}. LoRA r={args.rank} on {', '.join(TARGETS)}, AdamW lr "
         f"{args.lr}, {args.steps} steps of {args.batch_size} {'questions' if args.task == 'facts' else 'windows'}. Quantization: {args.method}, "
-        f"{args.blockwise_epochs} block-wise epochs, {args.nsamples} x 512 calibration tokens of the mix. "
+        f"{args.blockwise_epochs} block-wise epochs, {args.nsamples} x 512 calibration tokens of the mix"
+        f"{', ' + ', '.join(args.set) if args.set else ''}. "
         "`gap closed` = 1 - (loss of quantized + LoRA - loss of fp + LoRA) / (loss of quantized - loss of fp): the "
         "share of quantization's loss gap that LoRA closes, judged against full precision trained the same way."
     )
@@ -244,7 +248,7 @@ def main() -> None:
         bits, group_size = parse_config(name)
         settings = dict(bits=bits, group_size=group_size, method=args.method, dataset="mix", nsamples=args.nsamples,
                         blockwise_epochs=args.blockwise_epochs, e2e_epochs=0,  # as the TaCQ row, which excludes it
-                        tokenizer=tokenizer)  # fmt: skip
+                        tokenizer=tokenizer, **parse_settings(args.set))  # fmt: skip
         start = time.perf_counter()
         if name in saved:
             quantized = AutoModelForCausalLM.from_pretrained(saved[name])

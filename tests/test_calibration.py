@@ -142,3 +142,15 @@ def test_c4_loader(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_online_loader_feeds_calibration(monkeypatch: pytest.MonkeyPatch, tokenizer: PreTrainedTokenizerBase) -> None:
     monkeypatch.setattr(datasets, "load_dataset", _FakeLoadDataset({"text": ["lorem ipsum dolor sit amet " * 40]}))
     assert get_calibration_data("wikitext2", tokenizer, nsamples=3, seqlen=20).shape == (3, 20)
+
+
+def test_token_id_windows_are_used_as_given() -> None:
+    """Calibration given as token ids ``[n, L]``: the first nsamples rows and seqlen columns, no tokenizer."""
+    ids = torch.arange(6 * 40).view(6, 40)
+    assert torch.equal(get_calibration_data(ids, None, 4, 32), ids[:4, :32])
+    with pytest.raises(ValueError, match=r"shape \(6, 40\) hold fewer than nsamples=8 windows of seqlen=32"):
+        get_calibration_data(ids, None, 8, 32)
+    with pytest.raises(ValueError, match=r"must be an integer tensor \[windows, tokens\], got torch.float32"):
+        get_calibration_data(ids.float(), None, 4, 32)
+    with pytest.raises(ValueError, match=r"must be an integer tensor .* of shape \(240,\)"):
+        get_calibration_data(ids.flatten(), None, 4, 32)

@@ -165,3 +165,21 @@ def test_offloaded_model_quantizes_to_the_same_result(tokenizer, tmp_path, caplo
     ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(offloaded(ids).logits, in_memory(ids).logits)
+
+
+def test_token_id_calibration_and_stage_times():
+    """``dataset`` as token ids needs no tokenizer; the report times every stage that ran, and the
+    stages add up to no more than the whole; end-to-end tuning asks for windows it does not train on."""
+    model = tiny_model(vocab_size=320).eval()
+    ids = torch.randint(0, 320, (10, 32), generator=torch.Generator().manual_seed(0))
+    config = HfQuantConfig(bits=2, group_size=32, nsamples=8, seqlen=32, blockwise_epochs=1, blockwise_batch_size=4,
+                           e2e_epochs=1, dataset=ids)  # fmt: skip
+    assert config.to_dict()["dataset"] == "custom (token ids [10, 32])"
+    report = quantize_model(copy.deepcopy(model), config, skip=["lm_head"], progress=False)
+    assert list(report.stage_seconds) == ["calibration", "hessian pass", "solve", "block-wise", "end-to-end"]
+    assert all(t > 0 for t in report.stage_seconds.values())
+    assert sum(report.stage_seconds.values()) <= report.seconds
+    assert report.stage_shares().startswith("calibration ") and "end-to-end" in report.stage_shares()
+    with pytest.raises(ValueError, match=r"at least nsamples \+ 2 = 10 rows \(got 9\), or set e2e_epochs=0"):
+        config.dataset = ids[:9]
+        quantize_model(copy.deepcopy(model), config, skip=["lm_head"], progress=False)

@@ -25,6 +25,8 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +77,32 @@ class QuantizationReport:
     blocks: list[BlockReport] = field(default_factory=list)
     resumed_blocks: int = 0  # blocks restored from ``work_dir`` rather than quantized in this run
     e2e_validation_kl: list[float] = field(default_factory=list)  # end-to-end tuning: start, each epoch
+    # Wall seconds per stage ("calibration", "kept weights", "hessian pass", "solve", "learned
+    # rounding", "block-wise", "end-to-end"), the GPU synchronized around each; ``seconds`` minus
+    # their sum is the rest (module swaps, copies, block input capture and propagation).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def stage_shares(self) -> str:
+        """``"solve 41%, block-wise 48%, ..."``: each timed stage's share of the whole quantization."""
+        total = self.seconds or sum(self.stage_seconds.values()) or 1.0
+        return ", ".join(f"{stage} {seconds / total:.0%}" for stage, seconds in self.stage_seconds.items())
+
+
+@contextmanager
+def timed(report: QuantizationReport, stage: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` body to ``report.stage_seconds[stage]`` (CUDA synchronized)."""
+    _synchronize()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _synchronize()
+        report.stage_seconds[stage] = report.stage_seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def quantize_model(
@@ -97,7 +125,10 @@ def quantize_model(
     needs_ids = config.needs_calibration and (
         config.method != "rtn" or config.task_dataset is None or config.e2e_epochs > 0
     )
-    ids = calibration_ids(model, config, tokenizer) if needs_ids else None
+    ids = None
+    if needs_ids:
+        with timed(report, "calibration"):
+            ids = calibration_ids(model, config, tokenizer)
     teacher = full_precision_copy(model) if config.e2e_epochs else None
     kept: dict[str, torch.Tensor] = {}
     if config.outlier_fraction > 0:
@@ -105,15 +136,18 @@ def quantize_model(
         task_tokenizer = resolve_tokenizer(model, config, tokenizer) if reads_task else None
         scored_against_solve = config.saliency_grid == "solved" and config.saliency != "magnitude"
         solve_first = (lambda: first_solve(model, linears, ids, config, progress)) if scored_against_solve else None
-        kept = choose_kept(model, linears, config, task_tokenizer, ids, solve_first)
+        with timed(report, "kept weights"):
+            kept = choose_kept(model, linears, config, task_tokenizer, ids, solve_first)
     if config.method == "rtn":
-        for name, linear in tqdm(linears.items(), desc="hfquant rtn", disable=not progress):
-            set_module(model, name, quantize_linear(linear, None, config, kept.get(name)))
+        with timed(report, "solve"):
+            for name, linear in tqdm(linears.items(), desc="hfquant rtn", disable=not progress):
+                set_module(model, name, quantize_linear(linear, None, config, kept.get(name)))
     else:
         work = WorkDir.open(config, model, ids, kept) if config.work_dir else None
         quantize_blocks(model, linears, ids, config, report, kept, work, progress)
     if teacher is not None:
-        report.e2e_validation_kl = tune_whole_model(model, teacher, ids, config, tokenizer)
+        with timed(report, "end-to-end"):
+            report.e2e_validation_kl = tune_whole_model(model, teacher, ids, config, tokenizer)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -168,10 +202,20 @@ def tune_whole_model(
     """End-to-end tuning of the quantized model's float part against ``teacher`` (the full-precision
     copy), on the calibration windows, keeping the epoch best on other windows of the same set;
     returns the validation KL of the start and of each epoch."""
-    validation = get_calibration_data(
-        config.dataset, resolve_tokenizer(model, config, tokenizer), max(2, config.nsamples // 8),
-        config.seqlen, seed=config.seed + 1000,
-    )  # fmt: skip
+    n_validation = max(2, config.nsamples // 8)
+    if isinstance(config.dataset, torch.Tensor):  # token ids: the windows after the calibration ones
+        if config.dataset.shape[0] < config.nsamples + n_validation:
+            raise ValueError(
+                f"end-to-end tuning keeps the epoch best on {n_validation} windows it does not train on: pass "
+                f"calibration token ids with at least nsamples + {n_validation} = {config.nsamples + n_validation} "
+                f"rows (got {config.dataset.shape[0]}), or set e2e_epochs=0"
+            )
+        validation = get_calibration_data(config.dataset[config.nsamples :], None, n_validation, config.seqlen)
+    else:
+        validation = get_calibration_data(
+            config.dataset, resolve_tokenizer(model, config, tokenizer), n_validation, config.seqlen,
+            seed=config.seed + 1000,
+        )  # fmt: skip
     result = tune_end_to_end(
         model, lambda batch: teacher(input_ids=batch, use_cache=False).logits, ids, validation,
         epochs=config.e2e_epochs, lr=config.e2e_lr, batch_size=2, storage_dtype=STORAGE_DTYPE, seed=config.seed,
@@ -201,18 +245,23 @@ def quantize_blocks(
         block, block_prefix = blocks[index], f"{prefix}.{index}."
         onload_block(block)
         layers = block_linears(linears, block_prefix)
-        # INQ reads no Hessian: no linear is hooked.
-        hessians, targets = full_precision_pass(block, {} if config.method == "inq" else layers, batches)
-        hessians = {name: shrink_hessian(h, config.hessian_shrink) for name, h in hessians.items()}
-        if config.method == "inq":
-            originals = quantize_block_inq(block, layers, batches, targets, config)
-        else:
-            originals = solve_block(block, layers, hessians, config, kept, block_prefix)
-            if config.learned_rounding:
+        with timed(report, "hessian pass"):  # INQ reads no Hessian: no linear is hooked
+            hessians, targets = full_precision_pass(block, {} if config.method == "inq" else layers, batches)
+            hessians = {name: shrink_hessian(h, config.hessian_shrink) for name, h in hessians.items()}
+        with timed(report, "solve"):
+            if config.method == "inq":
+                originals = quantize_block_inq(block, layers, batches, targets, config)
+            else:
+                originals = solve_block(block, layers, hessians, config, kept, block_prefix)
+        if config.learned_rounding:
+            with timed(report, "learned rounding"):
                 round_block(block, layers, hessians, batches, targets, config)
         del hessians
         before = block_error(block, batches, targets)
-        after = refine_block(block, batches, targets, config, originals) if config.blockwise_epochs else before
+        after = before
+        if config.blockwise_epochs:
+            with timed(report, "block-wise"):
+                after = refine_block(block, batches, targets, config, originals)
         report.blocks.append(BlockReport(index, before, after))
         mark_resident(model, block_prefix, next(block.buffers()).device)
         bar.set_postfix_str(f"block {index} mse {before:.3g} -> {after:.3g}")
@@ -350,7 +399,10 @@ def resolve_tokenizer(model: nn.Module, config: HfQuantConfig, tokenizer: Any) -
 
 
 def calibration_ids(model: nn.Module, config: HfQuantConfig, tokenizer: Any) -> torch.Tensor:
-    """``[nsamples, seqlen]`` calibration token windows of the config's dataset."""
+    """``[nsamples, seqlen]`` calibration token windows of the config's dataset (token ids as given,
+    no tokenizer needed)."""
+    if isinstance(config.dataset, torch.Tensor):
+        return get_calibration_data(config.dataset, None, config.nsamples, config.seqlen)
     return get_calibration_data(
         config.dataset, resolve_tokenizer(model, config, tokenizer), config.nsamples, config.seqlen, seed=config.seed
     )
