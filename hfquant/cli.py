@@ -137,6 +137,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             }
         ]
     )
+    if report.stage_seconds:
+        print(f"quantization time by stage: {report.stage_shares()}")
     for gguf in sorted(out.glob("*.gguf")):
         print(f"GGUF for llama.cpp: {gguf} ({gguf.stat().st_size / 1e6:.1f} MB); its figures are in {out / 'README.md'}")
     if ppl_before is not None:

@@ -22,6 +22,7 @@ def quantized_dir(tiny_chat_model_dir, tmp_path_factory):
                      "decoupleq", "--nsamples", "4", "--seqlen", "32", "--blockwise-epochs", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "bits/weight" in result.stdout and "mse after block-wise" in result.stdout
+    assert "quantization time by stage: calibration " in result.stdout and "block-wise " in result.stdout
     return out
 
 
