@@ -39,7 +39,7 @@ from hfquant import HfQuantConfig
 from hfquant.calibration import mix_windows
 from hfquant.config import DEFAULT_E2E_EPOCHS, DEFAULT_HESSIAN_SHRINK
 from hfquant.export.gguf import save_gguf
-from hfquant.export.llamacpp import llamacpp_perplexity, llamacpp_source, llamacpp_tool
+from hfquant.export.llamacpp import llamacpp_kl_divergence, llamacpp_perplexity, llamacpp_source, llamacpp_tool
 from hfquant.models import default_model_path
 
 # llama-quantize's names for the types (Q3_K and Q4_K are its _M mixes).
@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also llama-quantize --pure (with and without the imatrix), embedding and output in Q8_0: "
                              "the layout hfquant writes, for a same-size comparison")
     parser.add_argument("--bench", action="store_true", help="llama-bench tokens/s for q4_0, q4_1, q8_0")
+    parser.add_argument("--kld", action="store_true",
+                        help="also the mean KL divergence from F16 on the same tokens (paired: resolves small gaps)")
     parser.add_argument("--heldout", default=None, help="comma-separated held-out sets to score (default: all)")
     parser.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary one)")
     add_common_arguments(parser, windows=None)
@@ -126,14 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     n_weights = sum(p.numel() for p in model.parameters())
 
+    logits = {name: work / f"f16-{name}.logits" for name in text_files} if args.kld else {}
+
     def row(label: str, method: str, path: Path, seconds: float, base: dict[str, float] | None) -> dict[str, object]:
-        ppl = {name: llamacpp_perplexity(path, f.read_text(encoding="utf-8"), args.chunks, args.threads)
-               for name, f in text_files.items()}
+        ppl = {name: llamacpp_perplexity(path, f.read_text(encoding="utf-8"), args.chunks, args.threads,
+                                         save_logits=logits[name] if logits and base is None else None)
+               for name, f in text_files.items()}  # fmt: skip
         out: dict[str, object] = {"type": label, "method": method, "size (MB)": f"{path.stat().st_size / 1e6:.1f}",
                                   "bits/weight": f"{8 * path.stat().st_size / n_weights:.2f}"}
         for name, value in ppl.items():
             out[f"ppl {name}"] = f"{value:.3f}"
             out[f"x F16 {name}"] = f"{value / base[name]:.3f}" if base else "1.000"
+            if logits:
+                kld = llamacpp_kl_divergence(path, logits[name], args.threads) if base else None
+                out[f"KLD {name}"] = f"{kld.mean_kld:.5f} ± {kld.mean_kld_unc:.5f}" if kld else "0"
         out["time (s)"] = f"{seconds:.0f}"
         print(out, flush=True)
         rows.append(out)
@@ -210,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             "losslessly. Time: file production on a CPU shared with other jobs (imatrix time included in its "
             "rows; for 'solved', quantization included). `--pure` rows: llama-quantize --pure with the embedding and "
             "output in Q8_0, hfquant's layout."
+            + (" KLD: mean KL divergence from the F16 file's next-token distribution per scored token (nats, ± its "
+               "standard error), from `llama-perplexity --kl-divergence` on the same tokens: paired, so it separates "
+               "files whose perplexities differ by less than their noise." if args.kld else "")
         ),
     )
     if bench_rows:

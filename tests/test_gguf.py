@@ -23,7 +23,13 @@ from hfquant.export.gguf import (  # noqa: E402
     quantize_tensor,
     save_gguf,
 )
-from hfquant.export.llamacpp import llamacpp_perplexity, llamacpp_source, llamacpp_tool  # noqa: E402
+from hfquant.export.llamacpp import (  # noqa: E402
+    LlamaCppError,
+    llamacpp_kl_divergence,
+    llamacpp_perplexity,
+    llamacpp_source,
+    llamacpp_tool,
+)
 
 TYPES = ("q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k")
 K_TYPES = ("q2_k", "q3_k", "q4_k")
@@ -254,6 +260,29 @@ def test_transformers_reads_the_export_back(tokenizer, tmp_path):
         w = p.detach().numpy()
         want = quantize_k(w, "q4_k").dequantize() if w.ndim == 2 else w
         np.testing.assert_allclose(q.detach().numpy(), want, rtol=0, atol=1e-6, err_msg=name)
+
+
+@needs_converter
+def test_kl_divergence_against_saved_base_logits(tokenizer, tmp_path):
+    """The paired comparison the GGUF benchmark uses where perplexities alone are noise: a file
+    against its own saved logits is identical; coarser types diverge more."""
+    tool("llama-perplexity")
+    model = tiny_llama(tokenizer)
+    text = "\n\n".join(["The quick brown fox jumps over the lazy dog near the river bank. " * 40] * 2)
+    paths = {}
+    for qtype in ("f32", "q8_0", "q4_0"):
+        paths[qtype] = tmp_path / f"tiny-{qtype}.gguf"
+        save_gguf(model, tokenizer, paths[qtype], type=qtype, embedding_type="f32")
+    logits = tmp_path / "base.logits"
+    base_ppl = llamacpp_perplexity(paths["f32"], text, chunks=2, threads=2, context=128, save_logits=logits)
+    assert base_ppl > 1 and logits.stat().st_size > 0
+    same = llamacpp_kl_divergence(paths["f32"], logits, threads=2)
+    assert same.mean_kld < 1e-6 and same.same_top == 1.0 and same.ppl_ratio == pytest.approx(1.0, abs=1e-5)
+    q8, q4 = (llamacpp_kl_divergence(paths[t], logits, threads=2) for t in ("q8_0", "q4_0"))
+    assert 0 < q8.mean_kld < q4.mean_kld and q4.same_top <= q8.same_top <= 1.0
+    assert q4.mean_kld_unc > 0 and q4.ppl_ratio_unc > 0
+    with pytest.raises(LlamaCppError, match="no saved base logits"):
+        llamacpp_kl_divergence(paths["q8_0"], tmp_path / "missing.logits")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 LLAMACPP_SDIST_VERSION = "0.3.36"
@@ -44,23 +45,72 @@ def llamacpp_tool(name: str) -> Path:
 
 
 def llamacpp_perplexity(
-    gguf_path: str | os.PathLike, text: str, chunks: int = 8, threads: int | None = None, context: int = CONTEXT
+    gguf_path: str | os.PathLike,
+    text: str,
+    chunks: int = 8,
+    threads: int | None = None,
+    context: int = CONTEXT,
+    save_logits: str | os.PathLike | None = None,
 ) -> float:
     """``llama-perplexity``'s final estimate on ``text``: ``chunks`` consecutive ``context``-token
     chunks, each scoring its second half (llama.cpp's measure, not hfquant's whole-window one, so
-    compare it only with other llama.cpp figures). Raises :class:`LlamaCppError` when the tool is not
-    built or fails, or when ``text`` is too short for one chunk."""
-    tool = llamacpp_tool("llama-perplexity")
-    if not tool.is_file():
-        raise LlamaCppError(f"{tool} is not built: run `make llamacpp` (or set HFQUANT_LLAMACPP_BIN)")
+    compare it only with other llama.cpp figures). ``save_logits`` also writes the scored tokens and
+    their logits there (``--kl-divergence-base``), the base that :func:`llamacpp_kl_divergence`
+    compares other files with. Raises :class:`LlamaCppError` when the tool is not built or fails, or
+    when ``text`` is too short for one chunk."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8") as file:
         file.write(text)
         file.flush()
-        command = [str(tool), "-m", str(gguf_path), "-f", file.name, "-c", str(context), "-b", str(context),
-                   "--chunks", str(chunks), "-t", str(threads or os.cpu_count() or 1), "--no-repack"]  # fmt: skip
-        run = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        extra = ["--kl-divergence-base", os.fspath(save_logits)] if save_logits is not None else []
+        output = _perplexity_tool(gguf_path, ["-f", file.name, "-c", str(context), "-b", str(context),
+                                              "--chunks", str(chunks), *extra], threads)  # fmt: skip
+    return _parse(output, r"Final estimate: PPL = ([0-9.]+)", gguf_path)
+
+
+@dataclass(frozen=True)
+class KLDivergence:
+    """A GGUF file against saved base logits, on the same tokens (``llama-perplexity --kl-divergence``):
+    paired, so small differences between two quantizations show where perplexities alone are noise."""
+
+    ppl_ratio: float  # PPL(file) / PPL(base)
+    ppl_ratio_unc: float  # its standard uncertainty
+    mean_kld: float  # mean KL(base || file) per token, nats
+    mean_kld_unc: float
+    same_top: float  # share of tokens whose most likely next token is the base's
+
+
+def llamacpp_kl_divergence(
+    gguf_path: str | os.PathLike, base_logits: str | os.PathLike, threads: int | None = None
+) -> KLDivergence:
+    """Compare ``gguf_path`` with the logits :func:`llamacpp_perplexity` saved (``save_logits``) on the
+    same tokens and context; raises :class:`LlamaCppError` as it does."""
+    if not Path(base_logits).is_file():
+        raise LlamaCppError(f"no saved base logits at {base_logits}: run llamacpp_perplexity(..., save_logits=...) first")
+    output = _perplexity_tool(gguf_path, ["--kl-divergence-base", os.fspath(base_logits), "--kl-divergence"], threads)
+    number = r"(-?[0-9.]+(?:e[-+]?[0-9]+)?)"
+    ratio = re.search(rf"Mean PPL\(Q\)/PPL\(base\)\s*:\s*{number}\s*±\s*{number}", output)
+    kld = re.search(rf"Mean\s+KLD:\s*{number}\s*±\s*{number}", output)
+    top = _parse(output, rf"Same top p:\s*{number}", gguf_path)
+    if not (ratio and kld):
+        raise LlamaCppError(f"llama-perplexity --kl-divergence printed no statistics for {gguf_path}:\n{output[-2000:]}")
+    return KLDivergence(float(ratio.group(1)), float(ratio.group(2)), float(kld.group(1)), float(kld.group(2)), top / 100)
+
+
+def _perplexity_tool(gguf_path: str | os.PathLike, args: list[str], threads: int | None) -> str:
+    """Run ``llama-perplexity`` on ``gguf_path``; its output, or :class:`LlamaCppError` if it fails."""
+    tool = llamacpp_tool("llama-perplexity")
+    if not tool.is_file():
+        raise LlamaCppError(f"{tool} is not built: run `make llamacpp` (or set HFQUANT_LLAMACPP_BIN)")
+    command = [str(tool), "-m", str(gguf_path), *args, "-t", str(threads or os.cpu_count() or 1), "--no-repack"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     output = run.stdout + run.stderr
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", output)
-    if run.returncode != 0 or not found:
+    if run.returncode != 0:
         raise LlamaCppError(f"llama-perplexity failed on {gguf_path} (exit {run.returncode}):\n{output[-2000:]}")
+    return output
+
+
+def _parse(output: str, pattern: str, gguf_path: str | os.PathLike) -> float:
+    found = re.search(pattern, output)
+    if not found:
+        raise LlamaCppError(f"llama-perplexity printed no {pattern!r} for {gguf_path}:\n{output[-2000:]}")
     return float(found.group(1))
