@@ -39,7 +39,12 @@ from hfquant import HfQuantConfig
 from hfquant.calibration import mix_windows
 from hfquant.config import DEFAULT_E2E_EPOCHS, DEFAULT_HESSIAN_SHRINK
 from hfquant.export.gguf import save_gguf
-from hfquant.export.llamacpp import llamacpp_kl_divergence, llamacpp_perplexity, llamacpp_source, llamacpp_tool
+from hfquant.export.llamacpp import (
+    llamacpp_kl_divergence,
+    llamacpp_perplexity,
+    llamacpp_source,
+    llamacpp_tool,
+)
 from hfquant.models import default_model_path
 
 # llama-quantize's names for the types (Q3_K and Q4_K are its _M mixes).
