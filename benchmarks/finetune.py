@@ -272,7 +272,7 @@ def main() -> None:
         del quantized
         if args.tacq:
             fraction = adapter_bpw / KEPT_WEIGHT_BITS
-            model = load(HfQuantConfig(**settings, outlier_fraction=fraction, saliency="tacq", task_dataset=train_rows))
+            model = load(HfQuantConfig(**settings, kept_fraction=fraction, saliency="tacq", task_dataset=train_rows))
             t_loss, t_exact = score(model, heldout)
             closed = f"gap to fp closed {(q_loss - t_loss) / gap:.0%}" if gap > 0 else "no gap"
             record(f"W{bits} g{group_size}", f"TaCQ {fraction:.2%} kept", f"{adapter_bpw:.3f}", t_loss, t_exact,

@@ -179,7 +179,7 @@ def main() -> None:
         "--scope",
         default=None,
         choices=["layer", "global"],
-        help="outlier_scope of every row (default: the config's, global for tacq, layer otherwise)",
+        help="kept_scope of every row (default: the config's, global for tacq, layer otherwise)",
     )
     parser.add_argument(
         "--extra", default="",
@@ -287,9 +287,9 @@ def main() -> None:
             blockwise_epochs=args.blockwise_epochs,
             blockwise_batch_size=4,
             decoupleq_iters=args.decoupleq_iters,
-            outlier_fraction=0.0 if saliency == "none" else args.fraction,
+            kept_fraction=0.0 if saliency == "none" else args.fraction,
             saliency="tacq" if saliency == "none" else saliency,
-            outlier_scope=scope,
+            kept_scope=scope,
             saliency_grid=grid if saliency not in ("none", "magnitude") else "rtn",
             task_dataset=task_sets[task][1] if task else None,
             e2e_epochs=0,  # kept weights exclude it; the "none" baseline must match
@@ -302,7 +302,7 @@ def main() -> None:
         ).eval()
         bpw = bits_per_weight(model)
         scores = {**evaluate(densify(model), task), "bpw": bpw}
-        label = f"W{bits}g{group} {saliency}/{config.outlier_scope}/{config.saliency_grid} {task or 'general'} seed {seed}"
+        label = f"W{bits}g{group} {saliency}/{config.kept_scope}/{config.saliency_grid} {task or 'general'} seed {seed}"
         print(f"{label}: {scores} ({time.perf_counter() - t0:.0f} s)", flush=True)
         return scores
 
@@ -339,7 +339,7 @@ def main() -> None:
         for config_name in args.configs.split(","):
             bits, group = parse_config(config_name)
             for saliency, scope, grid in variants:
-                default = HfQuantConfig(saliency=saliency if saliency != "none" else "tacq").outlier_scope
+                default = HfQuantConfig(saliency=saliency if saliency != "none" else "tacq").kept_scope
                 against = ", against the solve" if grid == "solved" and saliency != "magnitude" else ""
                 kept = "none" if saliency == "none" else f"{saliency} {args.fraction:.2%} ({scope or default}{against})"
                 for calibration in args.calibrations.split(","):

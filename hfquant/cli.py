@@ -76,10 +76,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         nsamples=args.nsamples,
         seqlen=args.seqlen,
-        outlier_fraction=args.outlier_fraction,
+        kept_fraction=args.kept_fraction,
         saliency=args.saliency,
         saliency_grid=args.saliency_grid,
-        outlier_scope=args.outlier_scope,
+        kept_scope=args.kept_scope,
         task_dataset=args.task_dataset,
         blockwise_epochs=args.blockwise_epochs,
         decoupleq_iters=args.decoupleq_iters,
@@ -128,8 +128,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 "group size": "the type's" if args.gguf_type else args.group_size,
                 "layers": report.layers,
                 "bits/weight": f"{bits_per_weight(model):.3f}",
-                "kept weights": f"{args.outlier_fraction:.2%} ({config.saliency}, {config.outlier_scope})"
-                if args.outlier_fraction
+                "kept weights": f"{args.kept_fraction:.2%} ({config.saliency}, {config.kept_scope})"
+                if args.kept_fraction
                 else "none",
                 "size (MB)": f"{folder_size(out) / 1e6:.1f}",
                 "time (s)": f"{seconds:.1f}",
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
     q.add_argument(
-        "--outlier-fraction", type=float, default=0.0, help="share of weights kept in 16 bits (e.g. 0.005)"
+        "--kept-fraction", type=float, default=0.0, help="share of weights kept in 16 bits (e.g. 0.005)"
     )
     q.add_argument(
         "--task-dataset",
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--saliency-grid", default="rtn", help="rtn or solved: the quantized weights the saliency contrasts with"
     )
     q.add_argument(
-        "--outlier-scope", default=None, help="layer or global (default: global for tacq, layer otherwise)"
+        "--kept-scope", default=None, help="layer or global (default: global for tacq, layer otherwise)"
     )
     q.add_argument("--blockwise-epochs", type=int, default=4)
     q.add_argument("--decoupleq-iters", type=int, default=4)

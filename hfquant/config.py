@@ -16,10 +16,13 @@ MAX_SPLIT_CLUSTERS = 8  # cluster indices take at most 3 bits per weight
 SUPPORTED_SALIENCIES = ("tacq", "tacq_fisher", "magnitude", "hessian")
 LOSS_UNIT_SALIENCIES = ("tacq", "tacq_fisher")  # comparable across layers: ranked globally by default
 SUPPORTED_SALIENCY_GRIDS = ("rtn", "solved")
-SUPPORTED_OUTLIER_SCOPES = ("layer", "global")
+SUPPORTED_KEPT_SCOPES = ("layer", "global")
 SUPPORTED_GGUF_TYPES = (None, "q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k")
 DEFAULT_HESSIAN_SHRINK = 0.3  # Hessian shrinkage toward its diagonal (see hessian_shrink)
 DEFAULT_E2E_EPOCHS = 2  # end-to-end tuning epochs where it applies (e2e_epochs=None)
+
+# Fields saved under an older name: checkpoints that carry them still load (from_dict).
+RENAMED_FIELDS = {"outlier_fraction": "kept_fraction", "outlier_scope": "kept_scope"}
 
 # Fields that only steer quantization (not loading) and may hold objects JSON cannot carry.
 _RUNTIME_ONLY = ("tokenizer", "work_dir")
@@ -52,7 +55,7 @@ class HfQuantConfig(QuantizationConfigMixin):
             ``[n >= nsamples, L >= seqlen]``: its first ``nsamples`` rows and ``seqlen`` tokens).
         nsamples, seqlen: number and length (tokens) of calibration windows.
         modules_to_not_convert: module names (or name suffixes) kept in full precision.
-        outlier_fraction: share of weights kept in 16 bits beside the integers (TaCQ), e.g.
+        kept_fraction: share of weights kept in 16 bits beside the integers (TaCQ), e.g.
             0.0035 to 0.01; 0 keeps none.
         saliency: how kept weights are chosen: ``"tacq"`` (task-loss gradient times the change
             quantization makes, see :mod:`hfquant.algorithms.tacq`), ``"magnitude"`` (largest
@@ -65,7 +68,7 @@ class HfQuantConfig(QuantizationConfigMixin):
             quantizer) or ``"solved"`` (the solver's own result: a first pass of the configured
             solver without kept weights or block-wise minimization, then selection, then the
             real pass; about one more solve per layer).
-        outlier_scope: ``"layer"`` keeps ``outlier_fraction`` of every layer; ``"global"`` ranks
+        kept_scope: ``"layer"`` keeps ``kept_fraction`` of every layer; ``"global"`` ranks
             all layers' weights together (some layers then keep many more than others). Default:
             ``"global"`` for ``saliency="tacq"`` and ``"tacq_fisher"``, whose scores estimate the task-loss change in the
             same unit in every layer (measured on the default model at W3 g64, 2 seeds: fact QA
@@ -144,10 +147,10 @@ class HfQuantConfig(QuantizationConfigMixin):
         nsamples: int = 128,
         seqlen: int = 512,
         modules_to_not_convert: list[str] | None = None,
-        outlier_fraction: float = 0.0,
+        kept_fraction: float = 0.0,
         saliency: str = "tacq",
         saliency_grid: str = "rtn",
-        outlier_scope: str | None = None,
+        kept_scope: str | None = None,
         task_dataset: Any = None,
         damp: float = 0.01,
         hessian_shrink: float = DEFAULT_HESSIAN_SHRINK,
@@ -178,10 +181,10 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = (
             ["lm_head"] if modules_to_not_convert is None else modules_to_not_convert
         )
-        self.outlier_fraction = outlier_fraction
+        self.kept_fraction = kept_fraction
         self.saliency = saliency
         self.saliency_grid = saliency_grid
-        self.outlier_scope = outlier_scope or ("global" if saliency in LOSS_UNIT_SALIENCIES else "layer")
+        self.kept_scope = kept_scope or ("global" if saliency in LOSS_UNIT_SALIENCIES else "layer")
         self.task_dataset = task_dataset
         self.damp = damp
         self.hessian_shrink = hessian_shrink
@@ -200,6 +203,10 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.work_dir = work_dir
         self.format_version = format_version
         kwargs.pop("quant_method", None)
+        if renamed := sorted(set(kwargs) & set(RENAMED_FIELDS)):
+            raise ValueError(
+                "HfQuantConfig fields renamed: " + ", ".join(f"{old} is now {RENAMED_FIELDS[old]}" for old in renamed)
+            )
         if kwargs:
             raise ValueError(f"HfQuantConfig got unknown fields {sorted(kwargs)}")
         self.post_init()
@@ -216,7 +223,7 @@ class HfQuantConfig(QuantizationConfigMixin):
                 f"saliency_grid='solved' needs method='gptq' or 'decoupleq' (a solver to run first), got "
                 f"method={self.method!r}; with rtn the solved grid is the round-to-nearest one: use saliency_grid='rtn'"
             )
-        _check_choice("outlier_scope", self.outlier_scope, SUPPORTED_OUTLIER_SCOPES)
+        _check_choice("kept_scope", self.kept_scope, SUPPORTED_KEPT_SCOPES)
         _check_int("split_clusters", self.split_clusters, minimum=0)
         if self.split_clusters > MAX_SPLIT_CLUSTERS:
             raise ValueError(
@@ -228,10 +235,10 @@ class HfQuantConfig(QuantizationConfigMixin):
                 "to split): set split_clusters=0"
             )
         _check_choice("gguf_type", self.gguf_type, SUPPORTED_GGUF_TYPES)
-        if self.gguf_type and (self.method != "decoupleq" or self.split_clusters > 1 or self.outlier_fraction):
+        if self.gguf_type and (self.method != "decoupleq" or self.split_clusters > 1 or self.kept_fraction):
             raise ValueError(
                 f"gguf_type={self.gguf_type!r} is solved by method='decoupleq' with split_clusters=0 and "
-                "outlier_fraction=0 (GGUF stores no clusters or kept weights)"
+                "kept_fraction=0 (GGUF stores no clusters or kept weights)"
             )
         _check_int("nsamples", self.nsamples, minimum=1)
         _check_int("seqlen", self.seqlen, minimum=2)
@@ -242,19 +249,19 @@ class HfQuantConfig(QuantizationConfigMixin):
             _check_int("e2e_epochs", self.e2e_epochs, minimum=0)
         if not isinstance(self.e2e_lr, (int, float)) or not self.e2e_lr > 0:
             raise ValueError(f"e2e_lr must be a positive number, got {self.e2e_lr!r}")
-        if self.e2e_epochs and self.outlier_fraction:
+        if self.e2e_epochs and self.kept_fraction:
             raise ValueError(
-                "e2e_epochs is not supported with kept 16-bit weights (outlier_fraction > 0): the tuning moves the "
-                "grids the kept weights are stored against; set e2e_epochs=0 or outlier_fraction=0"
+                "e2e_epochs is not supported with kept 16-bit weights (kept_fraction > 0): the tuning moves the "
+                "grids the kept weights are stored against; set e2e_epochs=0 or kept_fraction=0"
             )
         _check_int("seed", self.seed, minimum=0)
         _check_int("format_version", self.format_version, minimum=1)
-        if not isinstance(self.outlier_fraction, (int, float)) or not 0.0 <= self.outlier_fraction < 1.0:
-            raise ValueError(f"outlier_fraction must be a number in [0, 1), got {self.outlier_fraction!r}")
-        if self.outlier_fraction and (self.method == "inq" or self.split_clusters > 1):
+        if not isinstance(self.kept_fraction, (int, float)) or not 0.0 <= self.kept_fraction < 1.0:
+            raise ValueError(f"kept_fraction must be a number in [0, 1), got {self.kept_fraction!r}")
+        if self.kept_fraction and (self.method == "inq" or self.split_clusters > 1):
             raise ValueError(
-                "outlier_fraction (kept 16-bit weights) is not supported with method='inq' or split_clusters > 1: "
-                "set outlier_fraction=0"
+                "kept_fraction (kept 16-bit weights) is not supported with method='inq' or split_clusters > 1: "
+                "set kept_fraction=0"
             )
         if not isinstance(self.damp, (int, float)) or not 0.0 < self.damp < 1.0:
             raise ValueError(f"damp must be a number in (0, 1), got {self.damp!r}")
@@ -271,15 +278,15 @@ class HfQuantConfig(QuantizationConfigMixin):
         if self.learned_rounding and (
             self.method not in ("gptq", "decoupleq")
             or not self.blockwise_epochs
-            or self.outlier_fraction
+            or self.kept_fraction
             or self.split_clusters > 1
             or self.gguf_type
         ):
             raise ValueError(
                 "learned_rounding=True needs method='gptq' or 'decoupleq' with blockwise_epochs > 0, and no kept "
-                "weights (outlier_fraction=0), SplitQuant (split_clusters <= 1) or gguf_type; got "
+                "weights (kept_fraction=0), SplitQuant (split_clusters <= 1) or gguf_type; got "
                 f"method={self.method!r}, blockwise_epochs={self.blockwise_epochs!r}, "
-                f"outlier_fraction={self.outlier_fraction!r}, split_clusters={self.split_clusters!r}, "
+                f"kept_fraction={self.kept_fraction!r}, split_clusters={self.split_clusters!r}, "
                 f"gguf_type={self.gguf_type!r}"
             )
         if not isinstance(self.act_order, bool):
@@ -305,14 +312,16 @@ class HfQuantConfig(QuantizationConfigMixin):
         """Whether quantizing reads calibration text: the solvers' Hessians, or a data-driven saliency."""
         return (
             self.method != "rtn"
-            or (self.outlier_fraction > 0 and self.saliency != "magnitude")
+            or (self.kept_fraction > 0 and self.saliency != "magnitude")
             or bool(self.e2e_epochs)
         )
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
         """A saved config; one written before a field existed gets the value its quantization used
-        (``hessian_shrink``: 0, no shrinkage), not today's default, so it still says what was done."""
+        (``hessian_shrink``: 0, no shrinkage), not today's default, so it still says what was done,
+        and fields saved under an old name (``RENAMED_FIELDS``) are read under the new one."""
+        config_dict = {RENAMED_FIELDS.get(key, key): value for key, value in config_dict.items()}
         return super().from_dict({"hessian_shrink": 0.0, **config_dict}, return_unused_kwargs, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:

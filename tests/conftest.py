@@ -117,7 +117,7 @@ def sharded(tiny_llama_dir, tmp_path):
     from hfquant import HfQuantConfig
     from hfquant.export import save_quantized
 
-    config = HfQuantConfig(bits=2, group_size=32, method="rtn", outlier_fraction=0.01, saliency="magnitude")
+    config = HfQuantConfig(bits=2, group_size=32, method="rtn", kept_fraction=0.01, saliency="magnitude")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config).eval()
     out = save_quantized(model, tmp_path / "sharded", max_shard_size="100KB")
     return model, out

@@ -151,7 +151,7 @@ def test_tensors_of_another_format_refused(saved_split):
 
 
 def test_kept_weight_index_outside_the_matrix_refused(tiny_llama_dir, tmp_path):
-    config = HfQuantConfig(bits=2, group_size=32, method="rtn", outlier_fraction=0.01, saliency="magnitude")
+    config = HfQuantConfig(bits=2, group_size=32, method="rtn", kept_fraction=0.01, saliency="magnitude")
     saved = save_quantized(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config), tmp_path / "q")
     key = "model.layers.0.mlp.down_proj.outlier_cols"
     rewrite_checkpoint(saved, lambda t, m: t.update({key: t[key] + 10_000}))

@@ -12,7 +12,7 @@ def test_registered_with_transformers():
 
 
 def test_defaults_and_round_trip():
-    config = HfQuantConfig(bits=3, group_size=128, method="gptq", nsamples=16, outlier_fraction=0.005)
+    config = HfQuantConfig(bits=3, group_size=128, method="gptq", nsamples=16, kept_fraction=0.005)
     data = config.to_dict()
     assert data["quant_method"] == "hfquant"
     assert data["modules_to_not_convert"] == ["lm_head"]
@@ -36,7 +36,7 @@ def test_dataset_objects_recorded_by_description():
         ("split_clusters", 9, "split_clusters must be at most 8"),
         ("nsamples", 0, "nsamples must be an integer >= 1"),
         ("seqlen", 1, "seqlen must be an integer >= 2"),
-        ("outlier_fraction", 1.5, r"outlier_fraction must be a number in \[0, 1\)"),
+        ("kept_fraction", 1.5, r"kept_fraction must be a number in \[0, 1\)"),
         ("damp", 0.0, "damp must be a number in"),
         ("hessian_shrink", 1.0, r"hessian_shrink must be a number in \[0, 1\), got 1.0"),
         ("hessian_shrink", "0.3", "hessian_shrink must be a number in"),
@@ -54,8 +54,8 @@ def test_bad_values_name_the_field(field, value, message):
     [
         ({"method": "inq", "split_clusters": 3}, "split_clusters applies to method rtn, gptq or decoupleq"),
         ({"method": "inq", "bits": 8}, r"bits must be one of \[2, 3, 4\], got 8"),
-        ({"split_clusters": 3, "outlier_fraction": 0.01}, "outlier_fraction .* not supported .* split_clusters"),
-        ({"method": "inq", "outlier_fraction": 0.01}, "outlier_fraction .* not supported with method='inq'"),
+        ({"split_clusters": 3, "kept_fraction": 0.01}, "kept_fraction .* not supported .* split_clusters"),
+        ({"method": "inq", "kept_fraction": 0.01}, "kept_fraction .* not supported with method='inq'"),
     ],
 )
 def test_invalid_combinations_name_the_field(fields, message):
@@ -89,3 +89,10 @@ def test_autoconfig_carries_config(tiny_llama_dir, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path).quantization_config
     assert loaded["quant_method"] == "hfquant" and loaded["bits"] == 4 and loaded["group_size"] == 32
+
+
+def test_renamed_fields_name_their_new_names():
+    with pytest.raises(ValueError, match="HfQuantConfig fields renamed: outlier_fraction is now kept_fraction"):
+        HfQuantConfig(outlier_fraction=0.01)
+    loaded = HfQuantConfig.from_dict({"bits": 3, "outlier_fraction": 0.01, "outlier_scope": "layer"})
+    assert (loaded.kept_fraction, loaded.kept_scope, loaded.bits) == (0.01, "layer", 3)

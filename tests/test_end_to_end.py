@@ -94,7 +94,7 @@ def test_quantize_with_e2e_epochs_tunes_against_the_full_precision_copy(tiny_lla
         (dict(method="gptq", e2e_epochs=1), 1),
         (dict(method="gptq", e2e_epochs=0), 0),
         (dict(method="rtn"), 0),
-        (dict(method="gptq", outlier_fraction=0.02, saliency="magnitude"), 0),
+        (dict(method="gptq", kept_fraction=0.02, saliency="magnitude"), 0),
     ],
 )
 def test_default_e2e_epochs_apply_to_calibrated_solvers_and_are_saved(tiny_llama_dir, tmp_path, settings, resolved):
@@ -114,7 +114,7 @@ def test_default_e2e_epochs_apply_to_calibrated_solvers_and_are_saved(tiny_llama
     [
         (dict(e2e_epochs=-1), "e2e_epochs"),
         (dict(e2e_epochs=1, e2e_lr=0), "e2e_lr must be a positive number"),
-        (dict(e2e_epochs=1, outlier_fraction=0.01), "not supported with kept 16-bit weights"),
+        (dict(e2e_epochs=1, kept_fraction=0.01), "not supported with kept 16-bit weights"),
     ],
 )
 def test_e2e_config_errors_name_the_field(settings, message) -> None:

@@ -65,7 +65,7 @@ def test_card_fields(quantized, tmp_path, base_dir):
 def test_calibrated_card_names_data_and_kept_weights(tiny_chat_model_dir, tmp_path):
     config = HfQuantConfig(
         bits=3, group_size=32, method="decoupleq", nsamples=2, seqlen=32, blockwise_epochs=1,
-        outlier_fraction=0.01, saliency="magnitude",
+        kept_fraction=0.01, saliency="magnitude",
     )
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir, quantization_config=config)
     model.save_pretrained(tmp_path / "q")  # plain save_pretrained writes the card too

@@ -30,3 +30,6 @@ def test_saved_checkpoint_loads_bit_identical(name):
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
     assert torch.equal(logits, expected["logits"])
+    if name == "decoupled_kept":  # saved with the fields' old names (outlier_fraction, outlier_scope)
+        config = model.config.quantization_config
+        assert (config.kept_fraction, config.kept_scope) == (0.02, "layer")

@@ -302,7 +302,7 @@ def test_kept_weights_are_refused(tokenizer, tmp_path):
     tiny_llama(tokenizer).save_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(
         base,
-        quantization_config=HfQuantConfig(bits=4, group_size=32, method="rtn", outlier_fraction=0.01, saliency="magnitude"),
+        quantization_config=HfQuantConfig(bits=4, group_size=32, method="rtn", kept_fraction=0.01, saliency="magnitude"),
         dtype=torch.float32,
     )
     out = tmp_path / "out"

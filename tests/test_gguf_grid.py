@@ -40,8 +40,8 @@ def test_config_names_the_field_and_the_allowed_types():
         HfQuantConfig(gguf_type="q5_k")
     with pytest.raises(ValueError, match="gguf_type='q2_k' is solved by method='decoupleq'"):
         HfQuantConfig(gguf_type="q2_k", method="gptq")
-    with pytest.raises(ValueError, match="outlier_fraction=0"):
-        HfQuantConfig(gguf_type="q4_0", outlier_fraction=0.01)
+    with pytest.raises(ValueError, match="kept_fraction=0"):
+        HfQuantConfig(gguf_type="q4_0", kept_fraction=0.01)
     config = HfQuantConfig(gguf_type="q3_k")
     assert format_for(config) is GGUFLinear
     assert HfQuantConfig.from_dict(config.to_dict()).gguf_type == "q3_k"

@@ -25,7 +25,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 @pytest.fixture(scope="module")
 def quantized_dir(tiny_llama_dir, tmp_path_factory):
     """The tiny Llama at W2 g32 with kept weights, saved: tests load it back as users do."""
-    config = HfQuantConfig(bits=2, group_size=32, method="rtn", outlier_fraction=0.01, saliency="magnitude")
+    config = HfQuantConfig(bits=2, group_size=32, method="rtn", kept_fraction=0.01, saliency="magnitude")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
     path = tmp_path_factory.mktemp("w2-lora-base")
     model.save_pretrained(path)

@@ -22,7 +22,7 @@ METHODS = {
     "decoupleq": dict(method="decoupleq", **FAST),
     "inq": dict(method="inq", bits=3, **FAST),
     "splitquant": dict(method="gptq", split_clusters=3, **FAST),
-    "tacq": dict(method="gptq", outlier_fraction=0.01, task_dataset=TINY_TEXTS, **FAST),
+    "tacq": dict(method="gptq", kept_fraction=0.01, task_dataset=TINY_TEXTS, **FAST),
 }
 
 
@@ -60,7 +60,7 @@ class Interrupted(Exception):
 
 def test_interrupted_quantization_resumes_to_the_same_checkpoint(tmp_path):
     base = build_tiny("mistral", tmp_path / "base")  # 3 decoder blocks
-    settings = dict(bits=2, group_size=32, method="decoupleq", outlier_fraction=0.01, saliency="magnitude", **FAST)
+    settings = dict(bits=2, group_size=32, method="decoupleq", kept_fraction=0.01, saliency="magnitude", **FAST)
     work = tmp_path / "work"
 
     def config(**overrides):

@@ -89,7 +89,7 @@ def test_quantize_with_learned_rounding_reloads_bit_identical(tiny_llama_dir, tm
         {"method": "rtn"},
         {"method": "inq"},
         {"blockwise_epochs": 0},
-        {"outlier_fraction": 0.01},
+        {"kept_fraction": 0.01},
         {"split_clusters": 2, "method": "gptq"},
         {"gguf_type": "q4_0"},
     ],

@@ -18,7 +18,7 @@ SETTINGS = {
     "decoupled-w4-g128": dict(bits=4, group_size=128, method="rtn"),
     "decoupled-w2-row": dict(bits=2, group_size=-1, method="rtn"),
     "decoupled-w3-tensor": dict(bits=3, group_size=0, method="rtn"),
-    "decoupled-kept": dict(bits=2, group_size=32, method="rtn", outlier_fraction=0.01, saliency="magnitude"),
+    "decoupled-kept": dict(bits=2, group_size=32, method="rtn", kept_fraction=0.01, saliency="magnitude"),
     "split-g32": dict(bits=2, group_size=32, method="rtn", split_clusters=3),
     "split-tensor": dict(bits=2, group_size=0, method="rtn", split_clusters=3),
     "power-of-two": dict(bits=3, method="inq", blockwise_epochs=1, **TINY_CALIBRATION),

@@ -173,7 +173,7 @@ def test_kept_weights_exact(tiny_chat_model_dir, tokenizer):
     fp = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
     original = {n: m.weight.detach().clone() for n, m in linears_to_convert(fp, ["lm_head"]).items()}
     model = _quantize(
-        tiny_chat_model_dir, tokenizer, outlier_fraction=0.01, task_dataset=QA, outlier_scope="layer"
+        tiny_chat_model_dir, tokenizer, kept_fraction=0.01, task_dataset=QA, kept_scope="layer"
     )
     layers = {n: m for n, m in model.named_modules() if isinstance(m, DecoupledLinear)}
     assert set(layers) == set(original)
@@ -201,9 +201,9 @@ def test_zero_fraction_gives_the_same_model(tiny_chat_model_dir, tokenizer):
     with_fields = _quantize(
         tiny_chat_model_dir,
         tokenizer,
-        outlier_fraction=0.0,
+        kept_fraction=0.0,
         saliency="hessian",
-        outlier_scope="global",
+        kept_scope="global",
         task_dataset=QA,
     )
     plain_state, other_state = plain.state_dict(), with_fields.state_dict()
@@ -216,7 +216,7 @@ def test_zero_fraction_gives_the_same_model(tiny_chat_model_dir, tokenizer):
 def test_baselines_and_global_scope(tiny_chat_model_dir, tokenizer, saliency):
     fp = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
     linears = linears_to_convert(fp, ["lm_head"])
-    config = _config(outlier_fraction=0.02, saliency=saliency, outlier_scope="global", task_dataset=QA)
+    config = _config(kept_fraction=0.02, saliency=saliency, kept_scope="global", task_dataset=QA)
     ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
     masks = choose_kept(fp, linears, config, tokenizer, ids)
     total = sum(m.numel() for m in masks.values())
@@ -235,7 +235,7 @@ def test_solved_grid_scores_against_the_solvers_own_result(tiny_chat_model_dir, 
     fp = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir).eval()
     before = {k: v.clone() for k, v in fp.state_dict().items()}
     linears = linears_to_convert(fp, ["lm_head"])
-    config = _config(method="decoupleq", decoupleq_iters=1, outlier_fraction=0.02, task_dataset=QA,
+    config = _config(method="decoupleq", decoupleq_iters=1, kept_fraction=0.02, task_dataset=QA,
                      saliency_grid="solved", tokenizer=tokenizer)  # fmt: skip
     ids = calibration_ids(fp, config, tokenizer)
     solved = first_solve(fp, linears, ids, config, progress=False)
@@ -247,9 +247,9 @@ def test_solved_grid_scores_against_the_solvers_own_result(tiny_chat_model_dir, 
             assert torch.equal(solved[name], m.dequantize(torch.float32))
     # The masks are TaCQ's scores against that solve, not against round-to-nearest.
     expected = choose_kept(fp, linears, config, tokenizer, ids, lambda: dict(solved))
-    rtn_masks = choose_kept(fp, linears, _config(outlier_fraction=0.02, task_dataset=QA), tokenizer, ids)
+    rtn_masks = choose_kept(fp, linears, _config(kept_fraction=0.02, task_dataset=QA), tokenizer, ids)
     assert any(not torch.equal(expected[n], rtn_masks[n]) for n in expected)
-    model = _quantize(tiny_chat_model_dir, tokenizer, method="decoupleq", decoupleq_iters=1, outlier_fraction=0.02,
+    model = _quantize(tiny_chat_model_dir, tokenizer, method="decoupleq", decoupleq_iters=1, kept_fraction=0.02,
                       task_dataset=QA, saliency_grid="solved")  # fmt: skip
     for name, m in model.named_modules():
         if isinstance(m, DecoupledLinear):
@@ -262,7 +262,7 @@ def test_solved_grid_scores_against_the_solvers_own_result(tiny_chat_model_dir, 
 def test_solved_grid_reloads_bit_identical(tiny_chat_model_dir, tokenizer, tmp_path):
     from hfquant.export import save_quantized
 
-    model = _quantize(tiny_chat_model_dir, tokenizer, method="decoupleq", decoupleq_iters=1, outlier_fraction=0.02,
+    model = _quantize(tiny_chat_model_dir, tokenizer, method="decoupleq", decoupleq_iters=1, kept_fraction=0.02,
                       saliency="tacq_fisher", task_dataset=QA, saliency_grid="solved")  # fmt: skip
     ids = _ids(tokenizer)
     with torch.no_grad():
@@ -277,7 +277,7 @@ def test_solved_grid_reloads_bit_identical(tiny_chat_model_dir, tokenizer, tmp_p
 
 
 def test_rtn_with_magnitude_needs_no_data_and_keeps_weights(tiny_chat_model_dir):
-    config = HfQuantConfig(bits=2, group_size=32, method="rtn", outlier_fraction=0.01, saliency="magnitude")
+    config = HfQuantConfig(bits=2, group_size=32, method="rtn", kept_fraction=0.01, saliency="magnitude")
     assert not config.needs_calibration
     fp = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
     original = {n: m.weight.detach().clone() for n, m in linears_to_convert(fp, ["lm_head"]).items()}
@@ -299,17 +299,17 @@ def test_config_fields_validated():
         HfQuantConfig(saliency_grid="gptq")
     with pytest.raises(ValueError, match=r"saliency_grid='solved' needs method='gptq' or 'decoupleq'.*got method='rtn'"):
         HfQuantConfig(method="rtn", saliency_grid="solved")
-    assert HfQuantConfig(saliency="tacq_fisher").outlier_scope == "global"
+    assert HfQuantConfig(saliency="tacq_fisher").kept_scope == "global"
     # TaCQ's scores are task-loss estimates, comparable across layers; the baselines' are not.
-    assert HfQuantConfig(saliency="tacq").outlier_scope == "global"
-    assert HfQuantConfig(saliency="magnitude").outlier_scope == "layer"
-    assert HfQuantConfig(saliency="hessian").outlier_scope == "layer"
-    assert HfQuantConfig(saliency="tacq", outlier_scope="layer").outlier_scope == "layer"
-    with pytest.raises(ValueError, match=r"outlier_scope must be one of \['layer', 'global'\], got 'row'"):
-        HfQuantConfig(outlier_scope="row")
-    assert HfQuantConfig(method="rtn", outlier_fraction=0.01).needs_calibration
+    assert HfQuantConfig(saliency="tacq").kept_scope == "global"
+    assert HfQuantConfig(saliency="magnitude").kept_scope == "layer"
+    assert HfQuantConfig(saliency="hessian").kept_scope == "layer"
+    assert HfQuantConfig(saliency="tacq", kept_scope="layer").kept_scope == "layer"
+    with pytest.raises(ValueError, match=r"kept_scope must be one of \['layer', 'global'\], got 'row'"):
+        HfQuantConfig(kept_scope="row")
+    assert HfQuantConfig(method="rtn", kept_fraction=0.01).needs_calibration
     assert not HfQuantConfig(method="rtn").needs_calibration
-    config = HfQuantConfig(outlier_fraction=0.005, task_dataset=["some code"])
+    config = HfQuantConfig(kept_fraction=0.005, task_dataset=["some code"])
     assert config.to_dict()["task_dataset"] == "custom (1 texts)"
     assert HfQuantConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
 
@@ -321,7 +321,7 @@ def test_cli_outlier_flags(tiny_chat_model_dir, tmp_path, capsys):
     code = main(
         [
             "quantize", str(tiny_chat_model_dir), "--bits", "2", "--group-size", "32", "--method", "rtn",
-            "--outlier-fraction", "0.01", "--task-dataset", str(task), "--out", str(out),
+            "--kept-fraction", "0.01", "--task-dataset", str(task), "--out", str(out),
         ]
     )  # fmt: skip
     assert code == 0
@@ -331,4 +331,4 @@ def test_cli_outlier_flags(tiny_chat_model_dir, tmp_path, capsys):
     total = sum(m.in_features * m.out_features for m in layers)
     assert sum(m.num_kept for m in layers) == round(0.01 * total)
     assert model.config.quantization_config.task_dataset == str(task)
-    assert model.config.quantization_config.outlier_scope == "global"
+    assert model.config.quantization_config.kept_scope == "global"

@@ -36,8 +36,8 @@ def masked_minmax_grid(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max grid per group over the weights *not* kept in 16 bits, rounded to float16.
 
-    Kept weights are the outliers; letting them set the range would waste the few levels
-    a 2-bit grid has on values that are stored exactly anyway.
+    Kept weights are stored exactly anyway; letting them set the range would waste the few
+    levels a 2-bit grid has on them.
     """
     maxq = 2**bits - 1
     out_features, in_features = w.shape

@@ -18,7 +18,7 @@ Saliency of weight ``W_ij`` of a linear layer (``saliency="tacq"``), as in the p
   round-to-nearest on its min-max grid at the configured ``bits`` and ``group_size`` -- the
   paper's "uniformly quantized model" that the full-precision one is contrasted with. It is
   data-free, so all layers' scores exist before the sequential pass and can be ranked together
-  (``outlier_scope="global"``). With ``saliency_grid="solved"`` it is the solver's own result
+  (``kept_scope="global"``). With ``saliency_grid="solved"`` it is the solver's own result
   (the driver runs a first pass of GPTQ or decoupleQ without kept weights, selects, and
   quantizes again), as the paper scores against GPTQ's weights; departure: the first pass skips
   block-wise minimization, whose float changes come after the selection anyway.
@@ -35,7 +35,7 @@ Baselines at the same budget:
   inputs on the saliency data (the OBD estimate of the layer-output error quantizing ``W_ij``
   alone causes). ``diag(H)`` is collected in the same full-precision pre-pass, so both scopes work.
 
-Selection keeps the ``outlier_fraction`` highest scores of every layer (``"layer"``) or of all
+Selection keeps the ``kept_fraction`` highest scores of every layer (``"layer"``) or of all
 layers together (``"global"``, TaCQ's default: its scores are estimates of the same task-loss
 change in every layer, so ranking them together puts the budget where the task is).
 

@@ -154,7 +154,7 @@ def choose_kept(
     offloaded = [n for n, m in linears.items() if m.weight.device.type == "meta"]
     if offloaded:
         raise ValueError(
-            f"outlier_fraction > 0 needs the model's weights in memory, but {offloaded[0]} is offloaded: "
+            f"kept_fraction > 0 needs the model's weights in memory, but {offloaded[0]} is offloaded: "
             "load the model without disk offload to choose kept weights"
         )
     if config.saliency == "magnitude":
@@ -162,7 +162,7 @@ def choose_kept(
             n: saliency_scores("magnitude", m.weight, config.bits, config.group_size)
             for n, m in linears.items()
         }
-        return select_kept(scores, config.outlier_fraction, config.outlier_scope)
+        return select_kept(scores, config.kept_fraction, config.kept_scope)
     if config.task_dataset is not None:
         batches = task_batches(config.task_dataset, tokenizer, config.nsamples, config.seqlen, config.seed)
     else:
@@ -181,4 +181,4 @@ def choose_kept(
             squared_gradient=stats.squared_gradients.pop(name, None),
             quantized=solved.pop(name, None),
         )  # fmt: skip
-    return select_kept(scores, config.outlier_fraction, config.outlier_scope)
+    return select_kept(scores, config.kept_fraction, config.kept_scope)

@@ -131,7 +131,7 @@ def quantize_model(
             ids = calibration_ids(model, config, tokenizer)
     teacher = full_precision_copy(model) if config.e2e_epochs else None
     kept: dict[str, torch.Tensor] = {}
-    if config.outlier_fraction > 0:
+    if config.kept_fraction > 0:
         reads_task = config.task_dataset is not None and config.saliency != "magnitude"
         task_tokenizer = resolve_tokenizer(model, config, tokenizer) if reads_task else None
         scored_against_solve = config.saliency_grid == "solved" and config.saliency != "magnitude"
@@ -160,7 +160,7 @@ def first_solve(
     that ``saliency_grid="solved"`` scores kept weights against. ``model`` is left as it is."""
     copy_model = copy.deepcopy(model)
     settings = copy.copy(config)
-    settings.outlier_fraction, settings.blockwise_epochs, settings.learned_rounding = 0.0, 0, False
+    settings.kept_fraction, settings.blockwise_epochs, settings.learned_rounding = 0.0, 0, False
     settings.work_dir = None
     copied = {name: copy_model.get_submodule(name) for name in linears}
     report = QuantizationReport(config.method, config.bits, config.group_size, len(copied))
@@ -178,7 +178,7 @@ def end_to_end_epochs(config: HfQuantConfig, model: nn.Module) -> int:
     calibrated solvers without kept weights on a model whose weights are all in memory, else 0."""
     if config.e2e_epochs is not None:
         return config.e2e_epochs
-    if config.method not in ("gptq", "decoupleq") or config.outlier_fraction > 0:
+    if config.method not in ("gptq", "decoupleq") or config.kept_fraction > 0:
         return 0
     if _offloaded(model):
         logger.warning("hfquant: end-to-end tuning skipped: some weights are offloaded (it needs the whole model)")

@@ -27,7 +27,7 @@ Embedding and output head: ``embedding_type`` / ``output_type``. The output head
 models anyway); with tied embeddings the token embedding is the output head and gets the output
 type, otherwise it gets the main type (with its fallback). 1-D tensors (norms, biases) are F32.
 
-GGUF has no sparse 16-bit weights: models with kept weights (``outlier_*``) are refused.
+GGUF has no sparse 16-bit weights: models with kept weights (``kept_fraction > 0``) are refused.
 """
 
 from __future__ import annotations
@@ -470,7 +470,7 @@ def _check_no_kept_weights(quantized: dict[str, nn.Module]) -> None:
     if kept:
         raise GGUFExportError(
             f"GGUF has no sparse 16-bit weights: {len(kept)} layer(s) keep weights in 16 bits "
-            f"(outlier_fraction > 0, e.g. {kept[0]}); export a model quantized without kept weights"
+            f"(kept_fraction > 0, e.g. {kept[0]}); export a model quantized without kept weights"
         )
 
 

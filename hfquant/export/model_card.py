@@ -137,7 +137,7 @@ def _method_text(config: HfQuantConfig) -> str:
         text += f" + block-wise minimization ({config.blockwise_epochs} epochs)"
     if config.e2e_epochs:
         text += f" + end-to-end tuning ({config.e2e_epochs} epochs)"
-    if config.outlier_fraction > 0:
+    if config.kept_fraction > 0:
         text += f" + {config.saliency} kept weights"
         if config.saliency != "magnitude" and config.saliency_grid == "solved":
             text += " (scored against a first solve)"
@@ -145,13 +145,13 @@ def _method_text(config: HfQuantConfig) -> str:
 
 
 def _calibration_text(config: HfQuantConfig) -> str:
-    if config.method == "rtn" and config.outlier_fraction == 0:
+    if config.method == "rtn" and config.kept_fraction == 0:
         return "none (round to nearest is data-free)"
     data = config.dataset if isinstance(config.dataset, str) else "user-supplied texts"
     if data == "mix":
         data = "mix (equal shares of Book of Mormon, Jargon File and zstd C source windows)"
     text = f"{data}, {config.nsamples} windows x {config.seqlen} tokens"
-    if config.outlier_fraction > 0 and config.saliency != "magnitude":
+    if config.kept_fraction > 0 and config.saliency != "magnitude":
         task = config.task_dataset if isinstance(config.task_dataset, str | os.PathLike) else None
         text += f"; task examples: {task or ('user-supplied examples' if config.task_dataset else data)}"
     return text
@@ -187,7 +187,7 @@ def tags(config: HfQuantConfig) -> list[str]:
         out.append("blockwise-minimization")
     if config.e2e_epochs:
         out.append("end-to-end-tuning")
-    if config.outlier_fraction > 0:
+    if config.kept_fraction > 0:
         out.append(config.saliency)
     return out
 
@@ -237,7 +237,7 @@ def render_model_card(
     )
     base = source.base_model or "This model"
     model_id = model_id or str(Path(folder).resolve())
-    kept = config.outlier_fraction
+    kept = config.kept_fraction
     template = resources.files("hfquant.model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
     return ModelCard.from_template(
         data,
@@ -249,7 +249,7 @@ def render_model_card(
         group_size_text=GROUP_SIZE_NAMES.get(config.group_size, str(config.group_size)),
         method_text=_method_text(config),
         calibration_text=_calibration_text(config),
-        kept_text=f"{kept:.2%} ({config.saliency}, per {config.outlier_scope})" if kept else "none",
+        kept_text=f"{kept:.2%} ({config.saliency}, per {config.kept_scope})" if kept else "none",
         bits_per_weight=f"{bits_per_weight(model):.3f}",
         size_text=f"{folder_size(folder) / 1e6:.1f} MB",
         skipped_text=", ".join(config.modules_to_not_convert or ["lm_head"])

@@ -133,7 +133,7 @@ class DecoupledLinear(QuantizedLinear):
     @classmethod
     def storage_line(cls, config: Any) -> str:
         text = f"packed {config.bits}-bit integers, a float16 scale and zero per group"
-        if config.outlier_fraction:
+        if config.kept_fraction:
             text += ", and the kept weights as float16 values with int32 row/column indices"
         return text
 

@@ -137,7 +137,7 @@ class GGUFLinear(QuantizedLinear):
         """Pack a solver's integers and take its codes (a ``BlockGridWeight`` of
         :mod:`hfquant.algorithms.gguf_grid`); GGUF has no kept weights."""
         if kept is not None and kept.any():
-            raise ValueError("GGUF types store no kept 16-bit weights: use outlier_fraction=0 with gguf_type")
+            raise ValueError("GGUF types store no kept 16-bit weights: use kept_fraction=0 with gguf_type")
         layout = {**cls._layout(linear), "device": result.qweight.device}
         module = cls(linear.in_features, linear.out_features, config.gguf_type, **layout)
         module.qweight.copy_(pack_int(result.qweight, module.bits))
