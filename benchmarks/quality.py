@@ -62,12 +62,12 @@ def tune_e2e(model: PreTrainedModel, path: str, tokenizer, windows: torch.Tensor
     """The library's end-to-end tuning (what ``HfQuantConfig(e2e_epochs=...)`` runs after the last
     block) on the already quantized ``model``, so one quantization gives the rows before and after;
     returns the validation KL path."""
-    from hfquant.driver.sequential import tune_whole_model
+    from hfquant.driver.sequential import e2e_validation_ids, tune_whole_model
 
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     config = HfQuantConfig(dataset=dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                            e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr)  # fmt: skip
-    kl = tune_whole_model(model, teacher, windows, config, tokenizer)
+    kl = tune_whole_model(model, teacher, windows, e2e_validation_ids(model, config, tokenizer), config)
     return " -> ".join(f"{value:.4f}" for value in kl) + f" (kept epoch {kl.index(min(kl))})"
 
 

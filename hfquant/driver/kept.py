@@ -4,7 +4,7 @@ The scores and the selection are pure (:mod:`hfquant.algorithms.tacq`); this mod
 to collect what they need: ``G = sum_n |dL_n/dW|`` over the task examples (and for
 ``tacq_fisher`` ``F = sum_n (dL_n/dW)^2``) and ``diag(E[x x^T])`` of each linear's inputs. With
 ``saliency_grid="solved"`` the scores contrast ``W`` with the solver's result, which the driver
-passes in (``solved``). Memory: gradients live in the weights' ``.grad`` (one float tensor per
+computes on request (``solve_first``). Memory: gradients live in the weights' ``.grad`` (one float tensor per
 quantized weight, the size of the model) and their running sums (one more per statistic), with
 gradient checkpointing where the model supports it, so activations stay at one block's worth per
 example.

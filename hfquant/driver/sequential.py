@@ -125,10 +125,11 @@ def quantize_model(
     needs_ids = config.needs_calibration and (
         config.method != "rtn" or config.task_dataset is None or config.e2e_epochs > 0
     )
-    ids = None
-    if needs_ids:
+    ids = validation = None
+    if needs_ids:  # end-to-end tuning reads text: ids and its validation windows come together
         with timed(report, "calibration"):
             ids = calibration_ids(model, config, tokenizer)
+            validation = e2e_validation_ids(model, config, tokenizer) if config.e2e_epochs else None
     teacher = full_precision_copy(model) if config.e2e_epochs else None
     kept: dict[str, torch.Tensor] = {}
     if config.kept_fraction > 0:
@@ -147,7 +148,7 @@ def quantize_model(
         quantize_blocks(model, linears, ids, config, report, kept, work, progress)
     if teacher is not None:
         with timed(report, "end-to-end"):
-            report.e2e_validation_kl = tune_whole_model(model, teacher, ids, config, tokenizer)
+            report.e2e_validation_kl = tune_whole_model(model, teacher, ids, validation, config)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -196,12 +197,10 @@ def full_precision_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval()
 
 
-def tune_whole_model(
-    model: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: HfQuantConfig, tokenizer: Any
-) -> list[float]:
-    """End-to-end tuning of the quantized model's float part against ``teacher`` (the full-precision
-    copy), on the calibration windows, keeping the epoch best on other windows of the same set;
-    returns the validation KL of the start and of each epoch."""
+def e2e_validation_ids(model: nn.Module, config: HfQuantConfig, tokenizer: Any) -> torch.Tensor:
+    """The windows end-to-end tuning keeps its best epoch on: other windows of the calibration set
+    (another seed; for token ids, the rows after the first ``nsamples``). Read before quantizing, so
+    a set too small for them fails at once, not after the solve."""
     n_validation = max(2, config.nsamples // 8)
     if isinstance(config.dataset, torch.Tensor):  # token ids: the windows after the calibration ones
         if config.dataset.shape[0] < config.nsamples + n_validation:
@@ -210,12 +209,18 @@ def tune_whole_model(
                 f"calibration token ids with at least nsamples + {n_validation} = {config.nsamples + n_validation} "
                 f"rows (got {config.dataset.shape[0]}), or set e2e_epochs=0"
             )
-        validation = get_calibration_data(config.dataset[config.nsamples :], None, n_validation, config.seqlen)
-    else:
-        validation = get_calibration_data(
-            config.dataset, resolve_tokenizer(model, config, tokenizer), n_validation, config.seqlen,
-            seed=config.seed + 1000,
-        )  # fmt: skip
+        return get_calibration_data(config.dataset[config.nsamples :], None, n_validation, config.seqlen)
+    return get_calibration_data(
+        config.dataset, resolve_tokenizer(model, config, tokenizer), n_validation, config.seqlen, seed=config.seed + 1000
+    )
+
+
+def tune_whole_model(
+    model: nn.Module, teacher: nn.Module, ids: torch.Tensor, validation: torch.Tensor, config: HfQuantConfig
+) -> list[float]:
+    """End-to-end tuning of the quantized model's float part against ``teacher`` (the full-precision
+    copy), on the calibration windows ``ids``, keeping the epoch best on ``validation``
+    (:func:`e2e_validation_ids`); returns the validation KL of the start and of each epoch."""
     result = tune_end_to_end(
         model, lambda batch: teacher(input_ids=batch, use_cache=False).logits, ids, validation,
         epochs=config.e2e_epochs, lr=config.e2e_lr, batch_size=2, storage_dtype=STORAGE_DTYPE, seed=config.seed,
