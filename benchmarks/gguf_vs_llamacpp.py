@@ -47,8 +47,13 @@ from hfquant.export.llamacpp import (
 )
 from hfquant.models import default_model_path
 
-# llama-quantize's names for the types (Q3_K and Q4_K are its _M mixes).
-LLAMA_NAMES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q8_0": "Q8_0", "q2_k": "Q2_K", "q3_k": "Q3_K_M", "q4_k": "Q4_K_M"}
+# llama-quantize's names for the types: a single K type is its _S file (for the default model the same
+# type on every linear weight), q3_k_m / q4_k_m / q5_k_m its _M mixes; its Q2_K is itself a mix.
+LLAMA_NAMES = {
+    "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q8_0": "Q8_0", "q2_k": "Q2_K",
+    "q3_k": "Q3_K_S", "q4_k": "Q4_K_S", "q5_k": "Q5_K_S", "q6_k": "Q6_K",
+    "q3_k_m": "Q3_K_M", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M",
+}
 
 
 def run(cmd: list[str], timeout: int = 3600) -> str:
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             for imat_args, label, extra in (([], "", 0.0), (["--imatrix", str(imatrix)], " + imatrix", imatrix_seconds)):
                 pure = work / f"llama-pure{'-imatrix' * bool(imat_args)}-{qtype}.gguf"
                 cmd = [quantize, "--pure", *imat_args, "--output-tensor-type", "q8_0", "--token-embedding-type", "q8_0",
-                       str(f16), str(pure), qtype.upper(), str(args.threads)]
+                       str(f16), str(pure), LLAMA_NAMES[qtype], str(args.threads)]
                 _, seconds = timed(lambda cmd=cmd: run(cmd))
                 row(qtype, f"llama-quantize --pure {qtype.upper()}{label}, q8_0 embedding/output", pure, seconds + extra, base)
         if not args.skip_requantized:
@@ -214,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             f"llama.cpp: {version}, {args.threads} threads. Perplexity by `llama-perplexity` (-c 512, {args.chunks} "
             f"chunks, second half of each chunk scored) on held-out text: {', '.join(texts)}. Bits/weight: file bits "
             f"over the model's {n_weights / 1e6:.1f} M weights (embedding included; metadata and vocabulary too). "
-            "Q3_K and Q4_K from llama-quantize are its _M mixes (some tensors in Q5_K/Q6_K); hfquant writes one type "
-            "with llama.cpp's per-tensor fallbacks (576-wide rows: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0). 'requantized' "
+            "llama-quantize makes its file of the name in the row (Q2_K and the _M files are its per-tensor mixes, "
+            "_S its single-type ones); hfquant writes the same type, or for q3_k_m/q4_k_m/q5_k_m the same mix of types "
+            "by role and block, with llama.cpp's per-tensor fallbacks (576-wide rows: Q2_K/Q3_K -> Q4_0, Q4_K -> "
+            "Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0). 'requantized' "
             "rows round the float model to the type without data; 'solved' rows quantize with "
             f"HfQuantConfig(gguf_type=...) (decoupleQ {args.decoupleq_iters} iterations, {args.blockwise_epochs} "
             f"block-wise epochs, end-to-end tuning epochs and Hessian shrinkage as named, the same {args.calib_windows}x512 mix windows "

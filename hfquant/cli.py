@@ -363,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--gguf-type",
         default=None,
-        help="solve on a GGUF block type's grid (q4_0, q4_1, q8_0, q2_k, q3_k, q4_k; --bits and --group-size "
-        "then do not apply) and write <name>-<TYPE>.gguf for llama.cpp beside the safetensors, losslessly",
+        help="solve on a GGUF block type's grid (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k) or "
+        "llama-quantize's per-tensor mix (q3_k_m, q4_k_m, q5_k_m); --bits and --group-size then do not apply; "
+        "and write <name>-<TYPE>.gguf for llama.cpp beside the safetensors, losslessly",
     )
     q.add_argument(
         "--work-dir",
@@ -429,10 +430,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("out", help="the .gguf file to write (atomically)")
     g.add_argument(
         "--type", default=None,
-        help="q4_0, q4_1, q8_0, q2_k, q3_k, q4_k, f16 or f32 (default: the model's gguf_type, else q4_1)",
+        help="q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16, f32, or a mix q3_k_m, q4_k_m, "
+        "q5_k_m (default: the model's gguf_type, else q4_1)",
     )
-    g.add_argument("--embedding-type", default=None, help="token embedding type (default: the output type when tied, else --type)")
-    g.add_argument("--output-type", default=None, help="output head type (default q8_0)")
+    g.add_argument(
+        "--embedding-type", default=None,
+        help="token embedding type (default: the output type when tied, else --type's base type)",
+    )
+    g.add_argument(
+        "--output-type", default=None,
+        help="output head type (default as llama.cpp: q6_k, q8_0 for a q8_0 file; rows not a multiple of 256 in q8_0)",
+    )
     g.set_defaults(func=cmd_export_gguf)
     return parser
 

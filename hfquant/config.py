@@ -17,7 +17,10 @@ SUPPORTED_SALIENCIES = ("tacq", "tacq_fisher", "magnitude", "hessian")
 LOSS_UNIT_SALIENCIES = ("tacq", "tacq_fisher")  # comparable across layers: ranked globally by default
 SUPPORTED_SALIENCY_GRIDS = ("rtn", "solved")
 SUPPORTED_KEPT_SCOPES = ("layer", "global")
-SUPPORTED_GGUF_TYPES = (None, "q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k")
+SUPPORTED_GGUF_TYPES = (
+    *(None, "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"),
+    *("q3_k_m", "q4_k_m", "q5_k_m"),
+)
 DEFAULT_HESSIAN_SHRINK = 0.3  # Hessian shrinkage toward its diagonal (see hessian_shrink)
 DEFAULT_E2E_EPOCHS = 2  # end-to-end tuning epochs where it applies (e2e_epochs=None)
 
@@ -120,14 +123,17 @@ class HfQuantConfig(QuantizationConfigMixin):
             3.11x full precision at W2, 1.39x to 1.29x at W3 and 1.06x to 1.04x at W4, for 29-57%
             more quantization time.
         gguf_type: solve on the grid of a GGUF (llama.cpp) block type and store its blocks
-            (``"q4_0"``, ``"q4_1"``, ``"q8_0"``: blocks of 32 with a float16 scale, and a float16 min
-            for ``q4_1``; ``"q2_k"``, ``"q3_k"``, ``"q4_k"``: super-blocks of 256 with 4- or 6-bit
-            sub-block scale (and min) codes under float16 factors), so that
-            ``hfquant.export.save_gguf`` writes the weights losslessly. The type fixes the integer
-            width and the groups, so ``bits`` and ``group_size`` do not apply; rows a K-quant cannot
-            hold (not a multiple of 256) take llama.cpp's fallback type (see
-            :mod:`hfquant.formats.gguf`). ``method="decoupleq"`` only, without kept weights or
-            SplitQuant. ``None`` (default): hfquant's own grid.
+            (``"q4_0"``, ``"q4_1"``, ``"q5_0"``, ``"q5_1"``, ``"q8_0"``: blocks of 32 with a float16
+            scale, and a float16 min for ``q4_1``/``q5_1``; ``"q2_k"``, ``"q3_k"``, ``"q4_k"``,
+            ``"q5_k"``, ``"q6_k"``: super-blocks of 256 with 4-, 6- or 8-bit sub-block scale (and
+            min) codes under float16 factors), so that ``hfquant.export.save_gguf`` writes the
+            weights losslessly; or a per-tensor mix of llama-quantize (``"q3_k_m"``, ``"q4_k_m"``,
+            ``"q5_k_m"``: a few tensors such as ``attn_v`` and ``ffn_down`` in a wider type, see
+            :mod:`hfquant.formats.gguf_presets`). The type fixes the integer width and the groups,
+            so ``bits`` and ``group_size`` do not apply; rows a K-quant cannot hold (not a multiple
+            of 256) take llama.cpp's fallback type (see :mod:`hfquant.formats.gguf`).
+            ``method="decoupleq"`` only, without kept weights or SplitQuant. ``None`` (default):
+            hfquant's own grid.
         seed: seed of the calibration window draw.
         tokenizer: tokenizer (or its path) for calibration; defaults to the model's own folder.
         work_dir: folder where each finished decoder block is saved (its quantized modules and the

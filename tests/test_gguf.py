@@ -31,8 +31,9 @@ from hfquant.export.llamacpp import (  # noqa: E402
     llamacpp_tool,
 )
 
-TYPES = ("q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k")
-K_TYPES = ("q2_k", "q3_k", "q4_k")
+TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+QMAX = {"q4_0": 15, "q4_1": 15, "q5_0": 31, "q5_1": 31, "q8_0": 255, "q2_k": 3, "q3_k": 7, "q4_k": 15, "q5_k": 31, "q6_k": 63}
 
 needs_converter = pytest.mark.skipif(
     not (llamacpp_source() / "conversion").is_dir(),
@@ -70,14 +71,15 @@ def expected_stored(w: np.ndarray, written: str) -> np.ndarray:
 def random_blocks(qtype: str, rows: int = 6, cols: int = 512, seed: int = 0) -> GGUFBlocks:
     rng = np.random.default_rng(seed)
     nb = cols // (256 if qtype in K_TYPES else 32)
-    qmax = {"q4_0": 15, "q4_1": 15, "q8_0": 255, "q2_k": 3, "q3_k": 7, "q4_k": 15}[qtype]
-    q = rng.integers(0, qmax + 1, (rows, nb, 256 if qtype in K_TYPES else 32), dtype=np.uint8)
+    q = rng.integers(0, QMAX[qtype] + 1, (rows, nb, 256 if qtype in K_TYPES else 32), dtype=np.uint8)
     d = rng.normal(0, 0.01, (rows, nb)).astype(np.float16)
-    if qtype in ("q4_0", "q8_0"):
+    if qtype in ("q4_0", "q5_0", "q8_0"):
         return GGUFBlocks(qtype, q, d)
-    if qtype == "q4_1":
+    if qtype in ("q4_1", "q5_1"):
         return GGUFBlocks(qtype, q, d, m=rng.normal(0, 0.1, (rows, nb)).astype(np.float16))
-    n_sub, smax = {"q2_k": (16, 15), "q3_k": (16, 63), "q4_k": (8, 63)}[qtype]
+    if qtype == "q6_k":
+        return GGUFBlocks(qtype, q, d, sc=rng.integers(-128, 128, (rows, nb, 16)).astype(np.int8))
+    n_sub, smax = {"q2_k": (16, 15), "q3_k": (16, 63), "q4_k": (8, 63), "q5_k": (8, 63)}[qtype]
     sc = rng.integers(0, smax + 1, (rows, nb, n_sub), dtype=np.uint8)
     if qtype == "q3_k":
         return GGUFBlocks(qtype, q, d, sc=sc)
@@ -103,14 +105,18 @@ def test_k_quantizer_is_on_grid_and_close(qtype):
     rng = np.random.default_rng(1)
     w = rng.normal(0, 0.02, (16, 768)).astype(np.float32)
     blocks = quantize_k(w, qtype)
-    assert int(blocks.q.max()) <= {"q2_k": 3, "q3_k": 7, "q4_k": 15}[qtype]
-    assert int(blocks.sc.max()) <= (15 if qtype == "q2_k" else 63)
+    assert int(blocks.q.max()) <= QMAX[qtype]
+    assert int(blocks.sc.max()) <= {"q2_k": 15, "q6_k": 127}.get(qtype, 63)
     deq = blocks.dequantize()
-    rel = np.sqrt(((deq - w) ** 2).mean() / (w**2).mean())
-    assert rel < {"q2_k": 0.6, "q3_k": 0.35, "q4_k": 0.15}[qtype], rel
-    # More bits, less error.
-    if qtype == "q4_k":
-        assert rel < np.sqrt(((quantize_k(w, "q3_k").dequantize() - w) ** 2).mean() / (w**2).mean())
+
+    def rel_error(t: str) -> float:
+        return float(np.sqrt(((quantize_k(w, t).dequantize() - w) ** 2).mean() / (w**2).mean()))
+
+    rel = rel_error(qtype)
+    assert rel < {"q2_k": 0.6, "q3_k": 0.35, "q4_k": 0.15, "q5_k": 0.08, "q6_k": 0.04}[qtype], rel
+    # One more bit, less error.
+    if qtype in ("q4_k", "q5_k", "q6_k"):
+        assert rel < rel_error(K_TYPES[K_TYPES.index(qtype) - 1])
     np.testing.assert_array_equal(
         gguf.quants.dequantize(quantize_tensor(w, qtype), gguf.GGMLQuantizationType[qtype.upper()]).reshape(w.shape), deq
     )
@@ -191,7 +197,8 @@ def test_every_type_reads_back_as_gguf_quantization_of_the_weights(tokenizer, tm
     expected = hf_to_gguf_weights(model)
     for name, w in expected.items():
         record = written[name]
-        want = qtype if name != "token_embd.weight" else "q8_0"  # tied: the embedding is the output head
+        # tied: the embedding is the output head, q6_k as in llama.cpp's presets (q8_0 in a q8_0 file)
+        want = qtype if name != "token_embd.weight" else ("q8_0" if qtype == "q8_0" else "q6_k")
         assert record.written == want and tensors[name].tensor_type.name == want.upper()
         np.testing.assert_array_equal(gguf_dequantize(tensors[name]), expected_stored(w, want), err_msg=name)
     norms = [t for t in reader.tensors if t.name.endswith("norm.weight")]
@@ -247,6 +254,28 @@ def test_576_wide_rows_fall_back_like_llama_quantize(tokenizer, tmp_path):
     assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q5_0
     summary = save_gguf(model, tokenizer, tmp_path / "q2k.gguf", type="q2_k")
     assert {t.name: t.written for t in summary.tensors}["blk.0.attn_v.weight"] == "q4_0"
+
+
+@needs_converter
+@pytest.mark.parametrize("preset", ["q3_k_m", "q4_k_m", "q5_k_m"])
+def test_mixes_give_every_tensor_the_type_llama_quantize_gives_it(tokenizer, tmp_path, preset):
+    """The per-tensor rules against llama.cpp itself: a 16-block model exported as a mix has, tensor
+    for tensor, the types of ``llama-quantize``'s file of that name (from the same model's F32 GGUF)."""
+    quantize = tool("llama-quantize")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), tie_word_embeddings=False,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    save_gguf(model, tokenizer, tmp_path / "f32.gguf", type="f32")
+    llama = tmp_path / f"llama-{preset}.gguf"
+    subprocess.run([str(quantize), str(tmp_path / "f32.gguf"), str(llama), preset.upper(), "2"], check=True, capture_output=True)
+    summary = save_gguf(model, tokenizer, tmp_path / f"hfquant-{preset}.gguf", type=preset)
+    theirs = {t.name: t.tensor_type.name for t in gguf.GGUFReader(llama).tensors}
+    ours = {t.name: t.written.upper() for t in summary.tensors}
+    assert ours == theirs
+    assert len({v for k, v in ours.items() if k.startswith("blk.") and not k.endswith("norm.weight")}) >= 2
 
 
 @needs_converter

@@ -20,7 +20,7 @@ gguf = pytest.importorskip("gguf")
 from hfquant.export.gguf import quantize_k, quantize_tensor, save_gguf  # noqa: E402
 from hfquant.export.llamacpp import llamacpp_source  # noqa: E402
 
-TYPES = ("q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k")
+TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 needs_converter = pytest.mark.skipif(
     not (llamacpp_source() / "conversion").is_dir(),
     reason=f"llama.cpp's converter is absent ({llamacpp_source()}): run `make llamacpp` or set HFQUANT_LLAMACPP_SRC",
@@ -36,8 +36,8 @@ def one_thread():
 
 
 def test_config_names_the_field_and_the_allowed_types():
-    with pytest.raises(ValueError, match=r"gguf_type must be one of \[None, 'q4_0', 'q4_1', 'q8_0', 'q2_k', 'q3_k', 'q4_k'\]"):
-        HfQuantConfig(gguf_type="q5_k")
+    with pytest.raises(ValueError, match=r"gguf_type must be one of \[None, 'q4_0', .*'q6_k', 'q3_k_m', 'q4_k_m', 'q5_k_m'\]"):
+        HfQuantConfig(gguf_type="q7_k")
     with pytest.raises(ValueError, match="gguf_type='q2_k' is solved by method='decoupleq'"):
         HfQuantConfig(gguf_type="q2_k", method="gptq")
     with pytest.raises(ValueError, match="kept_fraction=0"):
@@ -50,6 +50,7 @@ def test_config_names_the_field_and_the_allowed_types():
 def test_rows_a_k_quant_cannot_hold_take_llama_cpp_fallback():
     assert grid_for("q2_k", 512).name == "q2_k" and grid_for("q2_k", 576).name == "q4_0"
     assert grid_for("q3_k", 576).name == "q4_0" and grid_for("q4_k", 576).name == "q5_0"
+    assert grid_for("q5_k", 576).name == "q5_1" and grid_for("q6_k", 576).name == "q8_0"
     assert grid_for("q4_1", 576).name == "q4_1"
     with pytest.raises(ValueError, match="100 input columns fits no GGUF block type"):
         grid_for("q4_0", 100)
@@ -322,3 +323,76 @@ def _saved_tiny(tokenizer, folder):
     base = folder / "base"
     tiny_llama(tokenizer).save_pretrained(base)
     return base
+
+
+# ------------------------------------------------------------------------------------------------
+# llama-quantize's per-tensor mixes (q3_k_m, q4_k_m, q5_k_m)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_presets_choose_types_as_llama_quantize_does():
+    """The rules of llama.cpp's llama_tensor_get_type_impl for a dense 30-block model (the default
+    model's depth), by Hugging Face and by GGUF name."""
+    from hfquant.formats.gguf_presets import layer_type
+
+    def hf(block: int, leaf: str) -> str:
+        return f"model.layers.{block}.{'mlp' if leaf.endswith('proj') and leaf[0] in 'gud' else 'self_attn'}.{leaf}"
+
+    more_bits = [i for i in range(30) if i < 3 or i >= 26 or (i - 3) % 3 == 2]
+    assert more_bits == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    for i in range(30):
+        assert layer_type("q4_k_m", hf(i, "v_proj"), 30) == ("q6_k" if i in more_bits else "q4_k")
+        assert layer_type("q4_k_m", f"blk.{i}.ffn_down.weight", 30) == ("q6_k" if i in more_bits else "q4_k")
+        assert layer_type("q5_k_m", hf(i, "down_proj"), 30) == ("q6_k" if i in more_bits else "q5_k")
+        assert layer_type("q3_k_m", hf(i, "v_proj"), 30) == ("q5_k" if i < 2 else "q4_k")
+        assert layer_type("q3_k_m", hf(i, "down_proj"), 30) == ("q5_k" if i < 1 else "q4_k")  # 30 // 16 = 1
+        assert layer_type("q3_k_m", hf(i, "o_proj"), 30) == "q4_k"
+        assert layer_type("q4_k_m", hf(i, "o_proj"), 30) == "q4_k"
+        for leaf in ("q_proj", "k_proj", "gate_proj", "up_proj"):
+            assert layer_type("q3_k_m", hf(i, leaf), 30) == "q3_k"
+            assert layer_type("q4_k_m", hf(i, leaf), 30) == "q4_k"
+    assert layer_type("q4_k_m", "transformer.h.3.attn.c_attn", 30) == "q5_k"  # fused qkv (GPT-2 names)
+    assert layer_type("q3_k", "model.layers.0.self_attn.v_proj", 30) == "q3_k"  # a single type is itself
+
+
+@needs_converter
+@pytest.mark.parametrize("preset", ["q3_k_m", "q4_k_m"])
+def test_preset_is_solved_per_tensor_exported_losslessly_and_reloaded(tokenizer, tmp_path, preset):
+    """Each layer is solved on the type its role and block give (llama.cpp's mix), the export writes
+    every one of them as is, and a saved model reloads each layer's type from its tensors."""
+    from hfquant.formats.gguf_presets import layer_type
+
+    model = quantized_tiny(tokenizer, tmp_path, preset)
+    grids = {n: m.grid.name for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
+    assert grids == {n: layer_type(preset, n, 1) for n in grids}
+    assert grids["model.layers.0.self_attn.v_proj"] == {"q3_k_m": "q5_k", "q4_k_m": "q6_k"}[preset]
+    assert len(set(grids.values())) == 3 if preset == "q3_k_m" else 2
+    summary = save_gguf(model, tokenizer, tmp_path / "mix.gguf")
+    assert summary.type == preset
+    hows = {t.name: t for t in summary.tensors}
+    read = gguf_weights(tmp_path / "mix.gguf")
+    for name, w in hfquant_weights(model).items():
+        assert hows[name].how == "lossless", name
+        np.testing.assert_array_equal(read[name], w, err_msg=name)
+    fields = gguf.GGUFReader(tmp_path / "mix.gguf").fields
+    assert fields["general.file_type"].contents() == int(getattr(gguf.LlamaFileType, f"MOSTLY_{preset.upper()}"))
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert {n: m.grid.name for n, m in again.named_modules() if isinstance(m, GGUFLinear)} == grids
+    for name, module in model.named_modules():
+        if isinstance(module, GGUFLinear):
+            assert torch.equal(module.dequantize(), again.get_submodule(name).dequantize()), name
+
+
+def test_preset_checkpoint_with_a_foreign_layer_type_is_refused(tokenizer, tmp_path):
+    """A layer whose tensors match none of the preset's types names the layer and the types."""
+    from hfquant.export.checkpoint import plan_quantized_layers, read_checkpoint
+    from hfquant.formats import CheckpointError
+    from hfquant.nn.replace import linears_to_convert
+
+    model = quantized_tiny(tokenizer, tmp_path, "q2_k")
+    model.save_pretrained(tmp_path / "q2k")
+    tensors, _ = read_checkpoint([str(tmp_path / "q2k" / "model.safetensors")])
+    linears = linears_to_convert(tiny_llama(tokenizer), ["lm_head"])
+    with pytest.raises(CheckpointError, match=r"layer model\.layers\.0\.[\w.]+ stores none of the types of gguf_type='q4_k_m'"):
+        plan_quantized_layers(tensors, linears, HfQuantConfig(gguf_type="q4_k_m"))

@@ -55,6 +55,7 @@ from hfquant.driver.kept import choose_kept
 from hfquant.driver.solve import quantize_linear
 from hfquant.driver.workdir import WorkDir
 from hfquant.formats import STORAGE_DTYPE, QuantizedLinear, format_for
+from hfquant.formats.gguf_presets import layer_config
 from hfquant.nn.replace import linears_to_convert, set_module
 
 logger = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ def quantize_blocks(
             if config.method == "inq":
                 originals = quantize_block_inq(block, layers, batches, targets, config)
             else:
-                originals = solve_block(block, layers, hessians, config, kept, block_prefix)
+                originals = solve_block(block, layers, hessians, config, kept, block_prefix, len(blocks))
         if config.learned_rounding:
             with timed(report, "learned rounding"):
                 round_block(block, layers, hessians, batches, targets, config)
@@ -301,13 +302,16 @@ def solve_block(
     config: HfQuantConfig,
     kept: dict[str, torch.Tensor],
     block_prefix: str,
+    n_blocks: int,
 ) -> dict[str, torch.Tensor]:
     """Solve each linear of the block against its Hessian and swap in its quantized module; return
-    the original values of the kept weights, per linear."""
+    the original values of the kept weights, per linear. Under a GGUF preset each linear is solved
+    on its own type (:func:`hfquant.formats.gguf_presets.layer_config`)."""
     originals = {}
     for name, linear in layers.items():
         mask = kept.get(block_prefix + name)
-        module = quantize_linear(linear, hessians[name], config, mask)
+        layer = layer_config(config, block_prefix + name, n_blocks)
+        module = quantize_linear(linear, hessians[name], layer, mask)
         if mask is not None and module.num_kept:
             originals[name] = linear.weight.data[module.kept_positions()].clone()
         set_module(block, name, module)

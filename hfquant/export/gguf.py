@@ -6,8 +6,10 @@ tensor names, with the Llama q/k row permutation, come from llama.cpp's own conv
 llamacpp`` unpacks under ``.venv/llama.cpp`` (``$HFQUANT_LLAMACPP_SRC`` overrides). Tensors are
 written with the ``gguf`` package's ``GGUFWriter``.
 
-Block types (``GGUF_TYPES``): ``q4_0``, ``q4_1``, ``q8_0`` (blocks of 32), ``q2_k``, ``q3_k``,
-``q4_k`` (super-blocks of 256), and ``f16`` / ``f32``. How each weight is written:
+Block types (``GGUF_TYPES``): ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q8_0`` (blocks of 32),
+``q2_k``, ``q3_k``, ``q4_k``, ``q5_k``, ``q6_k`` (super-blocks of 256), ``f16`` / ``f32``, and
+llama-quantize's per-tensor mixes ``q3_k_m``, ``q4_k_m``, ``q5_k_m`` (each weight's type by its role
+and block, :mod:`hfquant.formats.gguf_presets`). How each weight is written:
 
 * **lossless**: a ``GGUFLinear`` (a model quantized with ``HfQuantConfig(gguf_type=...)``, solved
   on the type's grid, :mod:`hfquant.formats.gguf`) is written from its stored integers and codes
@@ -15,17 +17,19 @@ Block types (``GGUF_TYPES``): ``q4_0``, ``q4_1``, ``q8_0`` (blocks of 32), ``q2_
   stored grid is exactly the type's grid (W4 g32 with float16 scale and zero is ``Q4_1``:
   ``w = d * q + m``; a W4 g32 grid with ``zero = -8 * scale`` is ``Q4_0``).
 * **requantized**: any other weight is dequantized and quantized to the type: with
-  ``gguf.quants.quantize`` for the 32-blocks, with :func:`quantize_k` (min-max sub-block grids,
-  6- or 4-bit sub-block scales under float16 super-block factors) for the K-quants, which ``gguf``
-  can only dequantize.
+  ``gguf.quants.quantize`` for the 32-blocks, with :func:`quantize_k` (searched sub-block grids,
+  4-, 6- or 8-bit sub-block scales under float16 super-block factors) for the K-quants, which
+  ``gguf`` can only dequantize.
 * **fallback**: a row length the type cannot hold gets the type llama.cpp's ``llama-quantize``
-  falls back to (``tensor_type_fallback``): ``q2_k`` and ``q3_k`` -> ``q4_0``, ``q4_k`` -> ``q5_0``;
-  a row that is not a multiple of 32 either -> ``f16``. The export summary lists every fallback.
+  falls back to (``tensor_type_fallback``): ``q2_k`` and ``q3_k`` -> ``q4_0``, ``q4_k`` -> ``q5_0``,
+  ``q5_k`` -> ``q5_1``, ``q6_k`` -> ``q8_0``; a row that is not a multiple of 32 either -> ``f16``.
+  The export summary lists every fallback.
 
-Embedding and output head: ``embedding_type`` / ``output_type``. The output head defaults to
-``q8_0`` (llama.cpp's presets use ``q6_k``, whose 256-wide rows fall back to ``q8_0`` on 576-wide
-models anyway); with tied embeddings the token embedding is the output head and gets the output
-type, otherwise it gets the main type (with its fallback). 1-D tensors (norms, biases) are F32.
+Embedding and output head: ``embedding_type`` / ``output_type``. As in llama.cpp's presets the
+output head defaults to ``q6_k`` (``q8_0`` for a ``q8_0`` file, the float type for a float file),
+whose rows fall back to ``q8_0`` where they are not a multiple of 256 (the default model's 576);
+with tied embeddings the token embedding is the output head and gets the output type, otherwise it
+gets the main type (a preset's base type), with its fallback. 1-D tensors (norms, biases) are F32.
 
 GGUF has no sparse 16-bit weights: models with kept weights (``kept_fraction > 0``) are refused.
 """
@@ -49,17 +53,26 @@ from torch import nn
 
 from hfquant.export.llamacpp import LLAMACPP_SDIST_VERSION, llamacpp_source
 from hfquant.formats.gguf import FALLBACK, GGUFLinear
+from hfquant.formats.gguf_presets import GGUF_PRESETS, block_index, layer_type
 
-# Allowed values of ``type`` / ``embedding_type`` / ``output_type``.
-GGUF_TYPES = ("q4_0", "q4_1", "q8_0", "q2_k", "q3_k", "q4_k", "f16", "f32")
+# Allowed values of ``embedding_type`` / ``output_type``; ``type`` may also be a preset.
+GGUF_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "f16", "f32")
+K_QUANTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 # The general.file_type written for each main type (llama.cpp's names for the mostly-X files).
 _FILE_TYPE = {
     "q4_0": "MOSTLY_Q4_0",
     "q4_1": "MOSTLY_Q4_1",
+    "q5_0": "MOSTLY_Q5_0",
+    "q5_1": "MOSTLY_Q5_1",
     "q8_0": "MOSTLY_Q8_0",
     "q2_k": "MOSTLY_Q2_K",
-    "q3_k": "MOSTLY_Q3_K_M",
-    "q4_k": "MOSTLY_Q4_K_M",
+    "q3_k": "MOSTLY_Q3_K_S",
+    "q4_k": "MOSTLY_Q4_K_S",
+    "q5_k": "MOSTLY_Q5_K_S",
+    "q6_k": "MOSTLY_Q6_K",
+    "q3_k_m": "MOSTLY_Q3_K_M",
+    "q4_k_m": "MOSTLY_Q4_K_M",
+    "q5_k_m": "MOSTLY_Q5_K_M",
     "f16": "MOSTLY_F16",
     "f32": "ALL_F32",
 }
@@ -87,10 +100,12 @@ def qtype_of(name: str):
         raise GGUFExportError(f"unknown GGUF type {name!r}") from None
 
 
-def check_type(name: str, what: str = "type") -> str:
+def check_type(name: str, what: str = "type", presets: bool = False) -> str:
+    """``name`` lower-cased if it is a GGUF type (or, with ``presets``, a llama-quantize mix)."""
     key = str(name).lower()
-    if key not in GGUF_TYPES:
-        raise GGUFExportError(f"unsupported GGUF {what} {name!r}: expected one of {', '.join(GGUF_TYPES)}")
+    allowed = (*GGUF_TYPES, *GGUF_PRESETS) if presets else GGUF_TYPES
+    if key not in allowed:
+        raise GGUFExportError(f"unsupported GGUF {what} {name!r}: expected one of {', '.join(allowed)}")
     return key
 
 
@@ -107,10 +122,13 @@ class GGUFBlocks:
     per block (``[rows, n_blocks]``, float16) or per sub-block (``[rows, n_blocks, n_sub]``, the
     small integers). Dequantized weight, per type:
 
-    * ``q4_0``: ``d * (q - 8)``; ``q4_1``: ``d * q + m``; ``q5_0``: ``d * (q - 16)``; ``q8_0``: ``d * (q - 128)``
+    * ``q4_0``: ``d * (q - 8)``; ``q4_1``: ``d * q + m``; ``q5_0``: ``d * (q - 16)``;
+      ``q5_1``: ``d * q + m``; ``q8_0``: ``d * (q - 128)``
     * ``q2_k``: ``d * sc * q - dmin * mn`` (16 sub-blocks of 16, 4-bit ``sc``, ``mn``, 2-bit ``q``)
     * ``q3_k``: ``d * (sc - 32) * (q - 4)`` (16 sub-blocks of 16, 6-bit ``sc``, 3-bit ``q``)
-    * ``q4_k``: ``d * sc * q - dmin * mn`` (8 sub-blocks of 32, 6-bit ``sc``, ``mn``, 4-bit ``q``)
+    * ``q4_k`` / ``q5_k``: ``d * sc * q - dmin * mn`` (8 sub-blocks of 32, 6-bit ``sc``, ``mn``,
+      4- or 5-bit ``q``)
+    * ``q6_k``: ``d * sc * (q - 32)`` (16 sub-blocks of 16, signed 8-bit ``sc``, 6-bit ``q``)
 
     A solver that works on a type's grid hands these over and the export writes them unchanged.
     """
@@ -118,7 +136,7 @@ class GGUFBlocks:
     qtype: str
     q: np.ndarray
     d: np.ndarray
-    m: np.ndarray | None = None  # q4_1
+    m: np.ndarray | None = None  # q4_1, q5_1
     dmin: np.ndarray | None = None  # k-quants with mins
     sc: np.ndarray | None = None
     mn: np.ndarray | None = None
@@ -142,7 +160,7 @@ class GGUFBlocks:
         t = self.qtype
         if t == "q4_0":
             w = d * (q - 8)
-        elif t == "q4_1":
+        elif t in ("q4_1", "q5_1"):
             w = d * q + self.m.astype(np.float32)[..., None]
         elif t == "q5_0":
             w = d * (q - 16)
@@ -154,6 +172,8 @@ class GGUFBlocks:
             sc = self.sc.astype(np.float32)[..., None]
             if t == "q3_k":
                 w = d[..., None] * (sc - 32) * (q - 4)
+            elif t == "q6_k":
+                w = d[..., None] * sc * (q - 32)
             else:
                 w = d[..., None] * sc * q - self.dmin.astype(np.float32)[..., None, None] * self.mn.astype(np.float32)[..., None]
         return w.reshape(rows, cols).astype(np.float32)
@@ -170,10 +190,11 @@ class GGUFBlocks:
         if t in ("q4_0", "q4_1"):
             qs = q[:, :16] | (q[:, 16:] << 4)
             parts = [f16(self.d)] + ([f16(self.m)] if t == "q4_1" else []) + [qs]
-        elif t == "q5_0":
+        elif t in ("q5_0", "q5_1"):
             qh = ((q >> 4).astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(1, dtype=np.uint32)
             qs = (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)
-            parts = [f16(self.d), qh.astype("<u4").reshape(-1, 1).view(np.uint8), qs]
+            m = [f16(self.m)] if t == "q5_1" else []
+            parts = [f16(self.d), *m, qh.astype("<u4").reshape(-1, 1).view(np.uint8), qs]
         elif t == "q8_0":
             parts = [f16(self.d), (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)]
         elif t == "q2_k":
@@ -188,7 +209,7 @@ class GGUFBlocks:
             )
             hmask = ((q >> 2).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[:, None]).sum(1, dtype=np.uint8)
             parts = [hmask, _pack_2bit(q & 3), scales, f16(self.d)]
-        elif t == "q4_k":
+        elif t in ("q4_k", "q5_k"):
             sc = self.sc.astype(np.uint8).reshape(rows * nb, 8)
             mn = self.mn.astype(np.uint8).reshape(rows * nb, 8)
             scales = np.concatenate(
@@ -199,9 +220,22 @@ class GGUFBlocks:
                 ],
                 axis=1,
             )
-            q4 = q.reshape(-1, 4, 2, 32)
+            q4 = (q & 0xF).reshape(-1, 4, 2, 32)
             qs = (q4[:, :, 0] | (q4[:, :, 1] << 4)).reshape(-1, 128)
-            parts = [f16(self.d), f16(self.dmin), scales, qs]
+            if t == "q4_k":
+                parts = [f16(self.d), f16(self.dmin), scales, qs]
+            else:  # bit k of qh[j]: the fifth bit of value 32 k + j
+                qh = ((q >> 4).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[:, None]).sum(1, dtype=np.uint8)
+                parts = [f16(self.d), f16(self.dmin), scales, qh, qs]
+        elif t == "q6_k":
+            # per 128 values: ql[l] = low nibbles of values l and l + 64, ql[32 + l] of l + 32 and l + 96;
+            # qh[l] = the high 2 bits of values l, l + 32, l + 64, l + 96 at bits 0, 2, 4, 6
+            q6 = q.reshape(-1, 2, 4, 32)
+            low = q6 & 0xF
+            ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
+            qh = ((q6 >> 4) << (np.arange(4, dtype=np.uint8) * 2)[:, None]).sum(2, dtype=np.uint8)
+            scales = self.sc.astype(np.int8).reshape(rows * nb, 16).view(np.uint8)
+            parts = [ql.reshape(-1, 128), qh.reshape(-1, 64), scales, f16(self.d)]
         else:
             raise GGUFExportError(f"no block packing for {t}")
         return np.concatenate(parts, axis=1).reshape(rows, -1)
@@ -265,28 +299,30 @@ def _search_subblock_grid(x: np.ndarray, weight: np.ndarray, nmax: int, symmetri
 def quantize_k(w: np.ndarray, qtype: str) -> GGUFBlocks:
     """Quantize ``[rows, cols]`` (cols a multiple of 256) to a K-quant's blocks.
 
-    Each sub-block's grid (scale and non-positive offset for ``q2_k`` / ``q4_k``, a signed scale for
-    ``q3_k``) is searched as llama.cpp's reference quantizer does (weights ``|x|``, ``x**2`` or
-    ``rms + |x|`` as it uses them), the sub-block scales are rounded to their 4- or 6-bit integers
-    under the super-block's float16 factors, and the weights are rounded on the grid those stored
-    values give.
+    Each sub-block's grid (scale and non-positive offset for ``q2_k`` / ``q4_k`` / ``q5_k``, a
+    signed scale for ``q3_k`` / ``q6_k``) is searched as llama.cpp's reference quantizer does
+    (weights ``|x|``, ``x**2`` or ``rms + |x|`` as it uses them), the sub-block scales are rounded to
+    their 4-, 6- or 8-bit integers under the super-block's float16 factors, and the weights are
+    rounded on the grid those stored values give.
     """
     rows, cols = w.shape
-    n_sub = {"q2_k": 16, "q3_k": 16, "q4_k": 8}[qtype]
+    n_sub = {"q2_k": 16, "q3_k": 16, "q4_k": 8, "q5_k": 8, "q6_k": 16}[qtype]
     sub = w.astype(np.float32).reshape(rows, cols // QK_K, n_sub, QK_K // n_sub)
-    if qtype == "q3_k":
-        scale, _ = _search_subblock_grid(sub, np.ones_like(sub), 7, symmetric=True)
+    if qtype in ("q3_k", "q6_k"):
+        # signed integers -half .. half - 1 (stored + half), signed codes: q3_k's 6-bit (stored + 32),
+        # q6_k's int8; the sub-block of largest scale gets the most negative code, as in llama.cpp
+        half, code = (4, 32) if qtype == "q3_k" else (32, 128)
+        scale, _ = _search_subblock_grid(sub, np.ones_like(sub), 2 * half - 1, symmetric=True)
         jmax = np.abs(scale).argmax(-1)[..., None]
-        d = _f16(-np.take_along_axis(scale, jmax, -1)[..., 0] / 32)
+        d = _f16(-np.take_along_axis(scale, jmax, -1)[..., 0] / code)
         df = d.astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
-            sc = np.where(df[..., None] != 0, np.rint(scale / df[..., None]), 0).clip(-32, 31)
+            sc = np.where(df[..., None] != 0, np.rint(scale / df[..., None]), 0).clip(-code, code - 1)
             step = (df[..., None] * sc)[..., None]
-            qv = np.where(step != 0, np.rint(sub / step), 0).clip(-4, 3)
-        return GGUFBlocks(
-            "q3_k", (qv + 4).astype(np.uint8).reshape(rows, -1, QK_K), d, sc=(sc + 32).astype(np.uint8)
-        )
-    nmax, smax = (3, 15) if qtype == "q2_k" else (15, 63)
+            qv = np.where(step != 0, np.rint(sub / step), 0).clip(-half, half - 1)
+        stored_sc = (sc + 32).astype(np.uint8) if qtype == "q3_k" else sc.astype(np.int8)
+        return GGUFBlocks(qtype, (qv + half).astype(np.uint8).reshape(rows, -1, QK_K), d, sc=stored_sc)
+    nmax, smax = {"q2_k": (3, 15), "q4_k": (15, 63), "q5_k": (31, 63)}[qtype]
     if qtype == "q2_k":
         weight = np.abs(sub)
     else:
@@ -311,7 +347,7 @@ def quantize_tensor(w: np.ndarray, qtype: str) -> np.ndarray:
 
     The K-quants go through :func:`quantize_k`; every other type is ``gguf.quants.quantize``.
     """
-    if qtype in ("q2_k", "q3_k", "q4_k"):
+    if qtype in K_QUANTS:
         return quantize_k(w, qtype).pack()
     return _gguf().quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype_of(qtype))
 
@@ -342,7 +378,9 @@ def gguf_layer_blocks(module: GGUFLinear) -> GGUFBlocks:
     if grid.scale_codes is None:
         m = None if grid.offset is not None else module.dmin.detach().cpu().numpy()
         return GGUFBlocks(grid.name, q, d, m=m)
-    if grid.min_codes is None:  # q3_k: llama.cpp stores the signed code plus 32
+    if grid.min_codes is None:  # q3_k: llama.cpp stores the signed code plus 32; q6_k: as int8
+        if grid.name == "q6_k":
+            return GGUFBlocks(grid.name, q, d, sc=module.sc.detach().cpu().numpy().reshape(rows, q.shape[1], -1))
         return GGUFBlocks(grid.name, q, d, sc=codes("sc", 32))
     return GGUFBlocks(grid.name, q, d, dmin=module.dmin.detach().cpu().numpy(), sc=codes("sc"), mn=codes("mn"))
 
@@ -504,10 +542,6 @@ def _dequantized(module: nn.Module) -> torch.Tensor:
     return module.dequantize(torch.float32).detach().cpu()
 
 
-def _bid(name: str) -> int | None:
-    return next((int(part) for part in name.split(".") if part.isdecimal()), None)
-
-
 def save_gguf(
     model: nn.Module,
     tokenizer: Any,
@@ -519,17 +553,17 @@ def save_gguf(
 ) -> GGUFExportSummary:
     """Write ``model`` (float or hfquant-quantized) and ``tokenizer`` as one GGUF file for llama.cpp.
 
-    ``type`` is the block type of the linear weights (``GGUF_TYPES``; default: the ``gguf_type`` the
-    model was solved on, else ``q4_1``); ``embedding_type`` and
-    ``output_type`` those of the token embedding and output head (see the module docstring for
-    defaults and fallbacks). The file is written to a temporary file in the same folder and moved
-    into place: an error leaves no partial file. Returns a summary of how each tensor was written.
+    ``type`` is the block type of the linear weights (``GGUF_TYPES``) or a llama-quantize mix
+    (``q3_k_m``, ``q4_k_m``, ``q5_k_m``); default: the ``gguf_type`` the model was solved on, else
+    ``q4_1``. ``embedding_type`` and ``output_type`` are those of the token embedding and output
+    head (see the module docstring for defaults and fallbacks). The file is written to a temporary
+    file in the same folder and moved into place: an error leaves no partial file. Returns a
+    summary of how each tensor was written.
     """
     gguf = _gguf()
     quantized = _linear_modules(model)
-    solved_on = next((m.gguf_type for m in quantized.values() if isinstance(m, GGUFLinear)), "q4_1")
-    main = check_type(type or solved_on, "type")
-    out_type = check_type(output_type, "output type") if output_type else "q8_0"
+    main = check_type(type or _solved_on(model, quantized), "type", presets=True)
+    out_type = check_type(output_type, "output type") if output_type else _default_output_type(main)
     emb_type = check_type(embedding_type, "embedding type") if embedding_type else None
     _check_no_kept_weights(quantized)
     target = Path(path)
@@ -552,13 +586,28 @@ def save_gguf(
     return summary
 
 
+def _solved_on(model: nn.Module, quantized: dict[str, nn.Module]) -> str:
+    """The ``gguf_type`` (type or mix) the model was quantized with, else ``q4_1``."""
+    qconfig = getattr(model.config, "quantization_config", None)
+    solved = qconfig.get("gguf_type") if isinstance(qconfig, dict) else getattr(qconfig, "gguf_type", None)
+    if solved:
+        return solved
+    return next((m.gguf_type for m in quantized.values() if isinstance(m, GGUFLinear)), "q4_1")
+
+
+def _default_output_type(main: str) -> str:
+    """llama.cpp's output head type for a main type: the float type itself, ``q8_0`` for ``q8_0``,
+    else ``q6_k`` (whose fallback takes rows that are not a multiple of 256)."""
+    return main if main in ("f16", "f32", "q8_0") else "q6_k"
+
+
 def _write(model, tokenizer, tmp: Path, main, emb_type, out_type, quantized, model_name, gguf) -> GGUFExportSummary:
     config = model.config
     arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     cls = _converter_class(arch)
     tied = _tied(config)
     if emb_type is None:
-        emb_type = out_type if tied else main
+        emb_type = out_type if tied else GGUF_PRESETS.get(main, main)
     summary = GGUFExportSummary(tmp, main)
     with tempfile.TemporaryDirectory(prefix="hfquant-gguf-") as folder, _quiet_converter():
         folder = Path(folder)
@@ -572,8 +621,10 @@ def _write(model, tokenizer, tmp: Path, main, emb_type, out_type, quantized, mod
         conv = cls(folder, getattr(gguf.LlamaFileType, _FILE_TYPE[main]), tmp, eager=True, model_name=name)
         writer = conv.gguf_writer
         try:
-            for hf_name, source in _source_tensors(model, quantized).items():
-                _add_tensor(conv, writer, hf_name, source, main, emb_type, out_type, summary)
+            sources = _source_tensors(model, quantized)
+            n_blocks = 1 + max((b for b in map(block_index, sources) if b is not None), default=-1)
+            for hf_name, source in sources.items():
+                _add_tensor(conv, writer, hf_name, source, main, n_blocks, emb_type, out_type, summary)
             conv.prepare_metadata(vocab_only=False)
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
@@ -583,9 +634,11 @@ def _write(model, tokenizer, tmp: Path, main, emb_type, out_type, quantized, mod
     return summary
 
 
-def _add_tensor(conv, writer, hf_name: str, source: Any, main, emb_type, out_type, summary) -> None:
+def _add_tensor(conv, writer, hf_name: str, source: Any, main, n_blocks, emb_type, out_type, summary) -> None:
+    """Write one checkpoint tensor (its GGUF name, row order and type from ``main``, a type or a mix
+    over ``n_blocks`` blocks, and the embedding/output types) and record how."""
     gguf = _gguf()
-    bid = _bid(hf_name)
+    bid = block_index(hf_name)
     if isinstance(source, torch.Tensor):
         pairs = [(n, t, None) for n, t in conv.modify_tensors(source.float().cpu(), hf_name, bid)]
     else:
@@ -611,7 +664,7 @@ def _add_tensor(conv, writer, hf_name: str, source: Any, main, emb_type, out_typ
         elif new_name == "output.weight":
             requested = out_type
         else:
-            requested = main
+            requested = layer_type(main, new_name, n_blocks)
         written, fallback = requested, None
         cols = shape[-1]
         if len(shape) > 1 and cols % block_size(written):

@@ -90,7 +90,7 @@ def _write_gguf(model: Any, tokenizer: Any, folder: Path, name: str, gguf_type: 
     from hfquant.export.llamacpp import LlamaCppError, llamacpp_perplexity
     from hfquant.export.model_card import GGUFFigures
 
-    gguf_type = check_type(gguf_type, "type (gguf_type)")
+    gguf_type = check_type(gguf_type, "type (gguf_type)", presets=True)
     path = folder / f"{name}-{gguf_type.upper()}.gguf"
     summary = save_gguf(model, tokenizer, path, type=gguf_type)
     figures = GGUFFigures(

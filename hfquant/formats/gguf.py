@@ -9,15 +9,18 @@ without requantizing and llama.cpp computes the weights hfquant optimized:
 * ``d`` (float16 per block of 32, or per super-block of 256 for the K-quants);
 * ``dmin`` (float16, same shape): ``q4_1``'s ``m``, the K-quants' ``dmin``; absent for tied zeros;
 * ``sc`` / ``mn`` (int8 per sub-block): the K-quants' sub-block scale and min codes (``q3_k``'s
-  signed, ``-32..31``, i.e. llama.cpp's 6-bit value minus 32).
+  signed, ``-32..31``, i.e. llama.cpp's 6-bit value minus 32; ``q6_k``'s signed 8-bit, as stored).
 
 The grid they encode, ``scales`` and ``zeros`` per group (float32, ``d * sc``, ``-dmin * mn``, ...),
 is kept beside them as non-persistent buffers: the forward reads it, and block-wise minimization
 tunes it by name and hands the projected result back through :meth:`GGUFLinear.set_codes`.
 
 Row widths a type cannot hold take llama.cpp's per-tensor fallback (``FALLBACK``, as
-``llama-quantize`` does: ``q2_k``/``q3_k`` -> ``q4_0``, ``q4_k`` -> ``q5_0`` for widths not a multiple
-of 256), and the layer is solved on the fallback's grid; widths not a multiple of 32 are refused.
+``llama-quantize`` does for widths not a multiple of 256: ``q2_k``/``q3_k`` -> ``q4_0``, ``q4_k`` ->
+``q5_0``, ``q5_k`` -> ``q5_1``, ``q6_k`` -> ``q8_0``), and the layer is solved on the fallback's
+grid; widths not a multiple of 32 are refused. A preset (``q3_k_m``, ``q4_k_m``, ``q5_k_m``:
+:mod:`hfquant.formats.gguf_presets`) gives each layer its own type; a reloaded layer's type is read
+from its tensors' shapes (:meth:`GGUFLinear.check_header`).
 Departure from llama.cpp: ``q8_0`` may use the integer -128, which llama.cpp's quantizer never
 writes but its format and kernels read like any other.
 """
@@ -32,6 +35,7 @@ from torch import nn
 
 from hfquant.algorithms.grid import dequantize_grid, num_groups
 from hfquant.formats.base import CheckpointError, QuantizedLinear, TensorSpecs
+from hfquant.formats.gguf_presets import GGUF_PRESETS, layer_config_for_type, preset_types
 from hfquant.formats.packing import pack_int, packed_width, unpack_int
 
 
@@ -65,13 +69,16 @@ GGUF_GRIDS = {
     "q4_0": GGUFGrid("q4_0", 4, 32, 32, 8, None, None),
     "q4_1": GGUFGrid("q4_1", 4, 32, 32, None, None, None),
     "q5_0": GGUFGrid("q5_0", 5, 32, 32, 16, None, None),
+    "q5_1": GGUFGrid("q5_1", 5, 32, 32, None, None, None),
     "q8_0": GGUFGrid("q8_0", 8, 32, 32, 128, None, None),
     "q2_k": GGUFGrid("q2_k", 2, 16, 256, None, (0, 15), (0, 15)),
     "q3_k": GGUFGrid("q3_k", 3, 16, 256, 4, (-32, 31), None),
     "q4_k": GGUFGrid("q4_k", 4, 32, 256, None, (0, 63), (0, 63)),
+    "q5_k": GGUFGrid("q5_k", 5, 32, 256, None, (0, 63), (0, 63)),
+    "q6_k": GGUFGrid("q6_k", 6, 16, 256, 32, (-128, 127), None),
 }
 # llama.cpp's tensor_type_fallback (src/llama-quant.cpp) for rows a 256-block type cannot hold.
-FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0"}
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 def grid_for(gguf_type: str, in_features: int) -> GGUFGrid:
@@ -129,8 +136,30 @@ class GGUFLinear(QuantizedLinear):
         return {n: (names[dt], shape) for n, (dt, shape) in _stored_tensors(grid, out_features, in_features).items()}
 
     @classmethod
-    def skeleton(cls, linear: nn.Linear, config: Any) -> GGUFLinear:
-        return cls(linear.in_features, linear.out_features, config.gguf_type, **cls._layout(linear))
+    def check_header(cls, tensors: dict[str, Any], name: str, linear: nn.Linear, config: Any) -> dict[str, Any]:
+        """Under a preset the layer's type is the one of the preset's types (fallbacks included)
+        whose tensors have the stored shapes; then the usual checks, for that type."""
+        if config.gguf_type not in GGUF_PRESETS:
+            return {**super().check_header(tensors, name, linear, config), "gguf_type": config.gguf_type}
+        out_f, in_f = linear.out_features, linear.in_features
+        for gguf_type in preset_types(config.gguf_type):
+            try:
+                grid = grid_for(gguf_type, in_f)
+            except ValueError:
+                continue
+            stored = _stored_tensors(grid, out_f, in_f)
+            present = {s for s in _ALL_STORED if f"{name}.{s}" in tensors}
+            if present == set(stored) and all(tuple(tensors[f"{name}.{s}"].shape) == shape for s, (_, shape) in stored.items()):
+                layer = layer_config_for_type(config, gguf_type)
+                return {**super().check_header(tensors, name, linear, layer), "gguf_type": gguf_type}
+        raise CheckpointError(
+            f"layer {name} stores none of the types of gguf_type={config.gguf_type!r} "
+            f"({', '.join(preset_types(config.gguf_type))}, with their fallbacks) for {in_f} input columns"
+        )
+
+    @classmethod
+    def skeleton(cls, linear: nn.Linear, config: Any, gguf_type: str | None = None) -> GGUFLinear:
+        return cls(linear.in_features, linear.out_features, gguf_type or config.gguf_type, **cls._layout(linear))
 
     @classmethod
     def from_result(cls, result: Any, linear: nn.Linear, config: Any, kept: torch.Tensor | None = None) -> GGUFLinear:
@@ -147,6 +176,12 @@ class GGUFLinear(QuantizedLinear):
 
     @classmethod
     def storage_line(cls, config: Any) -> str:
+        if config.gguf_type in GGUF_PRESETS:
+            types = ", ".join(preset_types(config.gguf_type))
+            return (
+                f"GGUF blocks of llama.cpp's {config.gguf_type.upper()} mix (per tensor {types} by role and block, "
+                "as llama-quantize chooses; the sub-block codes as int8), rows a type cannot hold in its fallback"
+            )
         grid = GGUF_GRIDS[config.gguf_type]
         text = f"GGUF {grid.name} blocks ({grid.description}; the sub-block codes as int8)"
         if config.gguf_type in FALLBACK:
@@ -211,6 +246,9 @@ class GGUFLinear(QuantizedLinear):
 def _refresh_after_load(module: GGUFLinear, _incompatible_keys: Any) -> None:
     """``load_state_dict`` (a resumed ``work_dir`` block) replaced the codes: rebuild the grid."""
     module.refresh_grid()
+
+
+_ALL_STORED = ("qweight", "d", "dmin", "sc", "mn")
 
 
 def _stored_tensors(grid: GGUFGrid, out_features: int, in_features: int) -> dict[str, tuple[torch.dtype, tuple[int, int]]]:

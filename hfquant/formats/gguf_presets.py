@@ -1,0 +1,98 @@
+"""llama.cpp's per-tensor type mixes (``llama-quantize``'s ``Q3_K_M``, ``Q4_K_M``, ``Q5_K_M``).
+
+A preset gives most linear weights its base K-quant and a few tensors more bits, by their role and
+block: the attention value projection (``attn_v``), the attention output (``attn_output``), the
+fused ``attn_qkv`` and the feed-forward down projection (``ffn_down``), as
+``llama_tensor_get_type_impl`` in llama.cpp's ``src/llama-quant.cpp`` decides for a dense model
+(``use_more_bits``: the first and last eighth of the blocks and every third block between).
+:func:`layer_type` applies those rules to one weight; the type's row-width fallback
+(``hfquant.formats.gguf.FALLBACK``) comes after, as in ``llama-quantize``.
+
+Departures from llama.cpp: the rules for mixture-of-experts models, the 70B-specific ``attn_v``
+bump and Falcon's ``ffn_down`` schedule are not applied (every model is treated as a dense,
+non-Falcon one), and a weight's role is read from its name (:data:`ROLE_SUFFIXES`, the Hugging Face
+and GGUF names of common architectures) rather than from llama.cpp's tensor categories, so a
+projection under another name keeps the base type.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+# Preset -> its base type (what every weight without a rule gets).
+GGUF_PRESETS = {"q3_k_m": "q3_k", "q4_k_m": "q4_k", "q5_k_m": "q5_k"}
+
+# Role -> dotted name endings that carry it (Hugging Face module names and GGUF tensor names).
+ROLE_SUFFIXES = {
+    "attn_v": ("v_proj", "attn_v", "self_attention.value", "attention.value"),
+    "attn_output": ("o_proj", "attn_output", "out_proj", "attn.c_proj", "attention.dense", "self_attention.dense"),
+    "attn_qkv": ("qkv_proj", "attn_qkv", "query_key_value", "c_attn", "Wqkv"),
+    "ffn_down": ("down_proj", "ffn_down", "fc2", "w2", "dense_4h_to_h", "mlp.c_proj"),
+}
+
+
+def tensor_role(name: str) -> str | None:
+    """The role of the weight ``name`` (``"model.layers.3.self_attn.v_proj"``,
+    ``"blk.3.attn_v.weight"``) among :data:`ROLE_SUFFIXES`, or None."""
+    stem = name.removesuffix(".weight")
+    for role, suffixes in ROLE_SUFFIXES.items():
+        if any(stem == s or stem.endswith("." + s) for s in suffixes):
+            return role
+    return None
+
+
+def block_index(name: str) -> int | None:
+    """The decoder block a weight belongs to: the first all-digit part of its dotted name."""
+    return next((int(part) for part in name.split(".") if part.isdecimal()), None)
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def layer_type(gguf_type: str, name: str, n_blocks: int) -> str:
+    """The GGUF type the weight ``name`` (in block ``i`` of ``n_blocks``) gets under ``gguf_type``:
+    a single type is returned as it is; a preset applies llama.cpp's rules (before any fallback)."""
+    base = GGUF_PRESETS.get(gguf_type)
+    if base is None:
+        return gguf_type
+    role, i = tensor_role(name), block_index(name)
+    if role is None or i is None:
+        return base
+    if gguf_type == "q3_k_m":
+        if role == "attn_v":
+            return "q5_k" if i < 2 else "q4_k"
+        if role == "ffn_down":
+            return "q5_k" if i < n_blocks // 16 else "q4_k"
+        return "q4_k"  # attn_output, attn_qkv
+    if role == "attn_qkv":
+        return "q5_k" if gguf_type == "q4_k_m" else "q6_k"
+    if role in ("attn_v", "ffn_down") and _use_more_bits(i, n_blocks):
+        return "q6_k"
+    return base
+
+
+def preset_types(gguf_type: str) -> tuple[str, ...]:
+    """Every type ``layer_type`` can give under ``gguf_type`` (before fallbacks)."""
+    return {
+        "q3_k_m": ("q3_k", "q4_k", "q5_k"),
+        "q4_k_m": ("q4_k", "q5_k", "q6_k"),
+        "q5_k_m": ("q5_k", "q6_k"),
+    }.get(gguf_type, (gguf_type,))
+
+
+def layer_config(config: Any, name: str, n_blocks: int) -> Any:
+    """``config`` as it applies to the weight ``name``: under a preset, a copy whose ``gguf_type`` is
+    that weight's own type (what the solver and the format read); otherwise ``config`` itself."""
+    gguf_type = getattr(config, "gguf_type", None)
+    if gguf_type not in GGUF_PRESETS:
+        return config
+    return layer_config_for_type(config, layer_type(gguf_type, name, n_blocks))
+
+
+def layer_config_for_type(config: Any, gguf_type: str) -> Any:
+    """A copy of ``config`` with ``gguf_type`` set to one weight's type."""
+    out = copy.copy(config)
+    out.gguf_type = gguf_type
+    return out
