@@ -16,8 +16,11 @@ For the default model (float32, the full-precision reference):
     losslessly (rows a K-quant cannot hold solved on its fallback type).
 Columns: file size, bits per weight (file bits over the model's weights), ``llama-perplexity`` on
 the held-out text (512-token chunks, second half of each scored, as llama.cpp does), ratio to F16,
-time to produce the file. ``--bench`` adds ``llama-bench`` prompt/decode tokens/s for Q4_0, Q4_1,
-Q8_0. Tables are printed and appended to benchmarks/RESULTS.md. Needs ``make llamacpp``.
+time to produce the file. ``--bench`` adds, in the same run, ``llama-bench`` prompt/decode tokens/s
+for Q4_0, Q4_1, Q8_0 exports and the same measures of the model in transformers with hfquant's CPU
+kernel (full precision, W4 g32 -- Q4_1's grid -- and W2 g64); ``--bench-only`` runs just that (a
+few minutes: run it on a quiet machine). Tables are printed and appended to benchmarks/RESULTS.md.
+Needs ``make llamacpp``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ import time
 from pathlib import Path
 
 import torch
-from _common import add_common_arguments, append_results, machine_line, print_table, setup
+from _common import (
+    add_common_arguments,
+    append_results,
+    decode_tokens_per_s,
+    machine_line,
+    print_table,
+    setup,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfquant import HfQuantConfig
@@ -108,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pure", action="store_true",
                         help="also llama-quantize --pure (with and without the imatrix), embedding and output in Q8_0: "
                              "the layout hfquant writes, for a same-size comparison")
-    parser.add_argument("--bench", action="store_true", help="llama-bench tokens/s for q4_0, q4_1, q8_0")
+    parser.add_argument("--bench", action="store_true",
+                        help="llama-bench tokens/s for q4_0, q4_1, q8_0 and transformers + hfquant's in the same run")
+    parser.add_argument("--bench-only", action="store_true", help="only --bench (no perplexity rows)")
     parser.add_argument("--kld", action="store_true",
                         help="also the mean KL divergence from F16 on the same tokens (paired: resolves small gaps)")
     parser.add_argument("--heldout", default=None, help="comma-separated held-out sets to score (default: all)")
@@ -117,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.threads = args.threads or min(2, os.cpu_count() or 1)  # llama.cpp's tools take a number
     setup(args)
-    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    types = [t.strip() for t in args.types.split(",") if t.strip()] if not args.bench_only else []
+    args.bench = args.bench or args.bench_only
     for name in ("llama-perplexity", "llama-quantize", "llama-imatrix"):
         if not llamacpp_tool(name).is_file():
             raise SystemExit(f"{llamacpp_tool(name)} is missing: run `make llamacpp`")
@@ -158,90 +171,122 @@ def main(argv: list[str] | None = None) -> int:
         return ppl
 
     rows: list[dict[str, object]] = []
-    f16 = work / "f16.gguf"
-    converter = llamacpp_source() / "convert_hf_to_gguf.py"
-    _, seconds = timed(lambda: run([sys.executable, str(converter), str(model_dir), "--outtype", "f16", "--outfile", str(f16)]))
-    base = row("F16", "convert_hf_to_gguf.py", f16, seconds, None)
-    imatrix = work / "imatrix.gguf"
-    _, imatrix_seconds = timed(lambda: run([str(llamacpp_tool("llama-imatrix")), "-m", str(f16), "-f", str(calib), "-o", str(imatrix),
-                                            "-c", "512", "--chunks", str(args.calib_windows), "-t", str(args.threads)]))
-    quantize = str(llamacpp_tool("llama-quantize"))
-    for qtype in types:
-        plain = work / f"llama-{qtype}.gguf"
-        _, seconds = timed(lambda qtype=qtype, plain=plain: run([quantize, str(f16), str(plain), LLAMA_NAMES[qtype], str(args.threads)]))
-        row(qtype, f"llama-quantize {LLAMA_NAMES[qtype]}", plain, seconds, base)
-        imat = work / f"llama-imatrix-{qtype}.gguf"
-        _, seconds = timed(lambda qtype=qtype, imat=imat: run([quantize, "--imatrix", str(imatrix), str(f16), str(imat), LLAMA_NAMES[qtype], str(args.threads)]))
-        row(qtype, f"llama-quantize {LLAMA_NAMES[qtype]} + imatrix ({args.calib_windows}x512 calibration tokens)", imat, seconds + imatrix_seconds, base)
-        if args.pure:
-            for imat_args, label, extra in (([], "", 0.0), (["--imatrix", str(imatrix)], " + imatrix", imatrix_seconds)):
-                pure = work / f"llama-pure{'-imatrix' * bool(imat_args)}-{qtype}.gguf"
-                cmd = [quantize, "--pure", *imat_args, "--output-tensor-type", "q8_0", "--token-embedding-type", "q8_0",
-                       str(f16), str(pure), LLAMA_NAMES[qtype], str(args.threads)]
-                _, seconds = timed(lambda cmd=cmd: run(cmd))
-                row(qtype, f"llama-quantize --pure {qtype.upper()}{label}, q8_0 embedding/output", pure, seconds + extra, base)
-        if not args.skip_requantized:
-            ours = work / f"hfquant-{qtype}.gguf"
-            _, seconds = timed(lambda qtype=qtype, ours=ours: save_gguf(model, tokenizer, ours, type=qtype))
-            row(qtype, "hfquant export-gguf (requantized float model)", ours, seconds, base)
-        variants = [(int(e), float(h)) for h in args.hessian_shrink.split(",") for e in args.e2e_epochs.split(",")]
-        for e2e, shrink in variants if qtype in solved_types else ():
-            solved = work / f"hfquant-solved-{qtype}-e2e{e2e}-shrink{shrink:g}.gguf"
-            _, seconds = timed(lambda qtype=qtype, solved=solved, e2e=e2e, shrink=shrink:
-                               solve_and_export(model_dir, tokenizer, qtype, solved, e2e, shrink, args))
-            tuned = f" + e2e {e2e} epochs" if e2e else ""
-            shrunk = f", Hessian shrink {shrink:g}" if shrink else ""
-            row(qtype, f"hfquant solved on {qtype} (decoupleQ{shrunk} + block-wise{tuned}, {args.calib_windows}x512 "
-                "calibration tokens)", solved, seconds, base)
-    print_table(rows)
+    if types:  # the files and their perplexities (not with --bench-only)
+        f16 = work / "f16.gguf"
+        converter = llamacpp_source() / "convert_hf_to_gguf.py"
+        _, seconds = timed(lambda: run([sys.executable, str(converter), str(model_dir), "--outtype", "f16", "--outfile", str(f16)]))
+        base = row("F16", "convert_hf_to_gguf.py", f16, seconds, None)
+        imatrix = work / "imatrix.gguf"
+        _, imatrix_seconds = timed(lambda: run([str(llamacpp_tool("llama-imatrix")), "-m", str(f16), "-f", str(calib), "-o", str(imatrix),
+                                                "-c", "512", "--chunks", str(args.calib_windows), "-t", str(args.threads)]))
+        quantize = str(llamacpp_tool("llama-quantize"))
+        for qtype in types:
+            plain = work / f"llama-{qtype}.gguf"
+            _, seconds = timed(lambda qtype=qtype, plain=plain: run([quantize, str(f16), str(plain), LLAMA_NAMES[qtype], str(args.threads)]))
+            row(qtype, f"llama-quantize {LLAMA_NAMES[qtype]}", plain, seconds, base)
+            imat = work / f"llama-imatrix-{qtype}.gguf"
+            _, seconds = timed(lambda qtype=qtype, imat=imat: run([quantize, "--imatrix", str(imatrix), str(f16), str(imat), LLAMA_NAMES[qtype], str(args.threads)]))
+            row(qtype, f"llama-quantize {LLAMA_NAMES[qtype]} + imatrix ({args.calib_windows}x512 calibration tokens)", imat, seconds + imatrix_seconds, base)
+            if args.pure:
+                for imat_args, label, extra in (([], "", 0.0), (["--imatrix", str(imatrix)], " + imatrix", imatrix_seconds)):
+                    pure = work / f"llama-pure{'-imatrix' * bool(imat_args)}-{qtype}.gguf"
+                    cmd = [quantize, "--pure", *imat_args, "--output-tensor-type", "q8_0", "--token-embedding-type", "q8_0",
+                           str(f16), str(pure), LLAMA_NAMES[qtype], str(args.threads)]
+                    _, seconds = timed(lambda cmd=cmd: run(cmd))
+                    row(qtype, f"llama-quantize --pure {qtype.upper()}{label}, q8_0 embedding/output", pure, seconds + extra, base)
+            if not args.skip_requantized:
+                ours = work / f"hfquant-{qtype}.gguf"
+                _, seconds = timed(lambda qtype=qtype, ours=ours: save_gguf(model, tokenizer, ours, type=qtype))
+                row(qtype, "hfquant export-gguf (requantized float model)", ours, seconds, base)
+            variants = [(int(e), float(h)) for h in args.hessian_shrink.split(",") for e in args.e2e_epochs.split(",")]
+            for e2e, shrink in variants if qtype in solved_types else ():
+                solved = work / f"hfquant-solved-{qtype}-e2e{e2e}-shrink{shrink:g}.gguf"
+                _, seconds = timed(lambda qtype=qtype, solved=solved, e2e=e2e, shrink=shrink:
+                                   solve_and_export(model_dir, tokenizer, qtype, solved, e2e, shrink, args))
+                tuned = f" + e2e {e2e} epochs" if e2e else ""
+                shrunk = f", Hessian shrink {shrink:g}" if shrink else ""
+                row(qtype, f"hfquant solved on {qtype} (decoupleQ{shrunk} + block-wise{tuned}, {args.calib_windows}x512 "
+                    "calibration tokens)", solved, seconds, base)
+        print_table(rows)
 
-    bench_rows: list[dict[str, str]] = []
-    if args.bench:
-        for qtype in ("q4_0", "q4_1", "q8_0"):
-            path = work / f"hfquant-{qtype}.gguf"
-            if not path.is_file():
-                save_gguf(model, tokenizer, path, type=qtype)
-            out = run([str(llamacpp_tool("llama-bench")), "-m", str(path), "-p", "128", "-n", "64", "-t", str(args.threads),
-                       "--repack", "0", "-o", "json"])
-            results = json.loads(out[out.index("["): out.rindex("]") + 1])
-            speeds = {("prompt" if r["n_prompt"] else "decode"): r["avg_ts"] for r in results}
-            bench_rows.append({"file": path.name, "prompt 128 (tok/s)": f"{speeds.get('prompt', 0):.1f}",
-                               "decode 64 (tok/s)": f"{speeds.get('decode', 0):.1f}"})
+    bench_rows = speed_rows(model, model_dir, tokenizer, work, args.threads) if args.bench else []
+    if bench_rows:
         print_table(bench_rows)
 
     version = (llamacpp_tool("VERSION").read_text().strip().replace("\n", "; ")
                if llamacpp_tool("VERSION").is_file() else "unknown")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    append_results(
-        rows,
-        title=f"gguf_vs_llamacpp.py: SmolLM2-135M-Instruct, {machine_line()} (load {load:.1f})",
-        text=(
-            f"llama.cpp: {version}, {args.threads} threads. Perplexity by `llama-perplexity` (-c 512, {args.chunks} "
-            f"chunks, second half of each chunk scored) on held-out text: {', '.join(texts)}. Bits/weight: file bits "
-            f"over the model's {n_weights / 1e6:.1f} M weights (embedding included; metadata and vocabulary too). "
-            "llama-quantize makes its file of the name in the row (Q2_K and the _M files are its per-tensor mixes, "
-            "_S its single-type ones); hfquant writes the same type, or for q3_k_m/q4_k_m/q5_k_m the same mix of types "
-            "by role and block, with llama.cpp's per-tensor fallbacks (576-wide rows: Q2_K/Q3_K -> Q4_0, Q4_K -> "
-            "Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0). 'requantized' "
-            "rows round the float model to the type without data; 'solved' rows quantize with "
-            f"HfQuantConfig(gguf_type=...) (decoupleQ {args.decoupleq_iters} iterations, {args.blockwise_epochs} "
-            f"block-wise epochs, end-to-end tuning epochs and Hessian shrinkage as named, the same {args.calib_windows}x512 mix windows "
-            "the imatrix reads) and export "
-            "losslessly. Time: file production on a CPU shared with other jobs (imatrix time included in its "
-            "rows; for 'solved', quantization included). `--pure` rows: llama-quantize --pure with the embedding and "
-            "output in Q8_0, hfquant's layout."
-            + (" KLD: mean KL divergence from the F16 file's next-token distribution per scored token (nats, ± its "
-               "standard error), from `llama-perplexity --kl-divergence` on the same tokens: paired, so it separates "
-               "files whose perplexities differ by less than their noise." if args.kld else "")
-        ),
-    )
+    if rows:
+        append_results(
+            rows,
+            title=f"gguf_vs_llamacpp.py: SmolLM2-135M-Instruct, {machine_line()} (load {load:.1f})",
+            text=(
+                f"llama.cpp: {version}, {args.threads} threads. Perplexity by `llama-perplexity` (-c 512, {args.chunks} "
+                f"chunks, second half of each chunk scored) on held-out text: {', '.join(texts)}. Bits/weight: file bits "
+                f"over the model's {n_weights / 1e6:.1f} M weights (embedding included; metadata and vocabulary too). "
+                "llama-quantize makes its file of the name in the row (Q2_K and the _M files are its per-tensor mixes, "
+                "_S its single-type ones); hfquant writes the same type, or for q3_k_m/q4_k_m/q5_k_m the same mix of types "
+                "by role and block, with llama.cpp's per-tensor fallbacks (576-wide rows: Q2_K/Q3_K -> Q4_0, Q4_K -> "
+                "Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0). 'requantized' "
+                "rows round the float model to the type without data; 'solved' rows quantize with "
+                f"HfQuantConfig(gguf_type=...) (decoupleQ {args.decoupleq_iters} iterations, {args.blockwise_epochs} "
+                f"block-wise epochs, end-to-end tuning epochs and Hessian shrinkage as named, the same {args.calib_windows}x512 mix windows "
+                "the imatrix reads) and export "
+                "losslessly. Time: file production on a CPU shared with other jobs (imatrix time included in its "
+                "rows; for 'solved', quantization included). `--pure` rows: llama-quantize --pure with the embedding and "
+                "output in Q8_0, hfquant's layout."
+                + (" KLD: mean KL divergence from the F16 file's next-token distribution per scored token (nats, ± its "
+                   "standard error), from `llama-perplexity --kl-divergence` on the same tokens: paired, so it separates "
+                   "files whose perplexities differ by less than their noise." if args.kld else "")
+            ),
+        )
     if bench_rows:
         append_results(
             bench_rows,
-            title=f"gguf_vs_llamacpp.py --bench: llama-bench of hfquant's exports, {machine_line()}",
-            text=f"`llama-bench -p 128 -n 64 -t {args.threads} --repack 0` (prompt and decode tokens/s).",
+            title=f"gguf_vs_llamacpp.py --bench: llama.cpp and transformers + hfquant in one run, {machine_line()} (load {load:.1f})",
+            text=(f"llama.cpp: `llama-bench -p 128 -n 64 -t {args.threads} --repack 0` on hfquant's exports of the "
+                  f"float model ({version}). transformers + hfquant: {torch.get_num_threads()} torch threads, the "
+                  "CPU kernel, prompt = a 128-token forward (median of 3), decode = greedy `generate` with the KV "
+                  "cache, 64 new tokens after 16, prefill excluded (median of 3). Size: the file, or the model's "
+                  "weights and buffers in memory."),
         )
     return 0
+
+
+def speed_rows(model, model_dir: Path, tokenizer, work: Path, threads: int) -> list[dict[str, str]]:
+    """Prompt and decode tokens/s of llama.cpp on the Q4_0/Q4_1/Q8_0 exports of ``model``, then of
+    the model in transformers with hfquant (full precision, W4 g32, W2 g64), one after the other."""
+    out_rows = []
+    for qtype in ("q4_0", "q4_1", "q8_0"):
+        path = work / f"hfquant-{qtype}.gguf"
+        if not path.is_file():
+            save_gguf(model, tokenizer, path, type=qtype)
+        out = run([str(llamacpp_tool("llama-bench")), "-m", str(path), "-p", "128", "-n", "64", "-t", str(threads),
+                   "--repack", "0", "-o", "json"])
+        results = json.loads(out[out.index("["): out.rindex("]") + 1])
+        speeds = {("prompt" if r["n_prompt"] else "decode"): r["avg_ts"] for r in results}
+        out_rows.append({"engine": "llama.cpp", "model": f"{qtype.upper()} GGUF", "size (MB)": f"{path.stat().st_size / 1e6:.1f}",
+                         "prompt 128 (tok/s)": f"{speeds.get('prompt', 0):.1f}", "decode 64 (tok/s)": f"{speeds.get('decode', 0):.1f}"})
+        print(out_rows[-1], flush=True)
+    prompt = torch.randint(0, 1000, (1, 128), generator=torch.Generator().manual_seed(0))
+    for name, config in (("full precision (float32)", None),
+                         ("hfquant W4 g32 (Q4_1's grid)", HfQuantConfig(bits=4, group_size=32, method="rtn")),
+                         ("hfquant W2 g64", HfQuantConfig(bits=2, group_size=64, method="rtn"))):
+        quantized = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=config).eval()
+        with torch.no_grad():
+            quantized(prompt)  # warm-up
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                quantized(prompt)
+                times.append(time.perf_counter() - start)
+        decode = decode_tokens_per_s(quantized, prompt[:, :16], 64, lambda: None, repeats=3)
+        size = sum(t.numel() * t.element_size() for t in [*quantized.parameters(), *quantized.buffers()]) / 1e6
+        out_rows.append({"engine": "transformers + hfquant", "model": name, "size (MB)": f"{size:.1f}",
+                         "prompt 128 (tok/s)": f"{128 / sorted(times)[1]:.1f}", "decode 64 (tok/s)": f"{decode:.1f}"})
+        print(out_rows[-1], flush=True)
+        del quantized
+    return out_rows
 
 
 def solve_and_export(
