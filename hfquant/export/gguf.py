@@ -588,7 +588,7 @@ def save_gguf(
 
 def _solved_on(model: nn.Module, quantized: dict[str, nn.Module]) -> str:
     """The ``gguf_type`` (type or mix) the model was quantized with, else ``q4_1``."""
-    qconfig = getattr(model.config, "quantization_config", None)
+    qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
     solved = qconfig.get("gguf_type") if isinstance(qconfig, dict) else getattr(qconfig, "gguf_type", None)
     if solved:
         return solved
