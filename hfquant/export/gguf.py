@@ -296,7 +296,27 @@ def _search_subblock_grid(x: np.ndarray, weight: np.ndarray, nmax: int, symmetri
     return (a * flip[..., 0], b) if symmetric else (a, b)
 
 
+# Weights quantized at once by quantize_k: its grid search holds ~21 candidates per weight, so a large
+# output head (e.g. 128k x 4096) goes through in row chunks of about this many weights.
+_K_CHUNK = 1 << 20
+
+
 def quantize_k(w: np.ndarray, qtype: str) -> GGUFBlocks:
+    """Quantize ``[rows, cols]`` (cols a multiple of 256) to a K-quant's blocks, in row chunks of
+    about ``_K_CHUNK`` weights (:func:`_quantize_k_rows`)."""
+    step = max(1, _K_CHUNK // max(1, w.shape[1]))
+    parts = [_quantize_k_rows(w[r : r + step], qtype) for r in range(0, w.shape[0], step)]
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(name: str):
+        values = [getattr(part, name) for part in parts]
+        return None if values[0] is None else np.concatenate(values)
+
+    return GGUFBlocks(qtype, *(cat(n) for n in ("q", "d", "m", "dmin", "sc", "mn")))
+
+
+def _quantize_k_rows(w: np.ndarray, qtype: str) -> GGUFBlocks:
     """Quantize ``[rows, cols]`` (cols a multiple of 256) to a K-quant's blocks.
 
     Each sub-block's grid (scale and non-positive offset for ``q2_k`` / ``q4_k`` / ``q5_k``, a
