@@ -7,6 +7,9 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from hfquant.formats.gguf import GGUF_GRIDS
+from hfquant.formats.gguf_presets import GGUF_PRESETS
+
 QUANT_METHOD = "hfquant"
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4)
@@ -17,10 +20,7 @@ SUPPORTED_SALIENCIES = ("tacq", "tacq_fisher", "magnitude", "hessian")
 LOSS_UNIT_SALIENCIES = ("tacq", "tacq_fisher")  # comparable across layers: ranked globally by default
 SUPPORTED_SALIENCY_GRIDS = ("rtn", "solved")
 SUPPORTED_KEPT_SCOPES = ("layer", "global")
-SUPPORTED_GGUF_TYPES = (
-    *(None, "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"),
-    *("q3_k_m", "q4_k_m", "q5_k_m"),
-)
+SUPPORTED_GGUF_TYPES = (None, *GGUF_GRIDS, *GGUF_PRESETS)  # a block grid or a llama-quantize mix
 DEFAULT_HESSIAN_SHRINK = 0.3  # Hessian shrinkage toward its diagonal (see hessian_shrink)
 DEFAULT_E2E_EPOCHS = 2  # end-to-end tuning epochs where it applies (e2e_epochs=None)
 

@@ -30,9 +30,9 @@ from hfquant.export.llamacpp import (  # noqa: E402
     llamacpp_source,
     llamacpp_tool,
 )
+from hfquant.formats.gguf import GGUF_GRIDS, K_QUANTS  # noqa: E402
 
-TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
-K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+TYPES = tuple(GGUF_GRIDS)
 QMAX = {"q4_0": 15, "q4_1": 15, "q5_0": 31, "q5_1": 31, "q8_0": 255, "q2_k": 3, "q3_k": 7, "q4_k": 15, "q5_k": 31, "q6_k": 63}
 
 needs_converter = pytest.mark.skipif(
@@ -57,7 +57,7 @@ def gguf_dequantize(tensor) -> np.ndarray:
 def expected_stored(w: np.ndarray, written: str) -> np.ndarray:
     """What a requantized weight must read back as: gguf's quantize -> dequantize for the types gguf
     quantizes, hfquant's K-quant blocks (their own formula, independent of the byte layout) otherwise."""
-    if written in K_TYPES:
+    if written in K_QUANTS:
         return quantize_k(w, written).dequantize()
     qtype = gguf.GGMLQuantizationType[written.upper()]
     return np.asarray(gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype), dtype=np.float32).reshape(w.shape)
@@ -70,8 +70,8 @@ def expected_stored(w: np.ndarray, written: str) -> np.ndarray:
 
 def random_blocks(qtype: str, rows: int = 6, cols: int = 512, seed: int = 0) -> GGUFBlocks:
     rng = np.random.default_rng(seed)
-    nb = cols // (256 if qtype in K_TYPES else 32)
-    q = rng.integers(0, QMAX[qtype] + 1, (rows, nb, 256 if qtype in K_TYPES else 32), dtype=np.uint8)
+    nb = cols // (256 if qtype in K_QUANTS else 32)
+    q = rng.integers(0, QMAX[qtype] + 1, (rows, nb, 256 if qtype in K_QUANTS else 32), dtype=np.uint8)
     d = rng.normal(0, 0.01, (rows, nb)).astype(np.float16)
     if qtype in ("q4_0", "q5_0", "q8_0"):
         return GGUFBlocks(qtype, q, d)
@@ -100,7 +100,7 @@ def test_packed_blocks_read_back_exactly_by_gguf(qtype):
     np.testing.assert_array_equal(back.reshape(blocks.shape), blocks.dequantize())
 
 
-@pytest.mark.parametrize("qtype", K_TYPES)
+@pytest.mark.parametrize("qtype", K_QUANTS)
 def test_k_quantizer_is_on_grid_and_close(qtype):
     rng = np.random.default_rng(1)
     w = rng.normal(0, 0.02, (16, 768)).astype(np.float32)
@@ -116,7 +116,7 @@ def test_k_quantizer_is_on_grid_and_close(qtype):
     assert rel < {"q2_k": 0.6, "q3_k": 0.35, "q4_k": 0.15, "q5_k": 0.08, "q6_k": 0.04}[qtype], rel
     # One more bit, less error.
     if qtype in ("q4_k", "q5_k", "q6_k"):
-        assert rel < rel_error(K_TYPES[K_TYPES.index(qtype) - 1])
+        assert rel < rel_error(K_QUANTS[K_QUANTS.index(qtype) - 1])
     np.testing.assert_array_equal(
         gguf.quants.dequantize(quantize_tensor(w, qtype), gguf.GGMLQuantizationType[qtype.upper()]).reshape(w.shape), deq
     )
@@ -127,16 +127,16 @@ def test_k_quantizer_in_row_chunks_gives_the_same_blocks(monkeypatch):
     import hfquant.export.gguf as export
 
     w = np.random.default_rng(2).normal(0, 0.02, (40, 512)).astype(np.float32)
-    whole = {t: quantize_k(w, t).pack() for t in K_TYPES}
+    whole = {t: quantize_k(w, t).pack() for t in K_QUANTS}
     monkeypatch.setattr(export, "_K_CHUNK", 512 * 7)  # 7 rows per chunk: uneven last chunk
-    for t in K_TYPES:
+    for t in K_QUANTS:
         np.testing.assert_array_equal(quantize_k(w, t).pack(), whole[t], err_msg=t)
 
 
 def test_constant_and_zero_rows_quantize_without_nan():
     w = np.zeros((2, 256), np.float32)
     w[1] = 0.5
-    for qtype in K_TYPES:
+    for qtype in K_QUANTS:
         deq = quantize_k(w, qtype).dequantize()
         assert np.isfinite(deq).all()
         np.testing.assert_allclose(deq[0], 0)

@@ -20,7 +20,7 @@ gguf = pytest.importorskip("gguf")
 from hfquant.export.gguf import quantize_k, quantize_tensor, save_gguf  # noqa: E402
 from hfquant.export.llamacpp import llamacpp_source  # noqa: E402
 
-TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+TYPES = tuple(GGUF_GRIDS)
 needs_converter = pytest.mark.skipif(
     not (llamacpp_source() / "conversion").is_dir(),
     reason=f"llama.cpp's converter is absent ({llamacpp_source()}): run `make llamacpp` or set HFQUANT_LLAMACPP_SRC",
@@ -353,6 +353,22 @@ def test_presets_choose_types_as_llama_quantize_does():
             assert layer_type("q4_k_m", hf(i, leaf), 30) == "q4_k"
     assert layer_type("q4_k_m", "transformer.h.3.attn.c_attn", 30) == "q5_k"  # fused qkv (GPT-2 names)
     assert layer_type("q3_k", "model.layers.0.self_attn.v_proj", 30) == "q3_k"  # a single type is itself
+
+
+def test_preset_types_are_every_type_the_rules_give():
+    """``preset_types`` (what a reloaded layer's shapes are checked against) lists exactly the types
+    ``layer_type`` gives some weight of some model depth under the preset."""
+    from hfquant.formats.gguf_presets import GGUF_PRESETS, ROLE_SUFFIXES, layer_type, preset_types
+
+    for preset in GGUF_PRESETS:
+        given = {
+            layer_type(preset, f"blk.{i}.{leaf}.weight", n)
+            for n in range(1, 81)
+            for i in range(n)
+            for leaf in (*(suffixes[0] for suffixes in ROLE_SUFFIXES.values()), "q_proj", "up_proj")
+        }
+        assert sorted(given) == sorted(preset_types(preset)), preset
+        assert set(given) <= set(GGUF_GRIDS)
 
 
 @needs_converter

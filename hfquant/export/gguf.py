@@ -52,12 +52,12 @@ import torch
 from torch import nn
 
 from hfquant.export.llamacpp import LLAMACPP_SDIST_VERSION, llamacpp_source
-from hfquant.formats.gguf import FALLBACK, GGUFLinear
+from hfquant.formats.gguf import FALLBACK, GGUF_GRIDS, K_QUANTS, GGUFLinear
 from hfquant.formats.gguf_presets import GGUF_PRESETS, block_index, layer_type
 
-# Allowed values of ``embedding_type`` / ``output_type``; ``type`` may also be a preset.
-GGUF_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "f16", "f32")
-K_QUANTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+# Every type a tensor can be written as (the block grids hfquant solves on, and the float types):
+# the allowed values of ``embedding_type`` / ``output_type``; ``type`` may also be a preset.
+GGUF_TYPES = (*GGUF_GRIDS, "f16", "f32")
 # The general.file_type written for each main type (llama.cpp's names for the mostly-X files).
 _FILE_TYPE = {
     "q4_0": "MOSTLY_Q4_0",

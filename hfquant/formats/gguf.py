@@ -77,6 +77,8 @@ GGUF_GRIDS = {
     "q5_k": GGUFGrid("q5_k", 5, 32, 256, None, (0, 63), (0, 63)),
     "q6_k": GGUFGrid("q6_k", 6, 16, 256, 32, (-128, 127), None),
 }
+# The K-quants: super-blocks of 256 columns with integer-coded sub-block scales.
+K_QUANTS = tuple(name for name, grid in GGUF_GRIDS.items() if grid.scale_codes is not None)
 # llama.cpp's tensor_type_fallback (src/llama-quant.cpp) for rows a 256-block type cannot hold.
 FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
