@@ -13,7 +13,8 @@ section is cut off: either loses only that section; each logs its progress as it
   float16 and bfloat16.
 * ``generate``: a tiny chat model built from a config and a tokenizer trained on the spot, quantized
   at load (RTN), ``generate()`` on the GPU against the CPU, save and reload, ``hfquant chat --device``.
-* ``tune``: candidate launch configurations (tile sizes, warps, stages, split-K) against the
+* ``tune``: candidate launch configurations (tile sizes, warps, stages, split-K; the fused kernel
+  against dequantize-then-cuBLAS at 16 and 512 rows) against the
   dispatcher's choice at each Llama-7B shape, W2 g64, for batch 1, 16 and 512 rows
   (``--tune-regimes``), timed eagerly and replayed from a CUDA graph over layer copies that
   exceed the L2 cache; each candidate's output checked against the reference. The decode
@@ -427,11 +428,14 @@ CANDIDATES = {
                 (16, 256, 4, 8), (32, 256, 4, 4), (64, 128, 4, 8), (32, 512, 8, 2)]],
     "few": [("gemm", 16, n, k, w, s, 1) for n, k, w, s in
             [(32, 256, 4, 3), (16, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3), (32, 128, 4, 4), (32, 256, 8, 3)]]
-           + [("gemv", 1, 16, 512, 4, 3, 4)],
+           + [("gemv", 1, 16, 512, 4, 3, 4), ("dequant", 0, 32, 128, 4, 1, 1)],
     "prefill": [("gemm", m, n, k, w, s, 1) for m, n, k, w, s in
                 [(64, 64, 128, 4, 3), (64, 128, 64, 4, 3), (128, 64, 128, 8, 3), (64, 128, 128, 8, 3),
-                 (128, 128, 64, 8, 4), (64, 64, 256, 4, 3)]],
+                 (128, 128, 64, 8, 4), (64, 64, 256, 4, 3)]]
+               + [("dequant", 0, n, k, w, 1, 1) for n, k, w in [(32, 128, 4), (64, 128, 4), (16, 256, 4), (64, 256, 8)]],
 }  # fmt: skip
+# The dequant candidates (the dense weight written once, then cuBLAS) at 16 and 512 rows bracket the
+# crossover the dispatcher places at triton_matmul.DEQUANT_MIN_ROWS.
 # How often each Llama-7B shape occurs in a decoder block (q/k/v/o, gate/up, down): the weights of
 # the per-block time that picks one decode configuration for all of them.
 SHAPE_COUNT = {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}

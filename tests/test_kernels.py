@@ -43,7 +43,7 @@ def _reference(module: DecoupledLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("in_f", [96, 200, 512])  # 200: ragged last group, partial 32-value block; 512: GEMV tile inside one group
 def test_triton_kernels_match_reference(bits, group_size, in_f):
     module = _layer(bits, group_size, in_f)
-    for rows in (1, 5):  # GEMV kernel, then the tl.dot kernel
+    for rows in (1, 5, triton_matmul.DEQUANT_MIN_ROWS):  # GEMV kernel, tl.dot kernel, dequantize + GEMM
         x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
         y = triton_matmul.qmatmul(
             x, module.qweight, module.scales, module.zeros, bits, group_size, in_f, module.bias
@@ -70,9 +70,60 @@ def test_split_k_gemv_matches_reference(bits, group_size, in_f, split_k):
         torch.testing.assert_close(y.double(), _reference(module, x.float()), **tol)
 
 
+@needs_triton
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("group_size", "in_f"), [(64, 200), (128, 512), (-1, 96), (48, 200)])
+def test_dequantize_kernel_writes_the_grid_in_the_activation_dtype(bits, group_size, in_f):
+    """Tiles past the last row and column are masked (40 rows in tiles of 32; 200 = 128 + 72).
+
+    Exact in float32 and float16; bfloat16 within one unit in the last place (the interpreter's
+    float32 -> bfloat16 cast truncates, torch's rounds to nearest).
+    """
+    module = _layer(bits, group_size, in_f)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        w = triton_matmul.dequantize(
+            module.qweight, module.scales, module.zeros, bits, group_size, in_f, dtype
+        )
+        assert w.dtype == dtype and w.shape == (40, in_f)
+        ulp = 2.0**-7 if dtype == torch.bfloat16 else 0.0
+        torch.testing.assert_close(w, module.dequantize(torch.float32).to(dtype), rtol=ulp, atol=0)
+
+
+def test_launch_config_by_rows():
+    gemv, *gemm, dequant = triton_matmul.LAUNCH_CONFIGS[torch.float16]
+    choose = triton_matmul.launch_config
+    assert choose(1, torch.float16) == gemv and gemv.kernel == "gemv"
+    assert [choose(rows, torch.float16).block_m for rows in (2, 16, 17, 32, 33, 64, 65)] == [
+        16,
+        16,
+        32,
+        32,
+        64,
+        64,
+        64,
+    ]
+    assert choose(triton_matmul.DEQUANT_MIN_ROWS - 1, torch.float16) == gemm[-1]
+    assert choose(triton_matmul.DEQUANT_MIN_ROWS, torch.float16) == dequant and dequant.kernel == "dequant"
+    with pytest.raises(ValueError, match="dequantize launches the dequant kernel"):
+        triton_matmul.dequantize(
+            torch.zeros(1, 2, dtype=torch.int32), None, None, 2, 64, 64, torch.float16, gemv
+        )
+
+
+def test_launch_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        triton_matmul.LaunchConfig("gemm2", 16, 32, 256)
+    with pytest.raises(ValueError, match="block_m must be 0 for the dequant kernel"):
+        triton_matmul.LaunchConfig("dequant", 16, 32, 128)
+    with pytest.raises(ValueError, match="block_m must be 0 for the dequant kernel"):
+        triton_matmul.LaunchConfig("gemm", 0, 32, 128)
+
+
 def test_split_k_is_refused_for_the_gemm_kernel():
-    with pytest.raises(ValueError, match="split_k must be >= 1, and 1 for the gemm kernel"):
+    with pytest.raises(ValueError, match="split_k must be >= 1, and 1 for the gemm and dequant kernels"):
         triton_matmul.LaunchConfig("gemm", 16, 32, 256, split_k=2)
+    with pytest.raises(ValueError, match="1 for the gemm and dequant kernels"):
+        triton_matmul.LaunchConfig("dequant", 0, 32, 128, split_k=2)
     with pytest.raises(ValueError, match="split_k"):
         triton_matmul.LaunchConfig("gemv", 1, 16, 256, split_k=0)
 

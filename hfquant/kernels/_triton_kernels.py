@@ -1,4 +1,5 @@
-"""Triton kernels: fused unpack + dequantize + matmul straight from the packed format.
+"""Triton kernels: fused unpack + dequantize + matmul straight from the packed format, and a
+dequantize-only kernel for long prompts (its output goes to cuBLAS).
 
 Imported only through :mod:`hfquant.kernels.triton_matmul` on first use, because importing this
 module imports triton and ``@triton.jit`` decides at definition time whether kernels run compiled
@@ -225,3 +226,24 @@ def gemm_kernel(
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], acc, mask=y_mask)
+
+
+@triton.jit
+def dequant_kernel(
+    qw_ptr, s_ptr, z_ptr, w_ptr, N, K, WORDS, G,
+    BITS: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Prefill: the ``[N, K]`` weight on its grid, written once in ``w``'s dtype for a cuBLAS GEMM.
+
+    One ``[BLOCK_N, BLOCK_K]`` tile per program; the values are computed in float32, as in the fused
+    kernels, and rounded once when stored.
+    """
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    q = _codes(qw_ptr, offs_n, k0, N, WORDS, BITS, BLOCK_N, BLOCK_K)
+    w = _dequant(q, s_ptr, z_ptr, offs_n, k0, N, K, G, GS, BLOCK_N, BLOCK_K)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    tl.store(
+        w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask
+    )

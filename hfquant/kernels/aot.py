@@ -68,19 +68,21 @@ def specs() -> list[tuple[KernelSpec, int]]:
     """(specialization, compute capability) pairs to compile, from the dispatcher's own table.
 
     Each launch configuration at every bit width for every target, in the first dtype that uses
-    it, with bias, 64-wide groups and aligned shapes (the Llama case). A configuration that another
-    dtype reuses, and the other layout (per-row groups of 11008, not a power of two, no bias, no
-    alignment), are compiled at 3 bits (the widest code path) for the oldest and newest targets.
+    it, with bias (the dequantize kernel has none), 64-wide groups and aligned shapes (the Llama
+    case). A configuration that another dtype reuses, and the other layout (per-row groups of
+    11008, not a power of two, no bias, no alignment), are compiled at 3 bits (the widest code
+    path) for the oldest and newest targets.
     """
     full: list[KernelSpec] = []
     reduced: list[KernelSpec] = []
     for dtype, configs in LAUNCH_CONFIGS.items():
         name = str(dtype).removeprefix("torch.")
         for c in configs:
+            bias = c.kernel != "dequant"  # the dequantize kernel has no bias (cuBLAS adds it)
             if any(s.config == c for s in full):
-                reduced.append(KernelSpec(c, 3, name))
+                reduced.append(KernelSpec(c, 3, name, has_bias=bias))
             else:
-                full += [KernelSpec(c, bits, name) for bits in (2, 3, 4)]
+                full += [KernelSpec(c, bits, name, has_bias=bias) for bits in (2, 3, 4)]
     layout = {"group_size": 11008, "has_bias": False, "aligned": False}
     reduced += [KernelSpec(c, 3, **layout) for c in LAUNCH_CONFIGS[torch.float16]]
     edges = (TARGETS[0], TARGETS[-1])
@@ -90,7 +92,7 @@ def specs() -> list[tuple[KernelSpec, int]]:
 def _signature(kernel, spec: KernelSpec) -> tuple[dict[str, str], dict[str, object], dict]:
     """Triton signature, constexpr values and alignment attributes of ``kernel`` for ``spec``."""
     act = TRITON_DTYPE[spec.dtype]
-    pointers = {"x_ptr": act, "qw_ptr": "i32", "s_ptr": act, "z_ptr": act, "y_ptr": "fp32"}
+    pointers = {"x_ptr": act, "qw_ptr": "i32", "s_ptr": act, "z_ptr": act, "y_ptr": "fp32", "w_ptr": act}
     pointers["b_ptr"] = act if spec.has_bias else "fp32"  # without bias the launcher passes y
     constexprs = {
         "BITS": spec.bits,
@@ -98,6 +100,7 @@ def _signature(kernel, spec: KernelSpec) -> tuple[dict[str, str], dict[str, obje
         "HAS_BIAS": spec.has_bias,
         **spec.config.constexprs(),
     }
+    constexprs = {name: value for name, value in constexprs.items() if name in kernel.arg_names}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:

@@ -1,8 +1,13 @@
 """GPU path of ``DecoupledLinear``: launches the Triton kernels of :mod:`hfquant.kernels._triton_kernels`.
 
 Triton is optional: without it :func:`supports` is false and CUDA inputs take the torch reference
-path. One input row (batch-1 decode) uses a GEMV kernel that reduces over K in registers; more rows
-(batched decode, prefill) use a tiled ``tl.dot`` kernel. Kept 16-bit weights are not in the kernels:
+path. One input row (batch-1 decode) uses a GEMV kernel that reduces over K in registers; a few rows
+(batched decode, short prompts) use a tiled ``tl.dot`` kernel; from :data:`DEQUANT_MIN_ROWS` rows on
+(prefill) one kernel writes the weight on its grid in the activation dtype and cuBLAS multiplies:
+the fused kernel re-unpacks every weight tile once per 64 rows and ran at 0.25x fp16 at 512 rows on
+an H100 (RESULTS.md), while writing the dense weight costs one pass over it, amortized over the
+rows (vLLM's AWQ path switches the same way, at 256 rows). That path holds a dense copy of one
+layer's weight while it runs. Kept 16-bit weights are not in the kernels:
 the caller adds them with one ``index_add`` on the output (``y[:, r] += x[:, c] * v``), which costs
 O(rows x kept weights) and keeps the dense kernels branch-free.
 
@@ -19,14 +24,17 @@ from functools import cache
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
+
+KERNELS = ("gemv", "gemm", "dequant")  # the kernels of hfquant.kernels._triton_kernels, less "_kernel"
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
     """One way of launching a kernel: its tile sizes and Triton's ``num_warps`` / ``num_stages``."""
 
-    kernel: str  # "gemv" (one input row) or "gemm" (several rows, tl.dot)
-    block_m: int  # input rows per program (1 for the GEMV kernel)
+    kernel: str  # "gemv" (one input row), "gemm" (several rows, tl.dot) or "dequant" (the weight alone)
+    block_m: int  # input rows per program (1 for the GEMV kernel; 0 for dequant, which reads no input)
     block_n: int  # output rows per program
     block_k: int  # reduction step
     num_warps: int = 4
@@ -34,9 +42,13 @@ class LaunchConfig:
     split_k: int = 1  # GEMV only: programs sharing one output row's reduction (atomic float32 adds)
 
     def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if (self.block_m == 0) != (self.kernel == "dequant"):
+            raise ValueError(f"block_m must be 0 for the dequant kernel and only for it; got {self.block_m}")
         if self.split_k < 1 or (self.split_k > 1 and self.kernel != "gemv"):
             raise ValueError(
-                f"split_k must be >= 1, and 1 for the gemm kernel; got {self.split_k} for {self.kernel!r}"
+                f"split_k must be >= 1, and 1 for the gemm and dequant kernels; got {self.split_k} for {self.kernel!r}"
             )
 
     @property
@@ -52,6 +64,8 @@ class LaunchConfig:
         blocks = {"BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         if self.kernel == "gemv":
             return {**blocks, "SPLIT_K": self.split_k}
+        if self.kernel == "dequant":
+            return blocks
         return {"BLOCK_M": self.block_m, **blocks}
 
 
@@ -66,19 +80,26 @@ GEMM = (LaunchConfig("gemm", 16, 32, 256), LaunchConfig("gemm", 32, 64, 128), La
 # Float32 tiles take twice the shared memory per pipeline stage: two stages of 64-wide K steps fit
 # every target (99 KiB per program on sm_86/89).
 GEMM_FP32 = tuple(replace(c, block_k=64, num_stages=2) for c in GEMM)
-# Every configuration qmatmul launches, by activation dtype (the AOT test compiles each of them).
+# Dequantize kernel: 32 x 128 values per program (no loop, no shared memory: one tile for every
+# dtype). Not yet timed on a GPU, nor the crossover below: benchmarks/gpu.py ``tune`` times both.
+DEQUANT = LaunchConfig("dequant", 0, 32, 128, num_stages=1)
+DEQUANT_MIN_ROWS = 256
+# Every configuration qmatmul launches, by activation dtype (the AOT test compiles each of them):
+# the GEMV first, the dequantize kernel last, the tl.dot tiles between.
 LAUNCH_CONFIGS: dict[torch.dtype, tuple[LaunchConfig, ...]] = {
-    torch.float16: (GEMV, *GEMM),
-    torch.bfloat16: (GEMV, *GEMM),
-    torch.float32: (GEMV, *GEMM_FP32),
+    torch.float16: (GEMV, *GEMM, DEQUANT),
+    torch.bfloat16: (GEMV, *GEMM, DEQUANT),
+    torch.float32: (GEMV, *GEMM_FP32, DEQUANT),
 }
 
 
 def launch_config(rows: int, dtype: torch.dtype) -> LaunchConfig:
     """The configuration :func:`qmatmul` launches for ``rows`` input rows of ``dtype``."""
-    gemv, *gemm = LAUNCH_CONFIGS[dtype]
+    gemv, *gemm, dequant = LAUNCH_CONFIGS[dtype]
     if rows == 1:
         return gemv
+    if rows >= DEQUANT_MIN_ROWS:
+        return dequant
     return next((c for c in gemm if rows <= c.block_m), gemm[-1])
 
 
@@ -112,13 +133,18 @@ def qmatmul(
 ) -> torch.Tensor:
     """``x @ W_grid.T (+ bias)`` in ``x``'s dtype for a 2-D ``x`` (fp16, bf16 or fp32) on the kernels' device.
 
-    Products are summed in float32 and rounded once, when the kernel stores the output.
+    Products are summed in float32 and rounded once, when the kernel stores the output (the
+    dequantize path: as cuBLAS sums, in float32 for these dtypes unless torch allows reduced
+    precision reductions).
 
     ``config`` overrides :func:`launch_config` (benchmarks compare configurations with it).
     """
-    mod = _kernels()
     m_rows, n_out = x.shape[0], qweight.shape[0]
     config = config or launch_config(m_rows, x.dtype)
+    if config.kernel == "dequant":
+        w = dequantize(qweight, scales, zeros, bits, group_size, in_features, x.dtype, config)
+        return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+    mod = _kernels()
     gs = in_features if group_size == -1 else group_size
     x = x.contiguous()
     split = config.split_k
@@ -139,3 +165,28 @@ def qmatmul(
     else:
         mod.gemm_kernel[(-(-m_rows // config.block_m), grid_n)](x, *args, m_rows, *sizes, **meta)
     return y.to(x.dtype)
+
+
+def dequantize(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype,
+    config: LaunchConfig = DEQUANT,
+) -> torch.Tensor:
+    """The ``[out, in]`` weight on its grid, ``scale * q + zero``, in ``dtype``: one kernel launch."""
+    if config.kernel != "dequant":
+        raise ValueError(f"dequantize launches the dequant kernel, got a {config.kernel!r} configuration")
+    n_out = qweight.shape[0]
+    w = torch.empty(n_out, in_features, dtype=dtype, device=qweight.device)
+    grid = (-(-n_out // config.block_n), -(-in_features // config.block_k))
+    _kernels().dequant_kernel[grid](
+        qweight.contiguous(), scales.contiguous(), zeros.contiguous(), w,
+        n_out, in_features, qweight.shape[1], scales.shape[1],
+        BITS=bits, GS=in_features if group_size == -1 else group_size, **config.constexprs(),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return w
