@@ -81,9 +81,7 @@ def test_dequantize_kernel_writes_the_grid_in_the_activation_dtype(bits, group_s
     """
     module = _layer(bits, group_size, in_f)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        w = triton_matmul.dequantize(
-            module.qweight, module.scales, module.zeros, bits, group_size, in_f, dtype
-        )
+        w = triton_matmul.dequantize(module.qweight, module.scales, module.zeros, bits, group_size, in_f, dtype)
         assert w.dtype == dtype and w.shape == (40, in_f)
         ulp = 2.0**-7 if dtype == torch.bfloat16 else 0.0
         torch.testing.assert_close(w, module.dequantize(torch.float32).to(dtype), rtol=ulp, atol=0)
@@ -93,21 +91,12 @@ def test_launch_config_by_rows():
     gemv, *gemm, dequant = triton_matmul.LAUNCH_CONFIGS[torch.float16]
     choose = triton_matmul.launch_config
     assert choose(1, torch.float16) == gemv and gemv.kernel == "gemv"
-    assert [choose(rows, torch.float16).block_m for rows in (2, 16, 17, 32, 33, 64, 65)] == [
-        16,
-        16,
-        32,
-        32,
-        64,
-        64,
-        64,
-    ]
+    rows = (2, 16, 17, 32, 33, 64, 65)
+    assert [choose(r, torch.float16).block_m for r in rows] == [16, 16, 32, 32, 64, 64, 64]
     assert choose(triton_matmul.DEQUANT_MIN_ROWS - 1, torch.float16) == gemm[-1]
     assert choose(triton_matmul.DEQUANT_MIN_ROWS, torch.float16) == dequant and dequant.kernel == "dequant"
     with pytest.raises(ValueError, match="dequantize launches the dequant kernel"):
-        triton_matmul.dequantize(
-            torch.zeros(1, 2, dtype=torch.int32), None, None, 2, 64, 64, torch.float16, gemv
-        )
+        triton_matmul.dequantize(torch.zeros(1, 2, dtype=torch.int32), None, None, 2, 64, 64, torch.float16, gemv)
 
 
 def test_launch_config_errors_name_the_field():
