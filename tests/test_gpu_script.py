@@ -17,7 +17,7 @@ def test_gpu_script_smoke_run(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     summary = (tmp_path / "summary.md").read_text()
     assert result.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary is printed last
-    for section in ("env", "correctness", "generate", "tune", "layers", "e2e", "graph", "quantize"):
+    for section in ("env", "correctness", "generate", "tune", "layers", "e2e", "graph", "compile", "quantize"):
         assert f"- {section} (ok," in summary
         assert (tmp_path / f"{section}.md").read_text()
     assert "| hessian pass |" in (tmp_path / "results.md").read_text()

@@ -23,7 +23,7 @@ from hfquant.nn import DecoupledLinear  # noqa: E402
 
 BITS = [2, 3, 4]
 GROUPS = [32, 64, 128, -1]
-needs_triton = pytest.mark.skipif(not triton_matmul.triton_installed(), reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not triton_matmul.TRITON_INSTALLED, reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU: the compiled Triton path is GPU-only"
 )
@@ -115,6 +115,30 @@ def test_split_k_is_refused_for_the_gemm_kernel():
         triton_matmul.LaunchConfig("dequant", 0, 32, 128, split_k=2)
     with pytest.raises(ValueError, match="split_k"):
         triton_matmul.LaunchConfig("gemv", 1, 16, 256, split_k=0)
+
+
+@needs_triton
+def test_torch_compile_keeps_each_launch_as_one_custom_op():
+    """Under torch.compile (fullgraph: a graph break fails) every launch is one opaque operator with a
+    fake, and the compiled function computes what the eager one does; eager calls skip the operator."""
+    module = _layer(3, 64, 200)
+    seen: list[str] = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward  # run the captured graph as traced (the custom ops launch the kernels)
+
+    for rows in (1, 5, triton_matmul.DEQUANT_MIN_ROWS):
+        op = "triton_dequantize" if rows >= triton_matmul.DEQUANT_MIN_ROWS else "triton_qmatmul"
+        seen.clear()
+        torch._dynamo.reset()
+        x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(rows))
+        compiled = torch.compile(lambda x: triton_matmul.qmatmul(
+            x, module.qweight, module.scales, module.zeros, 3, 64, 200, module.bias
+        ), backend=backend, fullgraph=True)  # fmt: skip
+        y = compiled(x)
+        assert [t for t in seen if "hfquant" in t] == [f"hfquant.{op}"], seen
+        torch.testing.assert_close(y.double(), _reference(module, x), rtol=1e-5, atol=1e-4)
 
 
 needs_cpu_kernel = pytest.mark.skipif(

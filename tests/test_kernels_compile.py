@@ -14,7 +14,7 @@ import pytest
 
 from hfquant.kernels import aot, triton_matmul
 
-pytestmark = pytest.mark.skipif(not triton_matmul.triton_installed(), reason="triton is not installed")
+pytestmark = pytest.mark.skipif(not triton_matmul.TRITON_INSTALLED, reason="triton is not installed")
 
 JOBS = aot.specs()
 
