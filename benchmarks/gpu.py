@@ -30,7 +30,7 @@ section is cut off: either loses only that section; each logs its progress as it
   every decoder linear replaced by a memset (what the rest of the step costs).
 * ``compile``: the ``graph`` section's decode with the step compiled by ``torch.compile`` first
   (Inductor fuses the floor's small kernels; hfquant's launches stay custom operators), fp16 vs
-  W2/W4 g64 and the floor, graph breaks counted.
+  W2 g64 and the floor, graph breaks counted.
 * ``quantize``: decoupleQ + block-wise minimization at the library defaults on 2 blocks of the
   7B-shaped model (random calibration token ids: speed does not depend on them), time per stage
   (Hessian pass, solve, block-wise epochs), extrapolated to 32 blocks; peak GPU and host memory.
@@ -756,7 +756,6 @@ def section_compile(sec: Section) -> None:
     backend = "aot_eager" if sec.smoke else "inductor"
     builds: list[tuple[str, int | None]] = [
         ("fp16" if dtype == torch.float16 else "fp32", None), ("W2 g64", 2), ("no linear layers (floor)", 0),
-        ("W4 g64", 4),
     ]  # fmt: skip
     rows = []
     for name, bits in builds:
@@ -870,7 +869,7 @@ SECTIONS: dict[str, tuple[int, Callable[[Section], None]]] = {  # name: (budget 
     "layers": (100, section_layers),
     "e2e": (110, section_e2e),
     "graph": (180, section_graph),
-    "compile": (420, section_compile),
+    "compile": (300, section_compile),
     "quantize": (100, section_quantize),
     "generate": (35, section_generate),
 }
