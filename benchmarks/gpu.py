@@ -607,8 +607,6 @@ def rewind(cache, length: int) -> None:
 
 
 def section_e2e(sec: Section) -> None:
-    from transformers import AutoModelForCausalLM
-
     dtype = torch.float16 if sec.device == "cuda" else torch.float32
     layers = 2 if sec.smoke else 32
     new_tokens = 8 if sec.smoke else 32
@@ -624,15 +622,7 @@ def section_e2e(sec: Section) -> None:
         if sec.device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        with torch.device(sec.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-        if bits:
-            quantize_linears_(
-                model,
-                lambda lin, bits=bits: random_layer(
-                    lin.out_features, lin.in_features, bits, 64, dtype, sec.device
-                ),
-            )
+        model = decode_model(config, dtype, bits, sec.device)
         weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         linear_bytes = sum(
             t.numel() * t.element_size()
@@ -690,6 +680,22 @@ class ZerosLinear(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
+def decode_model(config, dtype: torch.dtype, bits: int | None, device: str) -> nn.Module:
+    """The model of ``config`` with random weights: dense (``bits`` None), every decoder linear
+    W``bits`` g64 from random codes, or (``bits`` 0) every decoder linear a memset, the floor."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if bits == 0:
+        quantize_linears_(model, lambda lin: ZerosLinear(lin.out_features))
+    elif bits:
+        quantize_linears_(
+            model, lambda lin: random_layer(lin.out_features, lin.in_features, bits, 64, dtype, device)
+        )
+    return model
+
+
 def section_graph(sec: Section) -> None:
     """Batch-1 decode of the 7B-shaped model with one step captured in a CUDA graph, fp16 vs W2/W4 g64.
 
@@ -697,8 +703,6 @@ def section_graph(sec: Section) -> None:
     other sections. When the ``tune`` section of the same run chose another decode configuration
     than the dispatcher's, W2 and W4 are timed with it as well.
     """
-    from transformers import AutoModelForCausalLM
-
     dtype = torch.float16 if sec.device == "cuda" else torch.float32
     config = llama_config(sec.smoke, 2 if sec.smoke else 32)
     new_tokens = 8 if sec.smoke else 32
@@ -715,15 +719,7 @@ def section_graph(sec: Section) -> None:
     rows = []
     for name, bits, launch in builds:
         triton_matmul.LAUNCH_CONFIGS[dtype] = (launch or gemv, *gemm)
-        with torch.device(sec.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-        if bits == 0:
-            quantize_linears_(model, lambda lin: ZerosLinear(lin.out_features))
-        elif bits:
-            quantize_linears_(
-                model,
-                lambda lin, bits=bits: random_layer(lin.out_features, lin.in_features, bits, 64, dtype, sec.device),
-            )
+        model = decode_model(config, dtype, bits, sec.device)
         tps = graph_decode_tokens_per_s(model, 1, new_tokens, sec.device, sec.repeats, lambda t, n=name: sec.log(f"{n}: {t}"))
         rows.append({"model": name, "graph decode b1 (tok/s)": tps, "ms per token": 1e3 / tps,
                      "x fp16": tps / (rows[0]["graph decode b1 (tok/s)"] if rows else tps)})  # fmt: skip
@@ -753,7 +749,6 @@ def section_compile(sec: Section) -> None:
     and fake shapes, no code generation.
     """
     from torch._dynamo.utils import counters
-    from transformers import AutoModelForCausalLM
 
     dtype = torch.float16 if sec.device == "cuda" else torch.float32
     config = llama_config(sec.smoke, 2 if sec.smoke else 32)
@@ -764,15 +759,7 @@ def section_compile(sec: Section) -> None:
     ]  # fmt: skip
     rows = []
     for name, bits in builds:
-        with torch.device(sec.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-        if bits == 0:
-            quantize_linears_(model, lambda lin: ZerosLinear(lin.out_features))
-        elif bits:
-            quantize_linears_(
-                model,
-                lambda lin, bits=bits: random_layer(lin.out_features, lin.in_features, bits, 64, dtype, sec.device),
-            )
+        model = decode_model(config, dtype, bits, sec.device)
         torch._dynamo.reset()
         counters.clear()
         start = time.perf_counter()
