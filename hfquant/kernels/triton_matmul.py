@@ -152,10 +152,10 @@ def qmatmul(
     if config.kernel == "dequant":
         w = dequantize(qweight, scales, zeros, bits, group_size, in_features, x.dtype, config)
         return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
-    args = (x, qweight, scales, zeros, bias, bits, group_size, in_features, config.kernel, config.tiles)
+    args = (x, qweight, scales, zeros, bias, bits, group_size, in_features)
     if torch.compiler.is_compiling():
-        return torch.ops.hfquant.triton_qmatmul(*args)
-    return _launch_fused(*args)
+        return torch.ops.hfquant.triton_qmatmul(*args, config.kernel, config.tiles)
+    return _launch_fused(*args, config)
 
 
 def dequantize(
@@ -171,10 +171,10 @@ def dequantize(
     """The ``[out, in]`` weight on its grid, ``scale * q + zero``, in ``dtype``: one kernel launch."""
     if config.kernel != "dequant":
         raise ValueError(f"dequantize launches the dequant kernel, got a {config.kernel!r} configuration")
-    args = (qweight, scales, zeros, bits, group_size, in_features, dtype, config.tiles)
+    args = (qweight, scales, zeros, bits, group_size, in_features, dtype)
     if torch.compiler.is_compiling():
-        return torch.ops.hfquant.triton_dequantize(*args)
-    return _launch_dequant(*args)
+        return torch.ops.hfquant.triton_dequantize(*args, config.tiles)
+    return _launch_dequant(*args, config)
 
 
 def _launch_fused(
@@ -186,11 +186,9 @@ def _launch_fused(
     bits: int,
     group_size: int,
     in_features: int,
-    kernel: str,
-    tiles: list[int],
+    config: LaunchConfig,
 ) -> torch.Tensor:
-    """One launch of the GEMV or tl.dot kernel (``LaunchConfig(kernel, *tiles)``): :func:`qmatmul`'s body."""
-    config = LaunchConfig(kernel, *tiles)
+    """One launch of the GEMV or tl.dot kernel: :func:`qmatmul`'s body."""
     mod = _kernels()
     m_rows, n_out = x.shape[0], qweight.shape[0]
     gs = in_features if group_size == -1 else group_size
@@ -223,10 +221,9 @@ def _launch_dequant(
     group_size: int,
     in_features: int,
     dtype: torch.dtype,
-    tiles: list[int],
+    config: LaunchConfig,
 ) -> torch.Tensor:
-    """One launch of the dequant kernel (``LaunchConfig("dequant", *tiles)``): :func:`dequantize`'s body."""
-    config = LaunchConfig("dequant", *tiles)
+    """One launch of the dequant kernel: :func:`dequantize`'s body."""
     n_out = qweight.shape[0]
     w = torch.empty(n_out, in_features, dtype=dtype, device=qweight.device)
     grid = (-(-n_out // config.block_n), -(-in_features // config.block_k))
@@ -239,14 +236,45 @@ def _launch_dequant(
     return w
 
 
-# The same launches as custom operators, for torch.compile (see the module docstring).
-torch.library.custom_op("hfquant::triton_qmatmul", _launch_fused, mutates_args=()).register_fake(
-    lambda x, qweight, scales, zeros, bias, bits, group_size, in_features, kernel, tiles: x.new_empty(
-        x.shape[0], qweight.shape[0]
-    )
-)
-torch.library.custom_op("hfquant::triton_dequantize", _launch_dequant, mutates_args=()).register_fake(
-    lambda qweight, scales, zeros, bits, group_size, in_features, dtype, tiles: qweight.new_empty(
-        qweight.shape[0], in_features, dtype=dtype
-    )
-)
+# The same launches as custom operators for torch.compile (see the module docstring): a launch
+# configuration travels as its kernel and tiles, the types an operator schema has.
+@torch.library.custom_op("hfquant::triton_qmatmul", mutates_args=())
+def _qmatmul_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    kernel: str,
+    tiles: list[int],
+) -> torch.Tensor:
+    config = LaunchConfig(kernel, *tiles)
+    return _launch_fused(x, qweight, scales, zeros, bias, bits, group_size, in_features, config)
+
+
+@_qmatmul_op.register_fake
+def _(x, qweight, scales, zeros, bias, bits, group_size, in_features, kernel, tiles):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("hfquant::triton_dequantize", mutates_args=())
+def _dequantize_op(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype,
+    tiles: list[int],
+) -> torch.Tensor:
+    config = LaunchConfig("dequant", *tiles)
+    return _launch_dequant(qweight, scales, zeros, bits, group_size, in_features, dtype, config)
+
+
+@_dequantize_op.register_fake
+def _(qweight, scales, zeros, bits, group_size, in_features, dtype, tiles):
+    return qweight.new_empty(qweight.shape[0], in_features, dtype=dtype)
