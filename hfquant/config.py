@@ -57,7 +57,9 @@ class HfQuantConfig(QuantizationConfigMixin):
             list of strings, or token ids already cut into windows (an integer tensor
             ``[n >= nsamples, L >= seqlen]``: its first ``nsamples`` rows and ``seqlen`` tokens).
         nsamples, seqlen: number and length (tokens) of calibration windows.
-        modules_to_not_convert: module names (or name suffixes) kept in full precision.
+        modules_to_not_convert: module names (or name suffixes) kept in full precision. As in
+            transformers, a list replaces the default ``["lm_head"]``; it must still name the output
+            embeddings, which hfquant does not quantize (quantizing at load refuses a list without them).
         kept_fraction: share of weights kept in 16 bits beside the integers (TaCQ), e.g.
             0.0035 to 0.01; 0 keeps none.
         saliency: how kept weights are chosen: ``"tacq"`` (task-loss gradient times the change

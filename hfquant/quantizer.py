@@ -23,7 +23,7 @@ from hfquant.export.checkpoint import (
 )
 from hfquant.export.hub import enable_export
 from hfquant.formats import QuantizedLinear, format_for
-from hfquant.nn.replace import linears_to_convert, set_module
+from hfquant.nn.replace import is_skipped, linears_to_convert, set_module
 
 
 class HfQuantQuantizer(HfQuantizer):
@@ -45,6 +45,7 @@ class HfQuantQuantizer(HfQuantizer):
         self, model: PreTrainedModel, checkpoint_files: list[str] | None = None, **kwargs: Any
     ) -> None:
         if not self.pre_quantized:
+            self._check_output_embeddings_kept(model)
             return
         config = self.quantization_config
         tensors, metadata = read_checkpoint(checkpoint_files or [])
@@ -54,6 +55,18 @@ class HfQuantQuantizer(HfQuantizer):
         fmt = format_for(config)
         for name, linear in linears.items():
             set_module(model, name, fmt.skeleton(linear, config, **planned[name]))
+
+    def _check_output_embeddings_kept(self, model: PreTrainedModel) -> None:
+        """A list in ``modules_to_not_convert`` replaces transformers' default skips, so one that leaves
+        out the output embeddings asks to quantize them: hfquant has no solver for them (they sit outside
+        the decoder blocks) and keeps them in full precision, so it says so rather than ignore the list."""
+        names = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
+        listed = self.quantization_config.modules_to_not_convert
+        if names and not is_skipped(names[0], listed):
+            raise ValueError(
+                f"modules_to_not_convert={listed} leaves out the output embeddings {names[0]!r}: hfquant keeps "
+                f"them in full precision (it does not quantize them); add {names[0]!r} to the list"
+            )
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
         enable_export(model)

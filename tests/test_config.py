@@ -96,3 +96,13 @@ def test_renamed_fields_name_their_new_names():
         HfQuantConfig(outlier_fraction=0.01)
     loaded = HfQuantConfig.from_dict({"bits": 3, "outlier_fraction": 0.01, "outlier_scope": "layer"})
     assert (loaded.kept_fraction, loaded.kept_scope, loaded.bits) == (0.01, "layer", 3)
+
+
+@pytest.mark.parametrize("listed", [[], ["down_proj"]])
+def test_a_list_without_the_output_embeddings_is_refused_before_loading(tiny_llama_dir, listed):
+    """A list replaces transformers' default skips; hfquant does not quantize lm_head, so it says so."""
+    from transformers import AutoModelForCausalLM
+
+    config = HfQuantConfig(bits=4, group_size=32, method="rtn", modules_to_not_convert=listed)
+    with pytest.raises(ValueError, match=r"leaves out the output embeddings 'lm_head'.*add 'lm_head'"):
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
