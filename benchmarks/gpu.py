@@ -433,7 +433,10 @@ def section_layers(sec: Section) -> None:
 CANDIDATES = {
     "decode": [("gemv", 1, n, k, w, 3, sk) for n, k, w, sk in
                [(16, 512, 4, 4), (16, 512, 4, 1), (8, 512, 4, 1), (16, 256, 4, 1), (8, 1024, 4, 1),
-                (16, 256, 4, 8), (32, 256, 4, 4), (64, 128, 4, 8), (32, 512, 8, 2)]],
+                (16, 256, 4, 8), (32, 256, 4, 4), (64, 128, 4, 8), (32, 512, 8, 2),
+                # around the H100's best (16 x 512, 4 warps, split 4): warps, split, rows per program
+                (16, 512, 2, 4), (16, 512, 8, 4), (16, 512, 4, 2), (16, 512, 4, 8), (8, 512, 4, 4),
+                (32, 512, 4, 4), (16, 1024, 4, 2), (8, 512, 2, 8)]],
     "few": [("gemm", 16, n, k, w, s, 1) for n, k, w, s in
             [(32, 256, 4, 3), (16, 256, 4, 3), (32, 512, 4, 3), (64, 256, 4, 3), (32, 128, 4, 4), (32, 256, 8, 3)]]
            + [("gemv", 1, 16, 512, 4, 3, 4), ("dequant", 0, 32, 128, 4, 1, 1)],
@@ -512,8 +515,7 @@ def section_tune(sec: Section) -> None:
         everywhere = [c for c in per_block if measured[c] == len(shapes)]  # ran at every shape
         choice = min(everywhere, key=per_block.get)
         default = triton_matmul.launch_config(1, dtype)
-        sec.data["decode_choice"] = [choice.kernel, choice.block_m, choice.block_n, choice.block_k,
-                                     choice.num_warps, choice.num_stages, choice.split_k]  # fmt: skip
+        sec.data["decode_choice"] = [choice.kernel, *choice.tiles]
         sec.summary.append(
             f"decode (graph, weighted per block): best {choice.name} {per_block[choice] * 1e6:.1f} us vs default "
             f"{default.name} {per_block[default] * 1e6:.1f} us"
