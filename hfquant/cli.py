@@ -304,6 +304,8 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hfquant.config import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
+
     parser = argparse.ArgumentParser(
         prog="hfquant", description="2-bit quantization for Hugging Face Transformers"
     )
@@ -333,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="mix (offline default: Book of Mormon + Jargon File + C code), wikitext2, c4, bookofmormon, "
         "jargon, c-code, or a text file/folder",
     )
-    q.add_argument("--nsamples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--nsamples", type=int, default=DEFAULT_NSAMPLES)
+    q.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN)
     q.add_argument(
         "--kept-fraction", type=float, default=0.0, help="share of weights kept in 16 bits (e.g. 0.005)"
     )

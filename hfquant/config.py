@@ -23,6 +23,9 @@ SUPPORTED_KEPT_SCOPES = ("layer", "global")
 SUPPORTED_GGUF_TYPES = (None, *GGUF_GRIDS, *GGUF_PRESETS)  # a block grid or a llama-quantize mix
 DEFAULT_HESSIAN_SHRINK = 0.3  # Hessian shrinkage toward its diagonal (see hessian_shrink)
 DEFAULT_E2E_EPOCHS = 2  # end-to-end tuning epochs where it applies (e2e_epochs=None)
+# Calibration windows: at an equal token count more, shorter windows calibrate better out of domain,
+# also on held-out windows 8x longer than them (benchmarks/RESULTS.md, 2026-11-27).
+DEFAULT_NSAMPLES, DEFAULT_SEQLEN = 256, 256
 
 # Fields saved under an older name: checkpoints that carry them still load (from_dict).
 RENAMED_FIELDS = {"outlier_fraction": "kept_fraction", "outlier_scope": "kept_scope"}
@@ -56,7 +59,9 @@ class HfQuantConfig(QuantizationConfigMixin):
             ``"jargon"``, ``"c-code"``), a local file or folder, a ``datasets.Dataset``, a
             list of strings, or token ids already cut into windows (an integer tensor
             ``[n >= nsamples, L >= seqlen]``: its first ``nsamples`` rows and ``seqlen`` tokens).
-        nsamples, seqlen: number and length (tokens) of calibration windows.
+        nsamples, seqlen: number and length (tokens) of calibration windows (256 x 256: at an equal
+            token count, more and shorter windows than the usual 128 x 512 or x 2048 measured better out
+            of domain, also on 2048-token held-out windows).
         modules_to_not_convert: module names (or name suffixes) kept in full precision. As in
             transformers, a list replaces the default ``["lm_head"]``; it must still name the output
             embeddings, which hfquant does not quantize (quantizing at load refuses a list without them).
@@ -154,8 +159,8 @@ class HfQuantConfig(QuantizationConfigMixin):
         method: str = "decoupleq",
         split_clusters: int = 0,
         dataset: Any = "mix",
-        nsamples: int = 128,
-        seqlen: int = 512,
+        nsamples: int = DEFAULT_NSAMPLES,
+        seqlen: int = DEFAULT_SEQLEN,
         modules_to_not_convert: list[str] | None = None,
         kept_fraction: float = 0.0,
         saliency: str = "tacq",
