@@ -23,7 +23,7 @@ from hfquant.export.checkpoint import (
 )
 from hfquant.export.hub import enable_export
 from hfquant.formats import QuantizedLinear, format_for
-from hfquant.nn.replace import is_skipped, linears_to_convert, set_module
+from hfquant.nn.replace import is_skipped, linears_to_convert, output_embeddings_name, set_module
 
 
 class HfQuantQuantizer(HfQuantizer):
@@ -60,12 +60,12 @@ class HfQuantQuantizer(HfQuantizer):
         """A list in ``modules_to_not_convert`` replaces transformers' default skips, so one that leaves
         out the output embeddings asks to quantize them: hfquant has no solver for them (they sit outside
         the decoder blocks) and keeps them in full precision, so it says so rather than ignore the list."""
-        names = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
+        name = output_embeddings_name(model)
         listed = self.quantization_config.modules_to_not_convert
-        if names and not is_skipped(names[0], listed):
+        if name is not None and not is_skipped(name, listed):
             raise ValueError(
-                f"modules_to_not_convert={listed} leaves out the output embeddings {names[0]!r}: hfquant keeps "
-                f"them in full precision (it does not quantize them); add {names[0]!r} to the list"
+                f"modules_to_not_convert={listed} leaves out the output embeddings {name!r}: hfquant keeps "
+                f"them in full precision (it does not quantize them); add {name!r} to the list"
             )
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:

@@ -121,9 +121,12 @@ def test_split_k_is_refused_for_the_gemm_kernel():
 @needs_triton
 def test_torch_compile_keeps_each_launch_as_one_custom_op():
     """Under torch.compile (fullgraph: a graph break fails) every launch is one opaque operator with a
-    fake, and the compiled function computes what the eager one does; eager calls skip the operator."""
+    fake, and the compiled function computes what the eager one does."""
     module = _layer(3, 64, 200)
     seen: list[str] = []
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        return triton_matmul.qmatmul(x, module.qweight, module.scales, module.zeros, 3, 64, 200, module.bias)
 
     def backend(gm, example_inputs):
         seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
@@ -134,16 +137,11 @@ def test_torch_compile_keeps_each_launch_as_one_custom_op():
         seen.clear()
         torch._dynamo.reset()
         x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(rows))
-        compiled = torch.compile(lambda x: triton_matmul.qmatmul(
-            x, module.qweight, module.scales, module.zeros, 3, 64, 200, module.bias
-        ), backend=backend, fullgraph=True)  # fmt: skip
-        y = compiled(x)
+        y = torch.compile(call, backend=backend, fullgraph=True)(x)
         assert [t for t in seen if "hfquant" in t] == [f"hfquant.{op}"], seen
         torch.testing.assert_close(y.double(), _reference(module, x), rtol=1e-5, atol=1e-4)
         if shutil.which("g++") or shutil.which("c++"):  # Inductor's code around the operator (C++ on CPU)
-            inductor = torch.compile(lambda x: torch.relu(triton_matmul.qmatmul(
-                x, module.qweight, module.scales, module.zeros, 3, 64, 200, module.bias
-            )), fullgraph=True)  # fmt: skip
+            inductor = torch.compile(lambda x: torch.relu(call(x)), fullgraph=True)
             torch.testing.assert_close(inductor(x).double(), _reference(module, x).relu(), rtol=1e-5, atol=1e-4)
 
 

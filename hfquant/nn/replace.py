@@ -12,9 +12,19 @@ def is_skipped(name: str, modules_to_not_convert: list[str]) -> bool:
     )
 
 
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+def output_embeddings_name(model: nn.Module) -> str | None:
+    """The name of the model's output embeddings (``lm_head``), which hfquant never converts."""
+    output = _output_embeddings(model)
+    return None if output is None else next((n for n, m in model.named_modules() if m is output), None)
+
+
 def linears_to_convert(model: nn.Module, modules_to_not_convert: list[str]) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` of the model but the output embeddings and the skipped ones, by name."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = _output_embeddings(model)
     return {
         name: module
         for name, module in model.named_modules()
