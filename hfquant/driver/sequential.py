@@ -56,7 +56,8 @@ from hfquant.driver.solve import quantize_linear
 from hfquant.driver.workdir import WorkDir
 from hfquant.formats import STORAGE_DTYPE, QuantizedLinear, format_for
 from hfquant.formats.gguf_presets import layer_config
-from hfquant.nn.replace import linears_to_convert, set_module
+from hfquant.nn.experts import unfuse_experts
+from hfquant.nn.replace import conv1d_to_linear, linears_to_convert, set_module
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,10 @@ def quantize_model(
 ) -> QuantizationReport:
     """Replace every convertible linear of ``model`` by its quantized module (the config's format), in place."""
     start = time.perf_counter()
-    linears = linears_to_convert(model, config.modules_to_not_convert if skip is None else skip)
+    skip = config.modules_to_not_convert if skip is None else skip
+    conv1d_to_linear(model, skip)
+    unfuse_experts(model, skip)
+    linears = linears_to_convert(model, skip)
     if not linears:
         raise ValueError(
             "the model has no nn.Linear layer to quantize (all skipped by modules_to_not_convert?)"

@@ -107,6 +107,19 @@ def _check_index(index_path: str, tensors: dict[str, TensorInfo]) -> None:
             )
 
 
+def keys_as_loaded(tensors: dict[str, TensorInfo], model: nn.Module) -> dict[str, TensorInfo]:
+    """The header entries under the names transformers loads them into ``model`` by: the model's
+    checkpoint conversions rename some keys (Mixtral's ``block_sparse_moe`` is ``mlp`` in the
+    model, and saving renames it back)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [entry for entry in mapping if isinstance(entry, WeightRenaming)]
+    converters = [entry for entry in mapping if isinstance(entry, WeightConverter)]
+    return {rename_source_key(key, renamings, converters)[0]: info for key, info in tensors.items()}
+
+
 def check_metadata(metadata: dict[str, str], config: HfQuantConfig) -> None:
     """The format version, bits and group size written into the files must agree with ``config.json``."""
     version = metadata.get("hfquant_format_version")

@@ -54,6 +54,7 @@ from torch import nn
 from hfquant.export.llamacpp import LLAMACPP_SDIST_VERSION, llamacpp_source
 from hfquant.formats.gguf import FALLBACK, GGUF_GRIDS, K_QUANTS, GGUFLinear
 from hfquant.formats.gguf_presets import GGUF_PRESETS, block_index, layer_type
+from hfquant.nn.experts import ExpertLinears
 
 # Every type a tensor can be written as (the block grids hfquant solves on, and the float types):
 # the allowed values of ``embedding_type`` / ``output_type``; ``type`` may also be a preset.
@@ -532,6 +533,16 @@ def _check_no_kept_weights(quantized: dict[str, nn.Module]) -> None:
         )
 
 
+def _check_no_split_experts(model: nn.Module) -> None:
+    split = [name for name, m in model.named_modules() if isinstance(m, ExpertLinears)]
+    if split:
+        raise GGUFExportError(
+            f"GGUF export of quantized mixture-of-experts layers is not supported: llama.cpp stores each "
+            f"projection's experts as one 3D tensor, hfquant quantizes them as one linear per expert ({split[0]}); "
+            "export the full-precision model with llama.cpp's converter instead"
+        )
+
+
 def _source_tensors(model: nn.Module, quantized: dict[str, nn.Module]) -> dict[str, Any]:
     """Hugging Face tensor name -> float tensor or quantized module, as the checkpoint names them."""
     out: dict[str, Any] = {}
@@ -586,6 +597,7 @@ def save_gguf(
     out_type = check_type(output_type, "output type") if output_type else _default_output_type(main)
     emb_type = check_type(embedding_type, "embedding type") if embedding_type else None
     _check_no_kept_weights(quantized)
+    _check_no_split_experts(model)
     target = Path(path)
     if target.is_dir():
         raise GGUFExportError(f"{target} is a folder: give the path of the .gguf file to write")

@@ -1,8 +1,10 @@
-"""Swapping a model's linears in place (:mod:`hfquant.nn.replace`), and the quantized module classes
-under their public names (defined in :mod:`hfquant.formats`)."""
+"""Swapping a model's linears in place (:mod:`hfquant.nn.replace`), MoE experts as linears
+(:mod:`hfquant.nn.experts`), and the quantized module classes under their public names (defined in
+:mod:`hfquant.formats`)."""
 
 from hfquant.formats import FORMATS, DecoupledLinear, PowerOfTwoLinear, QuantizedLinear, SplitLinear
 from hfquant.formats.packing import pack_int, pack_int2, packed_width, unpack_int, unpack_int2
+from hfquant.nn.experts import ExpertLinears, unfuse_experts
 
 # Every module class hfquant puts in place of an nn.Linear (each has ``storage_bits()``).
 QUANTIZED_MODULES = tuple(FORMATS.values())
@@ -10,6 +12,7 @@ QUANTIZED_MODULES = tuple(FORMATS.values())
 __all__ = [
     "QUANTIZED_MODULES",
     "DecoupledLinear",
+    "ExpertLinears",
     "PowerOfTwoLinear",
     "QuantizedLinear",
     "SplitLinear",
@@ -18,4 +21,5 @@ __all__ = [
     "packed_width",
     "unpack_int",
     "unpack_int2",
+    "unfuse_experts",
 ]

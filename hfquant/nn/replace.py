@@ -34,6 +34,28 @@ def linears_to_convert(model: nn.Module, modules_to_not_convert: list[str]) -> d
     }
 
 
+def conv1d_to_linear(model: nn.Module, modules_to_not_convert: list[str]) -> list[str]:
+    """Replace every GPT-2-style ``Conv1D`` (transformers' ``y = x W + b`` with ``W`` stored
+    ``[in, out]``) that is not skipped by the ``nn.Linear`` computing the same (``W`` transposed), in
+    place, so that it is quantized like any linear; return their names. Meta tensors (a skeleton
+    about to load a checkpoint) are converted the same way."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, Conv1D) and not is_skipped(name, modules_to_not_convert)
+    ]
+    for name in names:
+        conv = model.get_submodule(name)
+        linear = nn.Linear(conv.nx, conv.nf, bias=conv.bias is not None, device="meta")  # no init
+        linear.weight = nn.Parameter(conv.weight.data.T.contiguous(), requires_grad=conv.weight.requires_grad)
+        if conv.bias is not None:
+            linear.bias = conv.bias
+        set_module(model, name, linear)
+    return names
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -1,0 +1,157 @@
+"""Mixture-of-experts models: the fused 3D expert weights are split into one linear per expert
+(hfquant.nn.experts), quantized like every other linear, saved and reloaded."""
+
+import logging
+
+import pytest
+import torch
+from helpers import TINY_CALIBRATION, input_ids
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    GptOssConfig,
+    MixtralConfig,
+    NemotronHConfig,
+    Qwen3MoeConfig,
+)
+
+from hfquant import DecoupledLinear, HfQuantConfig
+from hfquant.export import bits_per_weight, save_quantized
+from hfquant.export.gguf import GGUFExportError, save_gguf
+from hfquant.formats import QuantizedLinear
+from hfquant.nn.experts import ExpertLinears, is_fused_experts, unfuse_experts
+
+SMALL = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MOE = {
+    "qwen3_moe": lambda experts, k: Qwen3MoeConfig(
+        **SMALL, head_dim=16, num_experts=experts, num_experts_per_tok=k, moe_intermediate_size=32
+    ),
+    # transformers renames its keys on save (mlp -> block_sparse_moe) and back on load
+    "mixtral": lambda experts, k: MixtralConfig(
+        **SMALL, intermediate_size=32, num_local_experts=experts, num_experts_per_tok=k
+    ),
+    # transposed 3D weights, biases, interleaved gate/up and a clamped gate of its own
+    "gpt_oss": lambda experts, k: GptOssConfig(
+        **SMALL, head_dim=16, intermediate_size=32, num_local_experts=experts, num_experts_per_tok=k
+    ),
+    # experts without a gate (up_proj, activation, down_proj)
+    "nemotron_h": lambda experts, k: NemotronHConfig(
+        **{**SMALL, "num_hidden_layers": 2}, n_routed_experts=experts, num_experts_per_tok=k, moe_intermediate_size=32,
+        hybrid_override_pattern="*E",
+    ),  # fmt: skip
+}
+
+
+def moe_model(arch: str, experts: int = 4, k: int = 2):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(MOE[arch](experts, k), dtype=torch.float32).eval()
+
+
+def fused_experts(model) -> list[str]:
+    return [name for name, m in model.named_modules() if is_fused_experts(m)]
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_expert_linears_compute_what_the_fused_experts_compute(arch):
+    model = moe_model(arch)
+    names = fused_experts(model)
+    assert names
+    with torch.no_grad():
+        before = model(input_ids()).logits
+    assert unfuse_experts(model, ["lm_head"]) == names
+    assert not fused_experts(model)
+    assert all(isinstance(model.get_submodule(n), ExpertLinears) for n in names)
+    assert not any(p.dim() == 3 for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids()).logits, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_experts_quantized_saved_and_reloaded(arch, tmp_path):
+    fp = moe_model(arch)
+    fp.save_pretrained(tmp_path / "fp")
+    config = HfQuantConfig(bits=4, group_size=32, method="decoupleq", decoupleq_iters=1, blockwise_epochs=1,
+                           e2e_epochs=0, **TINY_CALIBRATION)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config).eval()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    # per block: q, k, v, o and two linears for each of the 4 experts; the router stays in full precision
+    assert len(layers) == (4 + 2 * 4) * 2
+    assert sum(".experts." in n for n in layers) == 2 * 4 * 2
+    assert not any(p.dim() == 3 for p in model.parameters())
+    # every expert and attention weight is stored at 4 bits (plus a float16 scale and zero per 32)
+    expert_weights = sum(p.numel() for n, p in fp.named_parameters() if ".experts." in n)
+    attention_weights = sum(p.numel() for n, p in fp.named_parameters() if "self_attn" in n and n.endswith("proj.weight"))
+    assert sum(m.in_features * m.out_features for m in layers.values()) == expert_weights + attention_weights
+    assert bits_per_weight(model) == pytest.approx(4 + 2 * 16 / 32)
+    with torch.no_grad():
+        before = model(input_ids()).logits
+
+    out = save_quantized(model, tmp_path / "q")
+    keys = load_file(out / "model.safetensors")
+    moe = "block_sparse_moe" if arch == "mixtral" else "mlp"
+    assert f"model.layers.1.{moe}.experts.down.3.qweight" in keys
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(reloaded.model.layers[1].mlp.experts.down[3], DecoupledLinear)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids()).logits, before)
+
+
+def test_skipped_experts_stay_fused_through_save_and_reload(tmp_path):
+    moe_model("qwen3_moe").save_pretrained(tmp_path / "fp")
+    config = HfQuantConfig(bits=4, group_size=32, method="rtn", modules_to_not_convert=["lm_head", "experts"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config).eval()
+    assert len(fused_experts(model)) == 2
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 4 * 2
+    with torch.no_grad():
+        before = model(input_ids()).logits
+    reloaded = AutoModelForCausalLM.from_pretrained(save_quantized(model, tmp_path / "q")).eval()
+    assert len(fused_experts(reloaded)) == 2
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids()).logits, before)
+
+
+def test_experts_the_calibration_never_reaches_keep_their_weights(tmp_path, caplog):
+    """32 experts, one per token, 128 calibration tokens: some experts get none. Their linears are solved
+    on the weights alone (identity Hessian); a zero Hessian would make GPTQ zero every weight."""
+    fp = moe_model("mixtral", experts=32, k=1)
+    fp.save_pretrained(tmp_path / "fp")
+    config = HfQuantConfig(bits=4, group_size=32, method="decoupleq", decoupleq_iters=1, blockwise_epochs=0,
+                           e2e_epochs=0, **TINY_CALIBRATION)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="hfquant"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config)
+    assert "saw no calibration token" in caplog.text
+    for index, layer in enumerate(model.model.layers):
+        weights = fp.model.layers[index].mlp.experts.down_proj.detach()
+        for e, linear in enumerate(layer.mlp.experts.down):
+            rel = (linear.dequantize() - weights[e]).norm() / weights[e].norm()
+            assert float(rel) < 0.2, (index, e, float(rel))
+
+
+def test_gguf_export_refuses_split_experts(tmp_path):
+    moe_model("qwen3_moe").save_pretrained(tmp_path / "fp")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=HfQuantConfig(bits=4, method="rtn"))
+    with pytest.raises(GGUFExportError, match=r"mixture-of-experts .*\(model.layers.0.mlp.experts\)"):
+        save_gguf(model, None, tmp_path / "model.gguf", type="q4_0")
+    assert list(tmp_path.iterdir()) == [tmp_path / "fp"]
+
+
+def test_interrupted_moe_quantization_resumes(tmp_path):
+    from hfquant.driver import quantize_model
+
+    moe_model("qwen3_moe").save_pretrained(tmp_path / "fp")
+    settings = dict(bits=2, group_size=32, method="decoupleq", decoupleq_iters=1, blockwise_epochs=1, e2e_epochs=0,
+                    **TINY_CALIBRATION)  # fmt: skip
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=HfQuantConfig(**settings))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp")
+
+    def crash(*_args):
+        raise KeyboardInterrupt
+
+    model.model.layers[1].register_forward_pre_hook(crash)
+    work = HfQuantConfig(**settings, work_dir=str(tmp_path / "work"))
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(model, work, progress=False)
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=work)
+    assert resumed.hf_quantizer.report.resumed_blocks == 1
+    with torch.no_grad():
+        assert torch.equal(resumed(input_ids()).logits, reference(input_ids()).logits)
