@@ -155,3 +155,29 @@ def test_interrupted_moe_quantization_resumes(tmp_path):
     assert resumed.hf_quantizer.report.resumed_blocks == 1
     with torch.no_grad():
         assert torch.equal(resumed(input_ids()).logits, reference(input_ids()).logits)
+
+
+class _Routed(torch.nn.Module):
+    """Experts 0 and 1 get different tokens, expert 2 none; ``alone`` is never called and has no siblings."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(6, 6) for _ in range(3))
+        self.alone = torch.nn.Linear(6, 6)
+
+    def forward(self, hidden):
+        return torch.cat([self.experts[0](hidden[:, :3]), self.experts[1](hidden[:, 3:])], dim=1)
+
+
+def test_an_unreached_expert_gets_the_hessian_of_its_siblings_tokens():
+    from hfquant.driver.blocks import full_precision_pass
+
+    block = _Routed()
+    hidden = torch.randn(2, 7, 6, generator=torch.Generator().manual_seed(0))
+    linears = {**{f"experts.{e}": m for e, m in enumerate(block.experts)}, "alone": block.alone}
+    hessians, _ = full_precision_pass(block, linears, [(hidden, {})])
+    x = hidden.reshape(-1, 6)
+    torch.testing.assert_close(hessians["experts.2"], x.T @ x / len(x))  # every token reached 0 or 1
+    torch.testing.assert_close(hessians["alone"], torch.eye(6))
+    first = hidden[:, :3].reshape(-1, 6)
+    torch.testing.assert_close(hessians["experts.0"], first.T @ first / len(first))

@@ -109,9 +109,12 @@ def full_precision_pass(
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Each linear's input Hessian (float32, averaged over tokens) and the block's outputs.
 
-    A linear no calibration token reaches (an MoE expert the router never picked) gets the identity:
-    its solve then minimizes the plain weight error, as round-to-nearest does. A zero Hessian would
-    mark every input column dead, and GPTQ zeroes the weights of dead columns.
+    A linear no calibration token reaches (an MoE expert the router never picked) gets the Hessian of
+    every token that reached its siblings, the other experts of the same projection (``...down.3``
+    beside ``...down.0``, ...), whose inputs are of the same kind (for ``gate_up``, the very hidden
+    states); with no sibling reached either, the identity (its solve then minimizes the plain weight
+    error, as round-to-nearest does). A zero Hessian would mark every input column dead, and GPTQ
+    zeroes the weights of dead columns.
     """
     hessians = {
         name: torch.zeros(m.in_features, m.in_features, device=m.weight.device)
@@ -136,12 +139,22 @@ def full_precision_pass(
     unseen = [name for name, count in counts.items() if count == 0]
     if unseen:
         logger.warning(
-            "hfquant: %d linear(s) of this block saw no calibration token (%s): solved on their weights "
-            "alone; more or more varied calibration text reaches them",
+            "hfquant: %d linear(s) of this block saw no calibration token (%s): solved on their siblings' "
+            "inputs, or their weights alone; more or more varied calibration text reaches them",
             len(unseen),
             ", ".join(unseen[:4]) + (", ..." if len(unseen) > 4 else ""),
         )
     return {
-        name: h / counts[name] if counts[name] else torch.eye(h.shape[0], device=h.device)
+        name: h / counts[name] if counts[name] else _sibling_hessian(name, hessians, counts)
         for name, h in hessians.items()
     }, outputs
+
+
+def _sibling_hessian(name: str, hessians: dict[str, torch.Tensor], counts: dict[str, int]) -> torch.Tensor:
+    """The input Hessian of every token that reached the linears numbered beside ``name`` in the same
+    list (an MoE projection's other experts); the identity if there are none."""
+    parent, _, index = name.rpartition(".")
+    siblings = [n for n in hessians if index.isdigit() and n.rpartition(".")[0] == parent and counts[n]]
+    if not siblings:
+        return torch.eye(hessians[name].shape[0], device=hessians[name].device)
+    return sum(hessians[n] for n in siblings) / sum(counts[n] for n in siblings)
