@@ -63,13 +63,48 @@ class QuantizedLoraLinear(LoraLinear):
         )
 
 
-def register(config: LoraConfig | str | os.PathLike) -> LoraConfig:
+def register(config: LoraConfig | str | os.PathLike, model: nn.Module | None = None) -> LoraConfig:
     """``config`` with hfquant's quantized layers registered as LoRA targets (PEFT's custom-module
-    hook); a path loads the ``LoraConfig`` saved with an adapter first. Returns the config."""
+    hook); a path loads the ``LoraConfig`` saved with an adapter first. Returns the config.
+
+    ``target_modules="all-linear"`` (the usual QLoRA setting) needs ``model``: PEFT expands it to the
+    modules that are ``nn.Linear`` or ``Conv1D``, which hfquant's quantized layers are not, so it
+    would find none of them; with ``model`` it becomes the names of every quantized layer and
+    remaining linear but the output embeddings (:func:`all_linear_targets`).
+    """
     if not isinstance(config, LoraConfig):
         config = LoraConfig.from_pretrained(os.fspath(config))
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        if model is None:
+            raise ValueError(
+                "target_modules='all-linear' with a quantized model needs the model: call "
+                "hfquant.lora.register(config, model), or name the target modules"
+            )
+        config.target_modules = all_linear_targets(model)
     config._register_custom_module({QuantizedLinear: QuantizedLoraLinear})
     return config
+
+
+def all_linear_targets(model: nn.Module) -> set[str]:
+    """PEFT target names for every quantized layer and ``nn.Linear`` of ``model`` but the output
+    embeddings: each module's last name (``q_proj``), or its last two where the last is an index in
+    a list (an MoE expert, ``down.3``: PEFT matches a target against the end of a module's name, and
+    ``3`` alone would also name a decoder layer)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantizedLinear, nn.Linear)) and module is not output:
+            parts = name.split(".")
+            targets.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+    output_name = next((n for n, m in model.named_modules() if m is output), None)
+    if output_name is not None and output_name.rsplit(".", 1)[-1] in targets:
+        raise ValueError(
+            f"'all-linear' would also adapt the output embeddings {output_name!r}, which share their name with "
+            "another linear: name the target modules"
+        )
+    if not targets:
+        raise ValueError("the model has no quantized layer or nn.Linear to adapt")
+    return targets
 
 
 def input_scales(

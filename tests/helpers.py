@@ -11,7 +11,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedModel, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    GptOssConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    NemotronHConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3MoeConfig,
+)
 
 from hfquant import DecoupledLinear
 from hfquant.algorithms.rtn import rtn_quantize
@@ -57,6 +67,34 @@ def tiny_model(arch: str = "llama", **overrides) -> PreTrainedModel:
         setattr(config, key, value)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+# Tiny mixture-of-experts models (tests/test_moe.py): the experts as transformers fuses them.
+MOE_SMALL = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+MOE = {
+    "qwen3_moe": lambda experts, k: Qwen3MoeConfig(
+        **MOE_SMALL, head_dim=16, num_experts=experts, num_experts_per_tok=k, moe_intermediate_size=32
+    ),
+    # transformers renames its keys on save (mlp -> block_sparse_moe) and back on load
+    "mixtral": lambda experts, k: MixtralConfig(
+        **MOE_SMALL, intermediate_size=32, num_local_experts=experts, num_experts_per_tok=k
+    ),
+    # transposed 3D weights, biases, interleaved gate/up and a clamped gate of its own
+    "gpt_oss": lambda experts, k: GptOssConfig(
+        **MOE_SMALL, head_dim=16, intermediate_size=32, num_local_experts=experts, num_experts_per_tok=k
+    ),
+    # experts without a gate (up_proj, activation, down_proj)
+    "nemotron_h": lambda experts, k: NemotronHConfig(
+        **MOE_SMALL, n_routed_experts=experts, num_experts_per_tok=k, moe_intermediate_size=32,
+        hybrid_override_pattern="*E",
+    ),  # fmt: skip
+}
+
+
+def moe_model(arch: str, experts: int = 4, k: int = 2) -> PreTrainedModel:
+    """A tiny random MoE model of ``arch`` (seed 0, eval mode): ``experts`` per layer, ``k`` per token."""
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(MOE[arch](experts, k), dtype=torch.float32).eval()
 
 
 def build_tiny(arch: str, path: Path, **overrides) -> Path:

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import decoupled_layer, input_ids
+from helpers import decoupled_layer, input_ids, moe_model
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file
 from torch import nn
@@ -218,3 +218,29 @@ def test_init_from_quantization_error_names_what_is_missing(tiny_llama_dir, quan
         hfquant.lora.init_from_quantization_error(model, nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"no nn.Linear of the model ends in one of \['nope'\]"):
         hfquant.lora.input_scales(reference, input_ids(shape=(1, 8)), ["nope"])
+
+
+def test_all_linear_targets_every_quantized_layer(quantized_dir):
+    """PEFT's 'all-linear' looks for nn.Linear and Conv1D only, and would find no quantized layer;
+    register(config, model) names them all, the output embeddings left out."""
+    with pytest.raises(ValueError, match="needs the model"):
+        register(LoraConfig(r=4, target_modules="all-linear"))
+    model = AutoModelForCausalLM.from_pretrained(quantized_dir)
+    config = register(LoraConfig(r=4, target_modules="all-linear"), model)
+    assert config.target_modules == set(TARGETS)
+    model = get_peft_model(model, config)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, QuantizedLoraLinear)]
+    assert len(adapted) == len(TARGETS) * 2 and not any("lm_head" in n for n in adapted)
+    grads = lora_grads(model, input_ids())
+    assert len(grads) == 2 * len(adapted) and all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+def test_all_linear_reaches_moe_experts(tmp_path):
+    moe_model("qwen3_moe").save_pretrained(tmp_path / "fp")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=HfQuantConfig(bits=4, method="rtn"))
+    config = register(LoraConfig(r=4, target_modules="all-linear"), model)
+    assert {"down.3", "gate_up.0", "q_proj"} <= config.target_modules and "3" not in config.target_modules
+    model = get_peft_model(model, config)
+    adapted = {n for n, m in model.named_modules() if isinstance(m, QuantizedLoraLinear)}
+    assert len(adapted) == (4 + 2 * 4) * 2
+    assert "base_model.model.model.layers.1.mlp.experts.down.3" in adapted

@@ -5,46 +5,15 @@ import logging
 
 import pytest
 import torch
-from helpers import TINY_CALIBRATION, input_ids
+from helpers import MOE, TINY_CALIBRATION, input_ids, moe_model
 from safetensors.torch import load_file
-from transformers import (
-    AutoModelForCausalLM,
-    GptOssConfig,
-    MixtralConfig,
-    NemotronHConfig,
-    Qwen3MoeConfig,
-)
+from transformers import AutoModelForCausalLM
 
 from hfquant import DecoupledLinear, HfQuantConfig
 from hfquant.export import bits_per_weight, save_quantized
 from hfquant.export.gguf import GGUFExportError, save_gguf
 from hfquant.formats import QuantizedLinear
 from hfquant.nn.experts import ExpertLinears, is_fused_experts, unfuse_experts
-
-SMALL = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-MOE = {
-    "qwen3_moe": lambda experts, k: Qwen3MoeConfig(
-        **SMALL, head_dim=16, num_experts=experts, num_experts_per_tok=k, moe_intermediate_size=32
-    ),
-    # transformers renames its keys on save (mlp -> block_sparse_moe) and back on load
-    "mixtral": lambda experts, k: MixtralConfig(
-        **SMALL, intermediate_size=32, num_local_experts=experts, num_experts_per_tok=k
-    ),
-    # transposed 3D weights, biases, interleaved gate/up and a clamped gate of its own
-    "gpt_oss": lambda experts, k: GptOssConfig(
-        **SMALL, head_dim=16, intermediate_size=32, num_local_experts=experts, num_experts_per_tok=k
-    ),
-    # experts without a gate (up_proj, activation, down_proj)
-    "nemotron_h": lambda experts, k: NemotronHConfig(
-        **{**SMALL, "num_hidden_layers": 2}, n_routed_experts=experts, num_experts_per_tok=k, moe_intermediate_size=32,
-        hybrid_override_pattern="*E",
-    ),  # fmt: skip
-}
-
-
-def moe_model(arch: str, experts: int = 4, k: int = 2):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(MOE[arch](experts, k), dtype=torch.float32).eval()
 
 
 def fused_experts(model) -> list[str]:
