@@ -23,6 +23,8 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 # GGML_NATIVE=OFF: the binaries use the fixed AVX2/FMA/F16C set rather than -march=native, so a
 # cached .venv moves between machines (this one has AVX-512, CI runners may not) and gives the same
 # numbers on both. Static libraries so bin/ is self-contained. LLAMACPP_JOBS=2 by default (shared CPUs).
+# The gguf package becomes the gguf-py vendored beside the converter: PyPI's gguf 0.19.0 lacks
+# architectures the converter's modules name (Qwen's MODEL_ARCH.DFLASH), so Qwen models did not export.
 LLAMACPP_VERSION := 0.3.36
 LLAMACPP := $(VENV)/llama.cpp
 LLAMACPP_SDIST := $(LLAMACPP)/sdist/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz
@@ -47,6 +49,7 @@ $(LLAMACPP_STAMP): $(LLAMACPP_SDIST)
 	{ echo "llama-cpp-python $(LLAMACPP_VERSION)"; \
 	  echo "llama.cpp commit $$(cat $(LLAMACPP_SRC)/.git/modules/vendor/llama.cpp/HEAD)"; \
 	  $(LLAMACPP)/bin/llama-bench --version 2>&1 | grep -i version || true; } > $(LLAMACPP)/bin/VERSION
+	$(PIP) install -q --no-deps --force-reinstall $(LLAMACPP_SRC)/vendor/llama.cpp/gguf-py
 	touch $@
 
 llamacpp: $(LLAMACPP_STAMP)

@@ -518,3 +518,13 @@ def test_default_model_in_llama_cpp_matches_hfquant(qtype, tmp_path, heldout_fil
     ppl_hf = hf_perplexity(model, tokenizer, heldout_file.read_text(encoding="utf-8"))
     print(f"{qtype}: llama.cpp {ppl_llama:.4f}, transformers {ppl_hf:.4f}", file=sys.stderr)
     assert abs(ppl_llama / ppl_hf - 1) < 0.01, (ppl_llama, ppl_hf)
+
+
+@needs_converter
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"])
+def test_the_converter_loads_for_qwen_models(arch):
+    """llama.cpp's Qwen converter module names gguf constants PyPI's gguf 0.19.0 lacks (DFLASH):
+    `make llamacpp` installs the gguf-py vendored beside the converter."""
+    from hfquant.export.gguf import _converter_class
+
+    assert _converter_class(arch).__name__.startswith("Qwen")

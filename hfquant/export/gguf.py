@@ -453,6 +453,11 @@ def _converter_class(arch: str):
         return get_model_class(arch)
     except NotImplementedError as err:
         raise GGUFExportError(f"llama.cpp's converter does not support the architecture {arch!r}") from err
+    except AttributeError as err:  # a converter module naming a gguf constant the installed package lacks
+        raise GGUFExportError(
+            f"llama.cpp's converter at {src} needs a newer gguf package than the installed one ({err}): "
+            f"pip install --no-deps --force-reinstall {src / 'gguf-py'} (`make llamacpp` does)"
+        ) from err
 
 
 @contextlib.contextmanager
