@@ -538,21 +538,48 @@ def _check_no_kept_weights(quantized: dict[str, nn.Module]) -> None:
         )
 
 
-def _check_no_split_experts(model: nn.Module) -> None:
-    split = [name for name, m in model.named_modules() if isinstance(m, ExpertLinears)]
-    if split:
-        raise GGUFExportError(
-            f"GGUF export of quantized mixture-of-experts layers is not supported: llama.cpp stores each "
-            f"projection's experts as one 3D tensor, hfquant quantizes them as one linear per expert ({split[0]}); "
-            "export the full-precision model with llama.cpp's converter instead"
-        )
+@dataclass
+class ExpertsSource:
+    """One projection of an MoE layer's split experts (:class:`~hfquant.nn.experts.ExpertLinears`),
+    written as the 3D tensor ``[experts, rows, cols]`` llama.cpp stores (``ffn_*_exps``)."""
+
+    modules: list[nn.Module]  # one quantized linear per expert
+
+    @property
+    def out_features(self) -> int:
+        return self.modules[0].out_features
+
+    @property
+    def in_features(self) -> int:
+        return self.modules[0].in_features
+
+
+def _check_experts_layout(model: nn.Module) -> None:
+    """Split experts are handed to llama.cpp's converter as transformers' fused 3D tensors of rows
+    (``experts.gate_up_proj``, ``experts.down_proj``); only that plain layout is written."""
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertLinears) and (
+            module.is_transposed or module.has_bias or module.has_post_expert_norm or not module.is_concatenated
+        ):
+            raise GGUFExportError(
+                f"GGUF export of the experts of {name} ({module.extra_repr()}) is not supported: hfquant writes "
+                "experts stored [experts, out, in] with gate and up concatenated and no biases or post-expert norm"
+            )
 
 
 def _source_tensors(model: nn.Module, quantized: dict[str, nn.Module]) -> dict[str, Any]:
     """Hugging Face tensor name -> float tensor or quantized module, as the checkpoint names them."""
     out: dict[str, Any] = {}
+    experts = [name for name, m in model.named_modules() if isinstance(m, ExpertLinears)]
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(module, ExpertLinears):  # as transformers' fused 3D tensors, which the converter takes
+            fused_up = "gate_up_proj" if module.has_gate else "up_proj"
+            out[f"{prefix}{fused_up}"] = ExpertsSource(list(getattr(module, module.up_name)))
+            out[f"{prefix}down_proj"] = ExpertsSource(list(module.down))
+            continue
+        if any(mod_name.startswith(e + ".") for e in experts):
+            continue
         if mod_name in quantized:
             out[f"{prefix}weight"] = module
             if getattr(module, "bias", None) is not None:
@@ -602,7 +629,7 @@ def save_gguf(
     out_type = check_type(output_type, "output type") if output_type else _default_output_type(main)
     emb_type = check_type(embedding_type, "embedding type") if embedding_type else None
     _check_no_kept_weights(quantized)
-    _check_no_split_experts(model)
+    _check_experts_layout(model)
     target = Path(path)
     if target.is_dir():
         raise GGUFExportError(f"{target} is a folder: give the path of the .gguf file to write")
@@ -671,6 +698,39 @@ def _write(model, tokenizer, tmp: Path, main, emb_type, out_type, quantized, mod
     return summary
 
 
+def _rows_as(module: nn.Module, rows: np.ndarray, qtype: str) -> tuple[np.ndarray, str]:
+    """Rows of a quantized layer as ``qtype`` bytes: its own values where it stores that type's
+    blocks (lossless), else its dequantized weight quantized to the type."""
+    blocks = stored_blocks(module, qtype)
+    if blocks is not None:
+        return blocks.take_rows(rows).pack(), "lossless"
+    return quantize_tensor(_dequantized(module).numpy()[rows], qtype), "requantized"
+
+
+def _expert_rows(conv, source: ExpertsSource, hf_name: str, bid: int | None) -> list[tuple[str, np.ndarray]]:
+    """Pass the experts' row numbers (expert ``e``'s row ``r`` as ``e * rows + r``, stacked as the
+    fused ``[experts, rows, 1]`` tensor) through the converter; return each GGUF tensor it makes
+    (gate and up split from ``gate_up_proj``) with the rows it takes of every expert, ``[experts, rows']``."""
+    n, rows = len(source.modules), source.out_features
+    if n * rows > 2**24:
+        raise GGUFExportError(f"{hf_name}: {n} x {rows} expert rows are more than a float32 index holds exactly")
+    index = torch.arange(n * rows, dtype=torch.float32).reshape(n, rows, 1)
+    out = []
+    for name, t in conv.modify_tensors(index, hf_name, bid):
+        flat = t.round().long().reshape(n, -1) if t.dim() == 3 and t.shape[0] == n and t.shape[2] == 1 else None
+        if (
+            flat is None
+            or not torch.equal(flat // rows, torch.arange(n).unsqueeze(1).expand_as(flat))
+            or any(len(r.unique()) != len(r) for r in flat % rows)
+        ):
+            raise GGUFExportError(
+                f"llama.cpp's converter transforms {hf_name} beyond taking rows of each expert; quantized experts "
+                "of this architecture cannot be exported"
+            )
+        out.append((name, (flat % rows).numpy()))
+    return out
+
+
 def _add_tensor(conv, writer, hf_name: str, source: Any, main, n_blocks, emb_type, out_type, summary) -> None:
     """Write one checkpoint tensor (its GGUF name, row order and type from ``main``, a type or a mix
     over ``n_blocks`` blocks, and the embedding/output types) and record how."""
@@ -678,6 +738,8 @@ def _add_tensor(conv, writer, hf_name: str, source: Any, main, n_blocks, emb_typ
     bid = block_index(hf_name)
     if isinstance(source, torch.Tensor):
         pairs = [(n, t, None) for n, t in conv.modify_tensors(source.float().cpu(), hf_name, bid)]
+    elif isinstance(source, ExpertsSource):
+        pairs = [(n, source, rows) for n, rows in _expert_rows(conv, source, hf_name, bid)]
     else:
         # A quantized layer: pass its row numbers through the converter to learn the GGUF name and
         # row order (Llama's q/k permutation), then move the stored rows accordingly.
@@ -693,7 +755,7 @@ def _add_tensor(conv, writer, hf_name: str, source: Any, main, n_blocks, emb_typ
                 )
             pairs.append((n, source, perm.numpy()))
     for new_name, data, perm in pairs:
-        shape = tuple(data.shape) if perm is None else (data.out_features, data.in_features)
+        shape = tuple(data.shape) if perm is None else (*perm.shape, data.in_features)
         if len(shape) <= 1 or new_name.endswith("_norm.weight"):
             requested = "f32"
         elif new_name == "token_embd.weight":
@@ -710,13 +772,12 @@ def _add_tensor(conv, writer, hf_name: str, source: Any, main, n_blocks, emb_typ
             if cols % block_size(written):
                 written = "f16"
         qtype = qtype_of(written)
-        if perm is not None:
-            blocks = stored_blocks(data, written)
-            if blocks is not None:
-                array, how = blocks.take_rows(perm).pack(), "lossless"
-            else:
-                w = _dequantized(data).numpy()[perm]
-                array, how = quantize_tensor(w, written), "requantized"
+        if isinstance(data, ExpertsSource):
+            per_expert = [_rows_as(module, rows, written) for module, rows in zip(data.modules, perm, strict=True)]
+            array = np.stack([a for a, _ in per_expert])
+            how = per_expert[0][1] if len({h for _, h in per_expert}) == 1 else "lossless and requantized"
+        elif perm is not None:
+            array, how = _rows_as(data, perm, written)
         else:
             w = data.numpy().astype(np.float32)
             array = quantize_tensor(w, written)
