@@ -34,6 +34,7 @@ from torch import nn
 
 from hfquant.driver.kept import task_statistics
 from hfquant.formats import QuantizedLinear
+from hfquant.nn.replace import output_embeddings_name
 from hfquant.task_data import TaskBatch, batches_from_ids
 
 
@@ -90,13 +91,12 @@ def all_linear_targets(model: nn.Module) -> set[str]:
     embeddings: each module's last name (``q_proj``), or its last two where the last is an index in
     a list (an MoE expert, ``down.3``: PEFT matches a target against the end of a module's name, and
     ``3`` alone would also name a decoder layer)."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_name = output_embeddings_name(model)
     targets = set()
     for name, module in model.named_modules():
-        if isinstance(module, (QuantizedLinear, nn.Linear)) and module is not output:
+        if isinstance(module, (QuantizedLinear, nn.Linear)) and name != output_name:
             parts = name.split(".")
             targets.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
-    output_name = next((n for n, m in model.named_modules() if m is output), None)
     if output_name is not None and output_name.rsplit(".", 1)[-1] in targets:
         raise ValueError(
             f"'all-linear' would also adapt the output embeddings {output_name!r}, which share their name with "
