@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from hfquant.cli import print_table
 from hfquant.corpora import HELDOUT_DOMAINS, IN_DOMAIN, heldout_domains, source_versions
@@ -98,6 +105,33 @@ def load_default() -> tuple[str, PreTrainedTokenizerBase]:
     """The default model's folder and tokenizer."""
     path = str(default_model_path())
     return path, AutoTokenizer.from_pretrained(path)
+
+
+def upcycle(path: str, experts: int, out: Path, noise: float = 0.01, seed: int = 0) -> str:
+    """The model at ``path`` as a Mixtral MoE (sparse upcycling; no MoE checkpoint is available
+    offline), saved with its tokenizer in ``out``: every MLP becomes ``experts`` experts, each the dense
+    MLP's weights times ``1 + noise * N(0, 1)``, under a random top-2 router whose two routing weights
+    sum to one. It computes nearly the dense model's function on real text, while each expert's
+    linears see only the tokens routed to them, as in a trained MoE."""
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    fields = {k: v for k, v in dense.config.to_dict().items() if k not in ("model_type", "architectures")}
+    moe = MixtralForCausalLM(MixtralConfig(**fields, num_local_experts=experts, num_experts_per_tok=2))
+    generator = torch.Generator().manual_seed(seed)
+
+    def noisy(w: torch.Tensor) -> torch.Tensor:
+        return torch.stack([w * (1 + noise * torch.randn(w.shape, generator=generator)) for _ in range(experts)])
+
+    state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
+    for i, layer in enumerate(dense.model.layers):
+        prefix = f"model.layers.{i}.mlp."
+        state[prefix + "experts.gate_up_proj"] = noisy(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]))
+        state[prefix + "experts.down_proj"] = noisy(layer.mlp.down_proj.weight)
+        state[prefix + "gate.weight"] = 0.02 * torch.randn(experts, fields["hidden_size"], generator=generator)
+    moe.load_state_dict(state, strict=False)  # lm_head is tied to the embedding
+    moe.tie_weights()
+    moe.save_pretrained(out)
+    AutoTokenizer.from_pretrained(path).save_pretrained(out)
+    return str(out)
 
 
 class Yardstick:

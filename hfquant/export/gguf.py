@@ -54,7 +54,7 @@ from torch import nn
 from hfquant.export.llamacpp import LLAMACPP_SDIST_VERSION, llamacpp_source
 from hfquant.formats.gguf import FALLBACK, GGUF_GRIDS, K_QUANTS, GGUFLinear
 from hfquant.formats.gguf_presets import GGUF_PRESETS, block_index, layer_type
-from hfquant.nn.experts import ExpertLinears
+from hfquant.nn.experts import ExpertLinears, is_fused_experts
 
 # Every type a tensor can be written as (the block grids hfquant solves on, and the float types):
 # the allowed values of ``embedding_type`` / ``output_type``; ``type`` may also be a preset.
@@ -554,8 +554,21 @@ class ExpertsSource:
         return self.modules[0].in_features
 
 
+@dataclass
+class ExpertLayerSource:
+    """The split experts of one MoE layer as its checkpoint names them. Each projection's rows are
+    numbered (expert ``e``'s row ``r`` of the projection at ``offset`` is ``offset + e * rows + r``)
+    and the numbers are stored as transformers' fused 3D tensor, then put through transformers'
+    reverse checkpoint conversion: ``checkpoint`` holds the numbers under the checkpoint's names
+    (per expert for Mixtral's ``block_sparse_moe.experts.{e}.w1``, fused for others), which llama.cpp's
+    converter takes and merges as it merges the real tensors."""
+
+    projections: list[tuple[int, ExpertsSource]]  # (offset of its row numbers, experts)
+    checkpoint: dict[str, torch.Tensor]  # checkpoint tensor name -> row numbers (float32)
+
+
 def _check_experts_layout(model: nn.Module) -> None:
-    """Split experts are handed to llama.cpp's converter as transformers' fused 3D tensors of rows
+    """Split experts are written from the row numbers of transformers' fused 3D tensors
     (``experts.gate_up_proj``, ``experts.down_proj``); only that plain layout is written."""
     for name, module in model.named_modules():
         if isinstance(module, ExpertLinears) and (
@@ -567,16 +580,39 @@ def _check_experts_layout(model: nn.Module) -> None:
             )
 
 
+def _as_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (named as in the model) under the names and shapes of the model's checkpoints:
+    transformers' reverse of its load-time conversions, as ``save_pretrained`` writes them."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, tensors)
+
+
+def _expert_layer_source(model: nn.Module, prefix: str, module: ExpertLinears) -> ExpertLayerSource:
+    fused_up = "gate_up_proj" if module.has_gate else "up_proj"
+    projections, numbers, offset = [], {}, 0
+    for fused, linears in ((fused_up, getattr(module, module.up_name)), ("down_proj", module.down)):
+        source = ExpertsSource(list(linears))
+        count = len(linears) * source.out_features
+        numbers[f"{prefix}{fused}"] = torch.arange(offset, offset + count, dtype=torch.float32).reshape(
+            len(linears), source.out_features, 1
+        )
+        projections.append((offset, source))
+        offset += count
+    if offset > 2**24:
+        raise GGUFExportError(f"{prefix}: {offset} expert rows are more than a float32 row number holds exactly")
+    return ExpertLayerSource(projections, _as_checkpoint(model, numbers))
+
+
 def _source_tensors(model: nn.Module, quantized: dict[str, nn.Module]) -> dict[str, Any]:
-    """Hugging Face tensor name -> float tensor or quantized module, as the checkpoint names them."""
+    """Hugging Face tensor name -> float tensor, quantized module or split experts, as the checkpoint
+    names them (experts, split or fused, through transformers' reverse checkpoint conversion)."""
     out: dict[str, Any] = {}
     experts = [name for name, m in model.named_modules() if isinstance(m, ExpertLinears)]
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(module, ExpertLinears):  # as transformers' fused 3D tensors, which the converter takes
-            fused_up = "gate_up_proj" if module.has_gate else "up_proj"
-            out[f"{prefix}{fused_up}"] = ExpertsSource(list(getattr(module, module.up_name)))
-            out[f"{prefix}down_proj"] = ExpertsSource(list(module.down))
+        if isinstance(module, ExpertLinears):
+            out[mod_name] = _expert_layer_source(model, prefix, module)
             continue
         if any(mod_name.startswith(e + ".") for e in experts):
             continue
@@ -587,8 +623,8 @@ def _source_tensors(model: nn.Module, quantized: dict[str, nn.Module]) -> dict[s
             continue
         if any(mod_name.startswith(q + ".") for q in quantized):
             continue
-        for pname, p in module.named_parameters(recurse=False):
-            out[f"{prefix}{pname}"] = p.detach()
+        own = {f"{prefix}{pname}": p.detach() for pname, p in module.named_parameters(recurse=False)}
+        out.update(_as_checkpoint(model, own) if is_fused_experts(module) else own)
     if _tied(model.config):
         out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
     return out
@@ -707,27 +743,27 @@ def _rows_as(module: nn.Module, rows: np.ndarray, qtype: str) -> tuple[np.ndarra
     return quantize_tensor(_dequantized(module).numpy()[rows], qtype), "requantized"
 
 
-def _expert_rows(conv, source: ExpertsSource, hf_name: str, bid: int | None) -> list[tuple[str, np.ndarray]]:
-    """Pass the experts' row numbers (expert ``e``'s row ``r`` as ``e * rows + r``, stacked as the
-    fused ``[experts, rows, 1]`` tensor) through the converter; return each GGUF tensor it makes
-    (gate and up split from ``gate_up_proj``) with the rows it takes of every expert, ``[experts, rows']``."""
-    n, rows = len(source.modules), source.out_features
-    if n * rows > 2**24:
-        raise GGUFExportError(f"{hf_name}: {n} x {rows} expert rows are more than a float32 index holds exactly")
-    index = torch.arange(n * rows, dtype=torch.float32).reshape(n, rows, 1)
+def _expert_rows(conv, source: ExpertLayerSource, bid: int | None) -> list[tuple[str, ExpertsSource, np.ndarray]]:
+    """Pass an MoE layer's expert row numbers through the converter; return each GGUF tensor it makes
+    (gate and up apart) with its projection's experts and the rows it takes of each, ``[experts, rows']``."""
+    made = [pair for name, t in source.checkpoint.items() for pair in conv.modify_tensors(t, name, bid)]
     out = []
-    for name, t in conv.modify_tensors(index, hf_name, bid):
-        flat = t.round().long().reshape(n, -1) if t.dim() == 3 and t.shape[0] == n and t.shape[2] == 1 else None
+    for name, t in made:
+        number = t.round().long()
+        found = [(offset, experts) for offset, experts in source.projections if offset <= number.min()]
+        offset, experts = found[-1] if found else (0, None)
+        n, rows = (len(experts.modules), experts.out_features) if experts else (0, 0)
+        flat = number.reshape(n, -1) - offset if experts and t.dim() == 3 and t.shape[::2] == (n, 1) else None
         if (
             flat is None
             or not torch.equal(flat // rows, torch.arange(n).unsqueeze(1).expand_as(flat))
             or any(len(r.unique()) != len(r) for r in flat % rows)
         ):
             raise GGUFExportError(
-                f"llama.cpp's converter transforms {hf_name} beyond taking rows of each expert; quantized experts "
-                "of this architecture cannot be exported"
+                f"llama.cpp's converter transforms the experts of block {bid} ({name}) beyond taking rows of each "
+                "expert; quantized experts of this architecture cannot be exported"
             )
-        out.append((name, (flat % rows).numpy()))
+        out.append((name, experts, (flat % rows).numpy()))
     return out
 
 
@@ -738,8 +774,8 @@ def _add_tensor(conv, writer, hf_name: str, source: Any, main, n_blocks, emb_typ
     bid = block_index(hf_name)
     if isinstance(source, torch.Tensor):
         pairs = [(n, t, None) for n, t in conv.modify_tensors(source.float().cpu(), hf_name, bid)]
-    elif isinstance(source, ExpertsSource):
-        pairs = [(n, source, rows) for n, rows in _expert_rows(conv, source, hf_name, bid)]
+    elif isinstance(source, ExpertLayerSource):
+        pairs = _expert_rows(conv, source, bid)
     else:
         # A quantized layer: pass its row numbers through the converter to learn the GGUF name and
         # row order (Llama's q/k permutation), then move the stored rows accordingly.
