@@ -587,6 +587,7 @@ def test_moe_experts_export_losslessly_and_run_in_llama_cpp(arch, tokenizer, tmp
     written = {t.name: t for t in summary.tensors}
     assert written["blk.1.ffn_gate_exps.weight"].shape == (4, 32, 64)
     assert all(written[f"blk.{b}.ffn_{p}_exps.weight"].how == "lossless" for b in (0, 1) for p in ("gate", "up", "down"))
+    assert written["blk.1.ffn_gate_inp.weight"].written == "f32"  # the router, as llama.cpp keeps it
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
     for b, layer in enumerate(model.model.layers):
         gate_up = torch.stack([m.dequantize(torch.float32) for m in layer.mlp.experts.gate_up]).numpy()

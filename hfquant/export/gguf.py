@@ -29,7 +29,8 @@ Embedding and output head: ``embedding_type`` / ``output_type``. As in llama.cpp
 output head defaults to ``q6_k`` (``q8_0`` for a ``q8_0`` file, the float type for a float file),
 whose rows fall back to ``q8_0`` where they are not a multiple of 256 (the default model's 576);
 with tied embeddings the token embedding is the output head and gets the output type, otherwise it
-gets the main type (a preset's base type), with its fallback. 1-D tensors (norms, biases) are F32.
+gets the main type (a preset's base type), with its fallback. 1-D tensors (norms, biases) are F32, and
+so are the tensors llama.cpp never quantizes (MoE routers, ``ffn_gate_inp``: ``_F32_TENSORS``).
 
 GGUF has no sparse 16-bit weights: models with kept weights (``kept_fraction > 0``) are refused.
 """
@@ -767,6 +768,18 @@ def _expert_rows(conv, source: ExpertLayerSource, bid: int | None) -> list[tuple
     return out
 
 
+# Tensors llama.cpp never quantizes (its converter writes them F32 and ``llama-quantize`` leaves them):
+# MoE routers above all, which choose the experts and are small.
+_F32_TENSORS = ("FFN_GATE_INP", "FFN_GATE_INP_SHEXP", "POS_EMBD", "TOKEN_TYPES", "SSM_CONV1D", "SHORTCONV_CONV")
+
+
+def _kept_in_f32(conv, gguf_name: str, bid: int | None) -> bool:
+    tensors = _gguf().MODEL_TENSOR
+    return not gguf_name.endswith(".weight") or any(
+        conv.match_model_tensor_name(gguf_name, getattr(tensors, key), bid) for key in _F32_TENSORS
+    )
+
+
 def _add_tensor(conv, writer, hf_name: str, source: Any, main, n_blocks, emb_type, out_type, summary) -> None:
     """Write one checkpoint tensor (its GGUF name, row order and type from ``main``, a type or a mix
     over ``n_blocks`` blocks, and the embedding/output types) and record how."""
@@ -792,7 +805,7 @@ def _add_tensor(conv, writer, hf_name: str, source: Any, main, n_blocks, emb_typ
             pairs.append((n, source, perm.numpy()))
     for new_name, data, perm in pairs:
         shape = tuple(data.shape) if perm is None else (*perm.shape, data.in_features)
-        if len(shape) <= 1 or new_name.endswith("_norm.weight"):
+        if len(shape) <= 1 or new_name.endswith("_norm.weight") or _kept_in_f32(conv, new_name, bid):
             requested = "f32"
         elif new_name == "token_embd.weight":
             requested = emb_type
