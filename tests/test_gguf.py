@@ -552,31 +552,49 @@ def test_float_mixtral_experts_export_under_their_checkpoint_names(tokenizer, tm
         np.testing.assert_array_equal(tensors[f"blk.{b}.ffn_gate_inp.weight"], layer.mlp.gate.weight.detach().numpy())
 
 
+# Tiny MoE models for the export (random weights, the real tokenizer): every routed MLP has 4 experts.
+MOE_EXPORT = {
+    "Qwen3MoeForCausalLM": dict(head_dim=16, num_experts=4, moe_intermediate_size=32),
+    # per-expert checkpoint names (block_sparse_moe.experts.{e}.w1) are all its converter maps
+    "MixtralForCausalLM": dict(num_local_experts=4, intermediate_size=32),
+    # a shared expert and its gate beside the routed ones
+    "Qwen2MoeForCausalLM": dict(
+        num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=16, intermediate_size=64
+    ),
+    # a dense first block, shared experts, and MLA's kv_b_proj, which the converter splits and
+    # transposes per head: that one is requantized from its dequantized weight
+    "DeepseekV3ForCausalLM": dict(
+        num_key_value_heads=4, n_routed_experts=4, moe_intermediate_size=32, intermediate_size=64,
+        first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=32, v_head_dim=32, n_group=1, topk_group=1,
+    ),
+}  # fmt: skip
+
+
 @needs_converter
-@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "MixtralForCausalLM"])
+@pytest.mark.parametrize("arch", list(MOE_EXPORT))
 def test_moe_experts_export_losslessly_and_run_in_llama_cpp(arch, tokenizer, tmp_path, heldout_file, monkeypatch):
     """A W4 g32 MoE: its split experts are written as llama.cpp's 3D expert tensors (gate and up
-    apart), losslessly as Q4_1, and llama.cpp computes what transformers computes on them. Qwen3-MoE's
-    converter takes transformers' fused expert tensors; Mixtral's takes only its checkpoints' per-expert
-    ``block_sparse_moe.experts.{e}.w1`` names, which the export writes through transformers' reverse conversion."""
+    apart), losslessly as Q4_1, the router in F32, and llama.cpp computes what transformers computes
+    on them. The experts reach the converter as the architecture's checkpoints name them (transformers'
+    reverse conversion): fused for some, one tensor per expert for others (Mixtral, Qwen2-MoE)."""
     tool("llama-perplexity")
-    from transformers import MixtralConfig, Qwen3MoeConfig
+    import transformers
 
     from hfquant import HfQuantConfig
     from hfquant.export.gguf import _converter_class
+    from hfquant.nn import ExpertLinears
 
     shape = dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         num_experts_per_tok=2, initializer_range=0.08,  # larger weights than the default: perplexity tells the experts apart
     )  # fmt: skip
-    if arch == "Qwen3MoeForCausalLM":
-        config = Qwen3MoeConfig(**shape, head_dim=16, num_experts=4, moe_intermediate_size=32)
-        # The only tokenizer offline is SmolLM2's, under a Qwen architecture here; the converter identifies a
+    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**{**shape, **MOE_EXPORT[arch]})
+    if arch != "MixtralForCausalLM":
+        # The only tokenizer offline is SmolLM2's, under another architecture here; the converter identifies a
         # BPE tokenizer by a hash of its output and does not find this pairing: it is SmolLM2's ("smollm").
         monkeypatch.setattr(_converter_class(arch), "get_vocab_base_pre", lambda self, tok: "smollm")
-    else:
-        config = MixtralConfig(**shape, num_local_experts=4, intermediate_size=32)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(
@@ -586,13 +604,18 @@ def test_moe_experts_export_losslessly_and_run_in_llama_cpp(arch, tokenizer, tmp
     summary = save_gguf(model, tokenizer, out, type="q4_1", embedding_type="f32", output_type="f32")
     written = {t.name: t for t in summary.tensors}
     assert written["blk.1.ffn_gate_exps.weight"].shape == (4, 32, 64)
-    assert all(written[f"blk.{b}.ffn_{p}_exps.weight"].how == "lossless" for b in (0, 1) for p in ("gate", "up", "down"))
     assert written["blk.1.ffn_gate_inp.weight"].written == "f32"  # the router, as llama.cpp keeps it
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
-    for b, layer in enumerate(model.model.layers):
-        gate_up = torch.stack([m.dequantize(torch.float32) for m in layer.mlp.experts.gate_up]).numpy()
-        down = torch.stack([m.dequantize(torch.float32) for m in layer.mlp.experts.down]).numpy()
+    moe_blocks = [b for b, layer in enumerate(model.model.layers) if isinstance(getattr(layer.mlp, "experts", None), ExpertLinears)]
+    assert moe_blocks == ([1] if arch == "DeepseekV3ForCausalLM" else [0, 1])
+    if arch == "DeepseekV3ForCausalLM":
+        assert "reshaped by llama.cpp's converter" in written["blk.0.attn_k_b.weight"].how
+    for b in moe_blocks:
+        experts = model.model.layers[b].mlp.experts
+        gate_up = torch.stack([m.dequantize(torch.float32) for m in experts.gate_up]).numpy()
+        down = torch.stack([m.dequantize(torch.float32) for m in experts.down]).numpy()
         for part, want in (("gate", gate_up[:, :32]), ("up", gate_up[:, 32:]), ("down", down)):
+            assert written[f"blk.{b}.ffn_{part}_exps.weight"].how == "lossless"
             got = gguf_dequantize(tensors[f"blk.{b}.ffn_{part}_exps.weight"]).reshape(want.shape)
             np.testing.assert_array_equal(got, want, err_msg=f"{b} {part}")
     # A random model's next-token logits are near ties, so greedy text is not compared; perplexity is.
@@ -602,10 +625,11 @@ def test_moe_experts_export_losslessly_and_run_in_llama_cpp(arch, tokenizer, tmp
     print(f"MoE q4_1: llama.cpp {ppl_llama:.4f}, transformers {ppl_hf:.4f}", file=sys.stderr)
     assert abs(ppl_llama / ppl_hf - 1) < 0.01, (ppl_llama, ppl_hf)
     # ... and it would see experts in the wrong order: with two of them swapped transformers scores otherwise
-    for layer in model.model.layers:
-        experts = layer.mlp.experts
+    for b in moe_blocks:
+        experts = model.model.layers[b].mlp.experts
         experts.gate_up[0], experts.gate_up[1] = experts.gate_up[1], experts.gate_up[0]
     ppl_swapped = hf_perplexity(model, tokenizer, text, chunks=2)
     print(f"MoE q4_1: transformers with experts 0 and 1 swapped {ppl_swapped:.4f}", file=sys.stderr)
-    # measured: 3.4% against 0.7% between the engines (Qwen3-MoE), 1.1% against 0.05% (Mixtral)
+    # measured: 3.4% against 0.7% between the engines (Qwen3-MoE), 1.1% / 0.05% (Mixtral), 3.6% / 0.09%
+    # (Qwen2-MoE), 1.6% / 0.09% (DeepSeek-V3)
     assert abs(ppl_swapped / ppl_hf - 1) > max(3 * abs(ppl_llama / ppl_hf - 1), 0.005)

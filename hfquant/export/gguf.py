@@ -365,12 +365,12 @@ def _quantize_k_rows(w: np.ndarray, qtype: str) -> GGUFBlocks:
 
 
 def quantize_tensor(w: np.ndarray, qtype: str) -> np.ndarray:
-    """Bytes (uint8 ``[rows, bytes_per_row]``) or float array of ``w`` in ``qtype``.
+    """Bytes (uint8 ``[..., rows, bytes_per_row]``) or float array of ``w`` (2D, or 3D experts) in ``qtype``.
 
     The K-quants go through :func:`quantize_k`; every other type is ``gguf.quants.quantize``.
     """
     if qtype in K_QUANTS:
-        return quantize_k(w, qtype).pack()
+        return quantize_k(w.reshape(-1, w.shape[-1]), qtype).pack().reshape(*w.shape[:-1], -1)
     return _gguf().quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype_of(qtype))
 
 
@@ -780,29 +780,37 @@ def _kept_in_f32(conv, gguf_name: str, bid: int | None) -> bool:
     )
 
 
+def _layer_rows(conv, module: nn.Module, hf_name: str, bid: int | None) -> list[tuple[str, nn.Module, np.ndarray]] | None:
+    """Pass a quantized layer's row numbers through the converter to learn each GGUF tensor it makes
+    and the row order (Llama's q/k permutation), so that its stored rows are moved, not requantized;
+    ``None`` where the converter does more than reorder rows (DeepSeek's ``kv_b_proj`` becomes
+    ``attn_k_b``, transposed per head, and ``attn_v_b``)."""
+    rows = module.out_features
+    index = torch.arange(rows, dtype=torch.float32).unsqueeze(1)
+    pairs = []
+    for name, t in conv.modify_tensors(index, hf_name, bid):
+        perm = t.reshape(-1).round().long()
+        if t.shape != (rows, 1) or not torch.equal(perm.sort().values, torch.arange(rows)):
+            return None
+        pairs.append((name, module, perm.numpy()))
+    return pairs
+
+
 def _add_tensor(conv, writer, hf_name: str, source: Any, main, n_blocks, emb_type, out_type, summary) -> None:
     """Write one checkpoint tensor (its GGUF name, row order and type from ``main``, a type or a mix
     over ``n_blocks`` blocks, and the embedding/output types) and record how."""
     gguf = _gguf()
     bid = block_index(hf_name)
+    reshaped = ""
     if isinstance(source, torch.Tensor):
         pairs = [(n, t, None) for n, t in conv.modify_tensors(source.float().cpu(), hf_name, bid)]
     elif isinstance(source, ExpertLayerSource):
         pairs = _expert_rows(conv, source, bid)
     else:
-        # A quantized layer: pass its row numbers through the converter to learn the GGUF name and
-        # row order (Llama's q/k permutation), then move the stored rows accordingly.
-        rows = source.out_features
-        index = torch.arange(rows, dtype=torch.float32).unsqueeze(1)
-        pairs = []
-        for n, t in conv.modify_tensors(index, hf_name, bid):
-            perm = t.reshape(-1).round().long()
-            if t.shape != (rows, 1) or not torch.equal(perm.sort().values, torch.arange(rows)):
-                raise GGUFExportError(
-                    f"llama.cpp's converter transforms {hf_name} beyond a row permutation; quantized layers "
-                    "of this architecture cannot be exported"
-                )
-            pairs.append((n, source, perm.numpy()))
+        pairs = _layer_rows(conv, source, hf_name, bid)
+        if pairs is None:  # reshaped by the converter: its dequantized weight goes through instead
+            pairs = [(n, t, None) for n, t in conv.modify_tensors(_dequantized(source), hf_name, bid)]
+            reshaped = " (reshaped by llama.cpp's converter)"
     for new_name, data, perm in pairs:
         shape = tuple(data.shape) if perm is None else (*perm.shape, data.in_features)
         if len(shape) <= 1 or new_name.endswith("_norm.weight") or _kept_in_f32(conv, new_name, bid):
@@ -830,7 +838,7 @@ def _add_tensor(conv, writer, hf_name: str, source: Any, main, n_blocks, emb_typ
         else:
             w = data.numpy().astype(np.float32)
             array = quantize_tensor(w, written)
-            how = "float" if written in ("f32", "f16") else "requantized"
+            how = ("float" if written in ("f32", "f16") else "requantized") + reshaped
         if fallback:
             how = f"{how} ({fallback})"
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
