@@ -133,6 +133,17 @@ def test_k_quantizer_in_row_chunks_gives_the_same_blocks(monkeypatch):
         np.testing.assert_array_equal(quantize_k(w, t).pack(), whole[t], err_msg=t)
 
 
+@pytest.mark.parametrize("qtype", ["q4_0", "q2_k", "q6_k"])
+def test_3d_expert_tensors_quantize_as_each_expert_alone(qtype):
+    """Fused float experts ``[experts, rows, cols]`` (kept unquantized, written in a K-quant) are
+    quantized expert by expert, in the 3D byte layout the writer takes."""
+    w = np.random.default_rng(3).normal(0, 0.02, (3, 4, 512)).astype(np.float32)
+    got = quantize_tensor(w, qtype)
+    assert got.shape[:2] == (3, 4)
+    for e in range(3):
+        np.testing.assert_array_equal(got[e], quantize_tensor(w[e], qtype), err_msg=f"{qtype} expert {e}")
+
+
 def test_constant_and_zero_rows_quantize_without_nan():
     w = np.zeros((2, 256), np.float32)
     w[1] = 0.5
