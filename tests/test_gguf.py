@@ -579,6 +579,8 @@ MOE_EXPORT = {
         first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8,
         qk_nope_head_dim=32, v_head_dim=32, n_group=1, topk_group=1,
     ),
+    # experts stored [experts, in, out] with biases, gate and up interleaved; attention sinks
+    "GptOssForCausalLM": dict(head_dim=16, num_local_experts=4, intermediate_size=32, sliding_window=128),
 }  # fmt: skip
 
 
@@ -607,7 +609,10 @@ def test_moe_experts_export_losslessly_and_run_in_llama_cpp(arch, tokenizer, tmp
         # BPE tokenizer by a hash of its output and does not find this pairing: it is SmolLM2's ("smollm").
         monkeypatch.setattr(_converter_class(arch), "get_vocab_base_pre", lambda self, tok: "smollm")
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if arch == "DeepseekV3ForCausalLM":  # the router's bias (a buffer) steers the choice of experts
+        base.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.5)
+    base.save_pretrained(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(
         tmp_path / "base", quantization_config=HfQuantConfig(bits=4, group_size=32, method="rtn"), dtype=torch.float32
     ).eval()
@@ -621,11 +626,15 @@ def test_moe_experts_export_losslessly_and_run_in_llama_cpp(arch, tokenizer, tmp
     assert moe_blocks == ([1] if arch == "DeepseekV3ForCausalLM" else [0, 1])
     if arch == "DeepseekV3ForCausalLM":
         assert "reshaped by llama.cpp's converter" in written["blk.0.attn_k_b.weight"].how
+        np.testing.assert_array_equal(  # a buffer, not a parameter, in transformers
+            tensors["blk.1.exp_probs_b.bias"].data, model.model.layers[1].mlp.gate.e_score_correction_bias.numpy()
+        )
     for b in moe_blocks:
         experts = model.model.layers[b].mlp.experts
         gate_up = torch.stack([m.dequantize(torch.float32) for m in experts.gate_up]).numpy()
         down = torch.stack([m.dequantize(torch.float32) for m in experts.down]).numpy()
-        for part, want in (("gate", gate_up[:, :32]), ("up", gate_up[:, 32:]), ("down", down)):
+        gate, up = (gate_up[:, ::2], gate_up[:, 1::2]) if arch == "GptOssForCausalLM" else (gate_up[:, :32], gate_up[:, 32:])
+        for part, want in (("gate", gate), ("up", up), ("down", down)):
             assert written[f"blk.{b}.ffn_{part}_exps.weight"].how == "lossless"
             got = gguf_dequantize(tensors[f"blk.{b}.ffn_{part}_exps.weight"]).reshape(want.shape)
             np.testing.assert_array_equal(got, want, err_msg=f"{b} {part}")

@@ -97,11 +97,12 @@ def test_experts_the_calibration_never_reaches_keep_their_weights(tmp_path, capl
 
 
 def test_gguf_export_refuses_experts_it_cannot_lay_out(tmp_path):
-    """gpt-oss stores its experts transposed, with biases: not the plain 3D rows the GGUF writer hands
-    llama.cpp's converter (tests/test_gguf.py exports a Qwen3-MoE)."""
-    moe_model("gpt_oss").save_pretrained(tmp_path / "fp")
+    """A norm after each expert (MuseSpark's ``post_expert_norm``) has no GGUF tensor: refused before
+    anything is written. (tests/test_gguf.py exports Qwen3-MoE, Mixtral, Qwen2-MoE, DeepSeek-V3 and gpt-oss.)"""
+    moe_model("qwen3_moe").save_pretrained(tmp_path / "fp")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=HfQuantConfig(bits=4, method="rtn"))
-    with pytest.raises(GGUFExportError, match=r"experts of model.layers.0.mlp.experts .* not supported"):
+    model.model.layers[1].mlp.experts.has_post_expert_norm = True
+    with pytest.raises(GGUFExportError, match=r"experts of model.layers.1.mlp.experts .* not supported: a norm"):
         save_gguf(model, None, tmp_path / "model.gguf", type="q4_0")
     assert list(tmp_path.iterdir()) == [tmp_path / "fp"]
 

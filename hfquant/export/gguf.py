@@ -569,15 +569,13 @@ class ExpertLayerSource:
 
 
 def _check_experts_layout(model: nn.Module) -> None:
-    """Split experts are written from the row numbers of transformers' fused 3D tensors
-    (``experts.gate_up_proj``, ``experts.down_proj``); only that plain layout is written."""
+    """Split experts are written from the row numbers of transformers' fused 3D tensors; a norm after
+    each expert (no converter writes one per expert) is refused."""
     for name, module in model.named_modules():
-        if isinstance(module, ExpertLinears) and (
-            module.is_transposed or module.has_bias or module.has_post_expert_norm or not module.is_concatenated
-        ):
+        if isinstance(module, ExpertLinears) and module.has_post_expert_norm:
             raise GGUFExportError(
-                f"GGUF export of the experts of {name} ({module.extra_repr()}) is not supported: hfquant writes "
-                "experts stored [experts, out, in] with gate and up concatenated and no biases or post-expert norm"
+                f"GGUF export of the experts of {name} ({module.extra_repr()}) is not supported: a norm after "
+                "each expert has no GGUF tensor"
             )
 
 
@@ -589,15 +587,19 @@ def _as_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[s
     return revert_weight_conversion(model, tensors)
 
 
+def _fused(module: ExpertLinears) -> list[tuple[str, nn.ModuleList]]:
+    """Each projection's name in transformers' fused experts module, with its per-expert linears."""
+    return [("gate_up_proj" if module.has_gate else "up_proj", getattr(module, module.up_name)), ("down_proj", module.down)]
+
+
 def _expert_layer_source(model: nn.Module, prefix: str, module: ExpertLinears) -> ExpertLayerSource:
-    fused_up = "gate_up_proj" if module.has_gate else "up_proj"
     projections, numbers, offset = [], {}, 0
-    for fused, linears in ((fused_up, getattr(module, module.up_name)), ("down_proj", module.down)):
+    for fused, linears in _fused(module):
         source = ExpertsSource(list(linears))
         count = len(linears) * source.out_features
-        numbers[f"{prefix}{fused}"] = torch.arange(offset, offset + count, dtype=torch.float32).reshape(
-            len(linears), source.out_features, 1
-        )
+        # stored [experts, out, in], or [experts, in, out] (gpt-oss): the numbers stand in for the rows
+        shape = (len(linears), 1, source.out_features) if module.is_transposed else (len(linears), source.out_features, 1)
+        numbers[f"{prefix}{fused}"] = torch.arange(offset, offset + count, dtype=torch.float32).reshape(shape)
         projections.append((offset, source))
         offset += count
     if offset > 2**24:
@@ -614,6 +616,9 @@ def _source_tensors(model: nn.Module, quantized: dict[str, nn.Module]) -> dict[s
         prefix = f"{mod_name}." if mod_name else ""
         if isinstance(module, ExpertLinears):
             out[mod_name] = _expert_layer_source(model, prefix, module)
+            if module.has_bias:  # float, as transformers fuses them: [experts, out]
+                biases = {f"{prefix}{p}_bias": torch.stack([m.bias.detach() for m in ms]) for p, ms in _fused(module)}
+                out.update(_as_checkpoint(model, biases))
             continue
         if any(mod_name.startswith(e + ".") for e in experts):
             continue
@@ -625,6 +630,9 @@ def _source_tensors(model: nn.Module, quantized: dict[str, nn.Module]) -> dict[s
         if any(mod_name.startswith(q + ".") for q in quantized):
             continue
         own = {f"{prefix}{pname}": p.detach() for pname, p in module.named_parameters(recurse=False)}
+        own.update(  # the buffers a checkpoint holds (DeepSeek's router bias e_score_correction_bias, ...)
+            {f"{prefix}{b}": t for b, t in module.named_buffers(recurse=False) if b not in module._non_persistent_buffers_set}
+        )
         out.update(_as_checkpoint(model, own) if is_fused_experts(module) else own)
     if _tied(model.config):
         out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
@@ -744,10 +752,21 @@ def _rows_as(module: nn.Module, rows: np.ndarray, qtype: str) -> tuple[np.ndarra
     return quantize_tensor(_dequantized(module).numpy()[rows], qtype), "requantized"
 
 
+def _convert(conv, hf_name: str, data: torch.Tensor, bid: int | None) -> list[tuple[str, torch.Tensor]]:
+    """The GGUF tensors llama.cpp's converter makes of checkpoint tensor ``hf_name`` holding ``data``,
+    as it converts a checkpoint: its ``filter_tensors`` (renames, drops, fixes of the values) and then
+    its ``modify_tensors``."""
+    item = conv.filter_tensors((hf_name, lambda: data))
+    if item is None:
+        return []
+    name, gen = item
+    return list(conv.modify_tensors(gen(), name, bid))
+
+
 def _expert_rows(conv, source: ExpertLayerSource, bid: int | None) -> list[tuple[str, ExpertsSource, np.ndarray]]:
     """Pass an MoE layer's expert row numbers through the converter; return each GGUF tensor it makes
     (gate and up apart) with its projection's experts and the rows it takes of each, ``[experts, rows']``."""
-    made = [pair for name, t in source.checkpoint.items() for pair in conv.modify_tensors(t, name, bid)]
+    made = [pair for name, t in source.checkpoint.items() for pair in _convert(conv, name, t, bid)]
     out = []
     for name, t in made:
         number = t.round().long()
@@ -788,7 +807,7 @@ def _layer_rows(conv, module: nn.Module, hf_name: str, bid: int | None) -> list[
     rows = module.out_features
     index = torch.arange(rows, dtype=torch.float32).unsqueeze(1)
     pairs = []
-    for name, t in conv.modify_tensors(index, hf_name, bid):
+    for name, t in _convert(conv, hf_name, index, bid):
         perm = t.reshape(-1).round().long()
         if t.shape != (rows, 1) or not torch.equal(perm.sort().values, torch.arange(rows)):
             return None
@@ -803,13 +822,13 @@ def _add_tensor(conv, writer, hf_name: str, source: Any, main, n_blocks, emb_typ
     bid = block_index(hf_name)
     reshaped = ""
     if isinstance(source, torch.Tensor):
-        pairs = [(n, t, None) for n, t in conv.modify_tensors(source.float().cpu(), hf_name, bid)]
+        pairs = [(n, t, None) for n, t in _convert(conv, hf_name, source.float().cpu(), bid)]
     elif isinstance(source, ExpertLayerSource):
         pairs = _expert_rows(conv, source, bid)
     else:
         pairs = _layer_rows(conv, source, hf_name, bid)
         if pairs is None:  # reshaped by the converter: its dequantized weight goes through instead
-            pairs = [(n, t, None) for n, t in conv.modify_tensors(_dequantized(source), hf_name, bid)]
+            pairs = [(n, t, None) for n, t in _convert(conv, hf_name, _dequantized(source), bid)]
             reshaped = " (reshaped by llama.cpp's converter)"
     for new_name, data, perm in pairs:
         shape = tuple(data.shape) if perm is None else (*perm.shape, data.in_features)
