@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import make_problem
 
-from hfquant.algorithms.decoupleq import decoupleq_quantize, solve_float_step
+from hfquant.algorithms.decoupleq import decoupleq_quantize, solve_float_step, solve_spd
 from hfquant.algorithms.gptq import gptq_quantize
 from hfquant.algorithms.grid import dequantize_grid, group_index, layer_objective, num_groups
 
@@ -130,3 +130,28 @@ def test_decoupleq_other_widths_per_channel_and_plain_order(bits: int) -> None:
             start = layer_objective(w, gptq.dequantize(group_size), h)
             qw = decoupleq_quantize(w, h, bits, group_size, iters=1, act_order=act_order)
             assert layer_objective(w, qw.dequantize(group_size), h) < start
+
+
+def test_float_step_with_many_groups_on_two_threads() -> None:
+    """96 groups (a 1536-wide row in groups of 16, as Q2_K's): the float step's batched 192 x 192 systems.
+    torch.linalg.solve's batched LU raised "Pivots given to lu_solve must all be greater or equal to 1"
+    on 2 CPU threads at that size (torch 2.13, MKL); the Cholesky solve gives the least-squares optimum."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w, h = make_problem(4, 1536, seed=5)
+        h = h.double()
+        q = torch.randint(0, 4, w.shape, generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
+        scales, zeros = solve_float_step(w, h, q, 16, damp=0.01, round_fp16=False)
+    finally:
+        torch.set_num_threads(threads)
+    ref_s, ref_z = lstsq_grid(w, h, q, 16, None, 0.01 * float(h.diagonal().mean()))
+    torch.testing.assert_close(scales.double(), ref_s, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(zeros.double(), ref_z, rtol=1e-4, atol=1e-6)
+
+
+def test_solve_spd_falls_back_to_least_squares_where_not_positive_definite() -> None:
+    a = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1)
+    a[1, 2, 2] = -1.0  # indefinite: no Cholesky factor
+    b = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    torch.testing.assert_close(solve_spd(a, b), torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, -3.0]], dtype=torch.float64))

@@ -54,6 +54,19 @@ from hfquant.algorithms.gptq import gptq_solve, masked_minmax_grid, prepare_hess
 from hfquant.algorithms.grid import QuantizedWeight, effective_group_size, num_groups
 
 
+def solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x`` with ``a x = b`` for batched symmetric positive definite ``a [..., n, n]`` and ``b [..., n]``:
+    by Cholesky, with least squares for any matrix that is not numerically positive definite.
+    (Not ``torch.linalg.solve``: its batched LU fails on the CPU with 2 or more threads for n >= 160,
+    "Pivots given to lu_solve must all be greater or equal to 1", torch 2.13 with MKL.)"""
+    low, info = torch.linalg.cholesky_ex(a)
+    x = torch.cholesky_solve(b.unsqueeze(-1), low).squeeze(-1)
+    bad = info > 0
+    if bool(bad.any()):
+        x[bad] = torch.linalg.lstsq(a[bad], b[bad].unsqueeze(-1)).solution.squeeze(-1)
+    return x
+
+
 @dataclass
 class _FloatProblem:
     """What the float step reuses across decoupleQ rounds: everything that depends only on ``W`` and ``H``."""
@@ -195,12 +208,12 @@ class _FloatProblem:
             rhs = rhs + ridge * theta_prev
         offset = None if self.spec is None else self.spec.offset
         if offset is None:
-            theta = torch.linalg.solve(p_damped, rhs)
+            theta = solve_spd(p_damped, rhs)
         else:
             # Tied zero: theta = T phi with T = [I; -offset I], one unknown per group.
             eye = torch.eye(ng, dtype=p.dtype, device=p.device)
             tie = torch.cat([eye, -offset * eye])
-            theta = torch.linalg.solve(tie.T @ p_damped @ tie, rhs @ tie) @ tie.T
+            theta = solve_spd(tie.T @ p_damped @ tie, rhs @ tie) @ tie.T
         if self.spec is not None:
             importance = (p[:, idx, idx].clamp_min(0).float(), p[:, idx + ng, idx + ng].clamp_min(0).float())
             stored = project(self.spec, theta[:, :ng].float(), theta[:, ng:].float(), importance)
