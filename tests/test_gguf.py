@@ -638,6 +638,15 @@ def test_moe_experts_export_losslessly_and_run_in_llama_cpp(arch, tokenizer, tmp
             assert written[f"blk.{b}.ffn_{part}_exps.weight"].how == "lossless"
             got = gguf_dequantize(tensors[f"blk.{b}.ffn_{part}_exps.weight"]).reshape(want.shape)
             np.testing.assert_array_equal(got, want, err_msg=f"{b} {part}")
+    # Reloaded from its hfquant checkpoint (experts stored split, so transformers loads it without the expert
+    # conversions the export reverses), the model exports to the same tensors.
+    model.save_pretrained(tmp_path / "quantized")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "quantized", dtype=torch.float32)
+    save_gguf(reloaded, tokenizer, tmp_path / "reloaded.gguf", type="q4_1", embedding_type="f32", output_type="f32")
+    again = {t.name: t for t in gguf.GGUFReader(tmp_path / "reloaded.gguf").tensors}
+    assert sorted(again) == sorted(tensors)
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(again[name].data, t.data, err_msg=name)
     # A random model's next-token logits are near ties, so greedy text is not compared; perplexity is.
     text = heldout_file.read_text(encoding="utf-8")
     ppl_llama = llamacpp_perplexity(out, text, chunks=2, threads=2, context=SEQLEN)

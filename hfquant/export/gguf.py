@@ -38,6 +38,7 @@ GGUF has no sparse 16-bit weights: models with kept weights (``kept_fraction > 0
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -580,11 +581,16 @@ def _check_experts_layout(model: nn.Module) -> None:
 
 
 def _as_checkpoint(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` (named as in the model) under the names and shapes of the model's checkpoints:
-    transformers' reverse of its load-time conversions, as ``save_pretrained`` writes them."""
+    """``tensors`` (named as in the model) under the names and shapes of the architecture's checkpoints,
+    which llama.cpp's converter reads: transformers' reverse of the architecture's load-time conversions.
+    Not of those this model was loaded with (what ``save_pretrained`` reverses): transformers keeps only
+    the conversions a checkpoint used, and an hfquant checkpoint stores the experts split, so a model
+    reloaded from one would give the fused in-memory names back."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    return revert_weight_conversion(model, tensors)
+    architecture = copy.copy(model)  # shallow: the same modules, without the loaded conversions
+    architecture.__dict__.pop("_weight_conversions", None)
+    return revert_weight_conversion(architecture, tensors)
 
 
 def _fused(module: ExpertLinears) -> list[tuple[str, nn.ModuleList]]:
@@ -767,6 +773,10 @@ def _expert_rows(conv, source: ExpertLayerSource, bid: int | None) -> list[tuple
     """Pass an MoE layer's expert row numbers through the converter; return each GGUF tensor it makes
     (gate and up apart) with its projection's experts and the rows it takes of each, ``[experts, rows']``."""
     made = [pair for name, t in source.checkpoint.items() for pair in _convert(conv, name, t, bid)]
+    if not made:
+        raise GGUFExportError(
+            f"llama.cpp's converter wrote no tensor for the experts of block {bid} given {list(source.checkpoint)}"
+        )
     out = []
     for name, t in made:
         number = t.round().long()
