@@ -283,15 +283,20 @@ def test_576_wide_rows_fall_back_like_llama_quantize(tokenizer, tmp_path):
 
 @needs_converter
 @pytest.mark.parametrize("preset", ["q3_k_m", "q4_k_m", "q5_k_m"])
-def test_mixes_give_every_tensor_the_type_llama_quantize_gives_it(tokenizer, tmp_path, preset):
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_mixes_give_every_tensor_the_type_llama_quantize_gives_it(tokenizer, tmp_path, preset, arch):
     """The per-tensor rules against llama.cpp itself: a 16-block model exported as a mix has, tensor
-    for tensor, the types of ``llama-quantize``'s file of that name (from the same model's F32 GGUF)."""
+    for tensor, the types of ``llama-quantize``'s file of that name (from the same model's F32 GGUF);
+    in a Mixtral with 4 experts, the experts' ffn_down follows the ffn_down rules."""
+    from transformers import MixtralConfig
+
     quantize = tool("llama-quantize")
     torch.manual_seed(0)
-    config = LlamaConfig(
+    shape = dict(
         hidden_size=256, intermediate_size=512, num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=len(tokenizer), tie_word_embeddings=False,
     )
+    config = LlamaConfig(**shape) if arch == "llama" else MixtralConfig(**shape, num_local_experts=4)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     save_gguf(model, tokenizer, tmp_path / "f32.gguf", type="f32")
     llama = tmp_path / f"llama-{preset}.gguf"

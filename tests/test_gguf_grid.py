@@ -352,6 +352,11 @@ def test_presets_choose_types_as_llama_quantize_does():
             assert layer_type("q3_k_m", hf(i, leaf), 30) == "q3_k"
             assert layer_type("q4_k_m", hf(i, leaf), 30) == "q4_k"
     assert layer_type("q4_k_m", "transformer.h.3.attn.c_attn", 30) == "q5_k"  # fused qkv (GPT-2 names)
+    # MoE experts' down projections are ffn_down, split (hfquant's names) or stacked (llama.cpp's)
+    assert layer_type("q4_k_m", "model.layers.2.mlp.experts.down.7", 30) == "q6_k"
+    assert layer_type("q4_k_m", "blk.2.ffn_down_exps.weight", 30) == "q6_k"
+    assert layer_type("q4_k_m", "blk.2.ffn_down_shexp.weight", 30) == "q6_k"
+    assert layer_type("q4_k_m", "model.layers.2.mlp.experts.gate_up.7", 30) == "q4_k"
     assert layer_type("q3_k", "model.layers.0.self_attn.v_proj", 30) == "q3_k"  # a single type is itself
 
 

@@ -8,9 +8,9 @@ fused ``attn_qkv`` and the feed-forward down projection (``ffn_down``), as
 :func:`layer_type` applies those rules to one weight; the type's row-width fallback
 (``hfquant.formats.gguf.FALLBACK``) comes after, as in ``llama-quantize``.
 
-Departures from llama.cpp: the rules for mixture-of-experts models, the 70B-specific ``attn_v``
-bump and Falcon's ``ffn_down`` schedule are not applied (every model is treated as a dense,
-non-Falcon one), and a weight's role is read from its name (:data:`ROLE_SUFFIXES`, the Hugging Face
+Departures from llama.cpp: the bumps for models of exactly 8 experts (``attn_v`` and ``attn_k`` to
+``Q8_0``, ``attn_output`` to ``Q5_K``), the 70B-specific ``attn_v`` bump and Falcon's ``ffn_down``
+schedule are not applied (MoE experts' ``ffn_down`` follows the ``ffn_down`` rules, as in llama.cpp), and a weight's role is read from its name (:data:`ROLE_SUFFIXES`, the Hugging Face
 and GGUF names of common architectures) rather than from llama.cpp's tensor categories, so a
 projection under another name keeps the base type.
 """
@@ -28,14 +28,21 @@ ROLE_SUFFIXES = {
     "attn_v": ("v_proj", "attn_v", "self_attention.value", "attention.value"),
     "attn_output": ("o_proj", "attn_output", "out_proj", "attn.c_proj", "attention.dense", "self_attention.dense"),
     "attn_qkv": ("qkv_proj", "attn_qkv", "query_key_value", "c_attn", "Wqkv"),
-    "ffn_down": ("down_proj", "ffn_down", "fc2", "w2", "dense_4h_to_h", "mlp.c_proj"),
+    # MoE experts too, as llama.cpp counts them (its category is every name holding "ffn_down"): hfquant's
+    # split experts.down.3, llama.cpp's ffn_down_exps and shared experts' ffn_down_shexp
+    "ffn_down": ("down_proj", "ffn_down", "fc2", "w2", "dense_4h_to_h", "mlp.c_proj", "experts.down", "ffn_down_exps",
+                 "ffn_down_shexp"),
 }
 
 
 def tensor_role(name: str) -> str | None:
     """The role of the weight ``name`` (``"model.layers.3.self_attn.v_proj"``,
-    ``"blk.3.attn_v.weight"``) among :data:`ROLE_SUFFIXES`, or None."""
+    ``"blk.3.attn_v.weight"``, an expert's ``"model.layers.3.mlp.experts.down.5"``) among
+    :data:`ROLE_SUFFIXES`, or None."""
     stem = name.removesuffix(".weight")
+    head, _, last = stem.rpartition(".")
+    if last.isdecimal():  # one expert of a list
+        stem = head
     for role, suffixes in ROLE_SUFFIXES.items():
         if any(stem == s or stem.endswith("." + s) for s in suffixes):
             return role
