@@ -779,22 +779,35 @@ def _expert_rows(conv, source: ExpertLayerSource, bid: int | None) -> list[tuple
         )
     out = []
     for name, t in made:
-        number = t.round().long()
-        found = [(offset, experts) for offset, experts in source.projections if offset <= number.min()]
-        offset, experts = found[-1] if found else (0, None)
-        n, rows = (len(experts.modules), experts.out_features) if experts else (0, 0)
-        flat = number.reshape(n, -1) - offset if experts and t.dim() == 3 and t.shape[::2] == (n, 1) else None
-        if (
-            flat is None
-            or not torch.equal(flat // rows, torch.arange(n).unsqueeze(1).expand_as(flat))
-            or any(len(r.unique()) != len(r) for r in flat % rows)
-        ):
+        taken = _rows_taken(t.round().long(), source.projections)
+        if taken is None:
             raise GGUFExportError(
                 f"llama.cpp's converter transforms the experts of block {bid} ({name}) beyond taking rows of each "
                 "expert; quantized experts of this architecture cannot be exported"
             )
-        out.append((name, experts, (flat % rows).numpy()))
+        out.append((name, *taken))
     return out
+
+
+def _rows_taken(
+    number: torch.Tensor, projections: list[tuple[int, ExpertsSource]]
+) -> tuple[ExpertsSource, np.ndarray] | None:
+    """The projection whose row numbers ``number`` holds and the rows it takes of each expert
+    (``[experts, rows']``); None unless ``number`` is ``[experts, rows', 1]``, expert ``e``'s rows in
+    slice ``e``, none twice."""
+    below = [(offset, experts) for offset, experts in projections if offset <= number.min()]
+    if not below or number.dim() != 3 or number.shape[2] != 1:
+        return None
+    offset, experts = below[-1]
+    n, rows = len(experts.modules), experts.out_features
+    if number.shape[0] != n:
+        return None
+    flat = number.reshape(n, -1) - offset
+    if not torch.equal(flat // rows, torch.arange(n).unsqueeze(1).expand_as(flat)):
+        return None
+    if any(len(r.unique()) != len(r) for r in flat % rows):
+        return None
+    return experts, (flat % rows).numpy()
 
 
 # Tensors llama.cpp never quantizes (its converter writes them F32 and ``llama-quantize`` leaves them):

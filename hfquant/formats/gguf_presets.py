@@ -10,7 +10,8 @@ fused ``attn_qkv`` and the feed-forward down projection (``ffn_down``), as
 
 Departures from llama.cpp: the bumps for models of exactly 8 experts (``attn_v`` and ``attn_k`` to
 ``Q8_0``, ``attn_output`` to ``Q5_K``), the 70B-specific ``attn_v`` bump and Falcon's ``ffn_down``
-schedule are not applied (MoE experts' ``ffn_down`` follows the ``ffn_down`` rules, as in llama.cpp), and a weight's role is read from its name (:data:`ROLE_SUFFIXES`, the Hugging Face
+schedule are not applied (MoE experts' ``ffn_down`` follows the ``ffn_down`` rules, as in
+llama.cpp), and a weight's role is read from its name (:data:`ROLE_SUFFIXES`, the Hugging Face
 and GGUF names of common architectures) rather than from llama.cpp's tensor categories, so a
 projection under another name keeps the base type.
 """
