@@ -56,11 +56,13 @@ def test_triton_kernels_match_reference(bits, group_size, in_f):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize(("group_size", "in_f"), [(32, 200), (64, 512), (-1, 96), (48, 200)])
 @pytest.mark.parametrize("split_k", [1, 2, 3])
-def test_split_k_gemv_matches_reference(bits, group_size, in_f, split_k):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_split_k_gemv_matches_reference(bits, group_size, in_f, split_k, prefetch):
     """Split-K GEMV: programs share a row's reduction (one split may get no tile); bias added once;
-    groups that are not whole units (48) take the per-value path."""
+    groups that are not whole units (48) take the per-value path. With prefetch, each step's words
+    come from the step before (up to 8 steps of 64 values; the last step's prefetch is masked)."""
     module = _layer(bits, group_size, in_f)
-    config = triton_matmul.LaunchConfig("gemv", 1, 16, 64, split_k=split_k)
+    config = triton_matmul.LaunchConfig("gemv", 1, 16, 64, split_k=split_k, prefetch=prefetch)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(1, in_f, generator=torch.Generator().manual_seed(split_k)).to(dtype)
         y = triton_matmul.qmatmul(
@@ -116,6 +118,15 @@ def test_split_k_is_refused_for_the_gemm_kernel():
         triton_matmul.LaunchConfig("dequant", 0, 32, 128, split_k=2)
     with pytest.raises(ValueError, match="split_k"):
         triton_matmul.LaunchConfig("gemv", 1, 16, 256, split_k=0)
+    with pytest.raises(ValueError, match="prefetch is a GEMV option"):
+        triton_matmul.LaunchConfig("gemm", 16, 32, 256, prefetch=True)
+
+
+def test_launch_config_rebuilds_from_its_tiles():
+    """The torch.compile operator passes a configuration as its kernel and integer tiles."""
+    config = triton_matmul.LaunchConfig("gemv", 1, 16, 512, split_k=2, prefetch=True)
+    rebuilt = triton_matmul.LaunchConfig(config.kernel, *config.tiles)
+    assert rebuilt == config and rebuilt.prefetch is True and rebuilt.name == "gemv 1x16x512 w4 s3 k2 pf"
 
 
 @needs_triton

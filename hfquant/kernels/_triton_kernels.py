@@ -113,9 +113,27 @@ def _plane_code(w0, w1, w2, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _unit_words(row, row_ok, k0, k_stop, WORDS, BITS: tl.constexpr, U: tl.constexpr, NU: tl.constexpr):
+    """The packed words of ``NU`` units from value ``k0`` on, ``[BLOCK_N, NU]`` each: the unit's only
+    word for 2/4 bits (``w1``, ``w2`` repeat it), its three words for 3 bits; zeros (no load) for
+    units from value ``k_stop`` on."""
+    units = k0 // U + tl.arange(0, NU)
+    first = units * 3 if BITS == 3 else units  # each unit's first word
+    ok = row_ok & ((first < WORDS) & (units * U < k_stop))[None, :]
+    w0 = tl.load(row + first[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+    w1 = w0
+    w2 = w0
+    if BITS == 3:
+        w1 = tl.load(row + first[None, :] + 1, mask=ok, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(row + first[None, :] + 2, mask=ok, other=0).to(tl.uint32, bitcast=True)
+    return w0, w1, w2
+
+
+@triton.jit
 def _gemv_planes(
     x_ptr, qw_ptr, s_ptr, z_ptr, pid_m, offs_n, k_start, k_end, N, K, WORDS, G,
     BITS: tl.constexpr, GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Rows ``offs_n`` of ``W x`` over values ``k_start .. k_end`` for ``GS`` a multiple of the unit.
 
@@ -127,22 +145,26 @@ def _gemv_planes(
     s * sum_k q_k x_k + z * sum_k x_k``. Measured on an H100 (RESULTS.md, gpu.py ``tune``): 1.4x
     faster per Llama-7B block than the 3-D ``[rows, units, values]`` tile it replaced, whose
     per-step reductions compiled to shuffles and barriers (1078 PTX instructions vs 529 at W2).
+
+    ``PREFETCH``: the next step's words are loaded before this step's arithmetic (double buffering
+    in registers), so that their memory latency overlaps it; Triton's pipeliner (``num_stages``)
+    does this only for loads that feed ``tl.dot``, and the compiled loop otherwise waits on each
+    step's loads before its arithmetic (sm_90 SASS of the 16 x 512 tile).
     """
     U: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # values per unit
     NU: tl.constexpr = BLOCK_K // U
     row = qw_ptr + offs_n.to(tl.int64)[:, None] * WORDS
     row_ok = (offs_n < N)[:, None]
     acc = tl.zeros((BLOCK_N, NU), dtype=tl.float32)
+    if PREFETCH:
+        n0, n1, n2 = _unit_words(row, row_ok, k_start, k_end, WORDS, BITS, U, NU)
     for k0 in range(k_start, k_end, BLOCK_K):
+        if PREFETCH:
+            w0, w1, w2 = n0, n1, n2
+            n0, n1, n2 = _unit_words(row, row_ok, k0 + BLOCK_K, k_end, WORDS, BITS, U, NU)
+        else:
+            w0, w1, w2 = _unit_words(row, row_ok, k0, k_end, WORDS, BITS, U, NU)
         units = k0 // U + tl.arange(0, NU)
-        first = units * 3 if BITS == 3 else units  # each unit's first word
-        ok = row_ok & (first < WORDS)[None, :]
-        w0 = tl.load(row + first[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-        w1 = w0
-        w2 = w0
-        if BITS == 3:
-            w1 = tl.load(row + first[None, :] + 1, mask=ok, other=0).to(tl.uint32, bitcast=True)
-            w2 = tl.load(row + first[None, :] + 2, mask=ok, other=0).to(tl.uint32, bitcast=True)
         xu = x_ptr + pid_m * K + units * U
         qx = tl.zeros((BLOCK_N, NU), dtype=tl.float32)
         xs = tl.zeros((NU,), dtype=tl.float32)
@@ -163,7 +185,7 @@ def _gemv_planes(
 def gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, WORDS, G, K_PER_SPLIT,
     BITS: tl.constexpr, GS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Decode: one input row, ``BLOCK_N`` output rows per program, reduction over K in registers.
 
@@ -183,7 +205,7 @@ def gemv_kernel(
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
     if GS % U == 0:
         acc = _gemv_planes(x_ptr, qw_ptr, s_ptr, z_ptr, pid_m, offs_n, k_start, k_end, N, K, WORDS, G,
-                           BITS, GS, BLOCK_N, BLOCK_K)  # fmt: skip
+                           BITS, GS, BLOCK_N, BLOCK_K, PREFETCH)  # fmt: skip
     else:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):

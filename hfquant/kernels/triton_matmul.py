@@ -46,6 +46,7 @@ class LaunchConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1  # GEMV only: programs sharing one output row's reduction (atomic float32 adds)
+    prefetch: bool = False  # GEMV only: the next step's packed words loaded before this step's arithmetic
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
@@ -56,25 +57,30 @@ class LaunchConfig:
             raise ValueError(
                 f"split_k must be >= 1, and 1 for the gemm and dequant kernels; got {self.split_k} for {self.kernel!r}"
             )
+        object.__setattr__(self, "prefetch", bool(self.prefetch))  # rebuilt from ``tiles`` as 0 / 1
+        if self.prefetch and self.kernel != "gemv":
+            raise ValueError(f"prefetch is a GEMV option (its K loop); got it for {self.kernel!r}")
 
     @property
     def tiles(self) -> list[int]:
         """Every field but the kernel, in order: ``LaunchConfig(kernel, *tiles)`` rebuilds the configuration."""
-        return [self.block_m, self.block_n, self.block_k, self.num_warps, self.num_stages, self.split_k]
+        return [self.block_m, self.block_n, self.block_k, self.num_warps, self.num_stages, self.split_k,
+                int(self.prefetch)]
 
     @property
     def name(self) -> str:
         split = f" k{self.split_k}" if self.split_k > 1 else ""
+        prefetch = " pf" if self.prefetch else ""
         return (
             f"{self.kernel} {self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
-            f"{split}"
+            f"{split}{prefetch}"
         )
 
     def constexprs(self) -> dict[str, int]:
         """The tile sizes (and the GEMV's split) as the kernel's compile-time arguments."""
         blocks = {"BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         if self.kernel == "gemv":
-            return {**blocks, "SPLIT_K": self.split_k}
+            return {**blocks, "SPLIT_K": self.split_k, "PREFETCH": self.prefetch}
         if self.kernel == "dequant":
             return blocks
         return {"BLOCK_M": self.block_m, **blocks}
