@@ -283,12 +283,13 @@ def test_576_wide_rows_fall_back_like_llama_quantize(tokenizer, tmp_path):
 
 @needs_converter
 @pytest.mark.parametrize("preset", ["q3_k_m", "q4_k_m", "q5_k_m"])
-@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "mixtral8", "gpt2"])
 def test_mixes_give_every_tensor_the_type_llama_quantize_gives_it(tokenizer, tmp_path, preset, arch):
     """The per-tensor rules against llama.cpp itself: a 16-block model exported as a mix has, tensor
     for tensor, the types of ``llama-quantize``'s file of that name (from the same model's F32 GGUF);
-    in a Mixtral with 4 experts, the experts' ffn_down follows the ffn_down rules."""
-    from transformers import MixtralConfig
+    in a Mixtral with 4 experts, the experts' ffn_down follows the ffn_down rules; with 8 experts,
+    llama.cpp's Mixtral bumps apply; GPT-2's fused qkv (``c_attn``) counts as a value projection."""
+    from transformers import GPT2Config, MixtralConfig
 
     quantize = tool("llama-quantize")
     torch.manual_seed(0)
@@ -296,7 +297,13 @@ def test_mixes_give_every_tensor_the_type_llama_quantize_gives_it(tokenizer, tmp
         hidden_size=256, intermediate_size=512, num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=len(tokenizer), tie_word_embeddings=False,
     )
-    config = LlamaConfig(**shape) if arch == "llama" else MixtralConfig(**shape, num_local_experts=4)
+    config = {
+        "llama": lambda: LlamaConfig(**shape),
+        "mixtral": lambda: MixtralConfig(**shape, num_local_experts=4),
+        "mixtral8": lambda: MixtralConfig(**{**shape, "intermediate_size": 256}, num_local_experts=8),
+        # n_ctx: the converter reads the key transformers 5 no longer writes
+        "gpt2": lambda: GPT2Config(n_embd=256, n_layer=16, n_head=4, vocab_size=len(tokenizer), n_ctx=1024),
+    }[arch]()
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     save_gguf(model, tokenizer, tmp_path / "f32.gguf", type="f32")
     llama = tmp_path / f"llama-{preset}.gguf"

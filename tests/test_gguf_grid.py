@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import TINY_TEXTS
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MixtralConfig, Qwen2MoeConfig
 
 from hfquant import HfQuantConfig
 from hfquant.algorithms.decoupleq import decoupleq_quantize
@@ -351,13 +351,38 @@ def test_presets_choose_types_as_llama_quantize_does():
         for leaf in ("q_proj", "k_proj", "gate_proj", "up_proj"):
             assert layer_type("q3_k_m", hf(i, leaf), 30) == "q3_k"
             assert layer_type("q4_k_m", hf(i, leaf), 30) == "q4_k"
-    assert layer_type("q4_k_m", "transformer.h.3.attn.c_attn", 30) == "q5_k"  # fused qkv (GPT-2 names)
+    # fused qkv and MLA's kv_b count as value projections (llama.cpp's category_is_attn_v)
+    assert layer_type("q4_k_m", "transformer.h.3.attn.c_attn", 30) == "q4_k"  # GPT-2 names; 3 has no more bits
+    assert layer_type("q4_k_m", "model.layers.2.self_attn.qkv_proj", 30) == "q6_k"
+    assert layer_type("q3_k_m", "blk.2.attn_kv_b.weight", 30) == "q4_k"
     # MoE experts' down projections are ffn_down, split (hfquant's names) or stacked (llama.cpp's)
     assert layer_type("q4_k_m", "model.layers.2.mlp.experts.down.7", 30) == "q6_k"
     assert layer_type("q4_k_m", "blk.2.ffn_down_exps.weight", 30) == "q6_k"
     assert layer_type("q4_k_m", "blk.2.ffn_down_shexp.weight", 30) == "q6_k"
     assert layer_type("q4_k_m", "model.layers.2.mlp.experts.gate_up.7", 30) == "q4_k"
     assert layer_type("q3_k", "model.layers.0.self_attn.v_proj", 30) == "q3_k"  # a single type is itself
+
+
+def test_presets_bump_models_of_eight_experts_as_llama_quantize_does():
+    """llama.cpp's rules for exactly 8 experts (Mixtral 8x7B): value and key projections Q8_0,
+    attention output Q5_K in Q3_K_M and Q4_K_M; the rest as for any model. 4 or 16 experts: no bump."""
+    from hfquant.formats.gguf_presets import expert_count, layer_type
+
+    for preset in ("q3_k_m", "q4_k_m", "q5_k_m"):
+        for i in range(32):
+            assert layer_type(preset, f"model.layers.{i}.self_attn.v_proj", 32, 8) == "q8_0"
+            assert layer_type(preset, f"model.layers.{i}.self_attn.k_proj", 32, 8) == "q8_0"
+            assert layer_type(preset, f"model.layers.{i}.self_attn.o_proj", 32, 8) == "q5_k"
+            assert layer_type(preset, f"model.layers.{i}.self_attn.q_proj", 32, 8) == preset[:4]
+            for n in (0, 4, 16):
+                assert layer_type(preset, f"model.layers.{i}.self_attn.k_proj", 32, n) == preset[:4]
+            down = f"model.layers.{i}.mlp.experts.down.5"
+            assert layer_type(preset, down, 32, 8) == layer_type(preset, down, 32, 4)
+    assert layer_type("q4_k_m", "model.layers.10.self_attn.v_proj", 32, 4) == "q4_k"
+    assert layer_type("q4_k", "model.layers.9.self_attn.v_proj", 32, 8) == "q4_k"  # a single type is itself
+    assert expert_count(MixtralConfig(num_local_experts=8)) == 8
+    assert expert_count(Qwen2MoeConfig(num_experts=60)) == 60
+    assert expert_count(LlamaConfig()) == 0
 
 
 def test_preset_types_are_every_type_the_rules_give():
@@ -367,10 +392,11 @@ def test_preset_types_are_every_type_the_rules_give():
 
     for preset in GGUF_PRESETS:
         given = {
-            layer_type(preset, f"blk.{i}.{leaf}.weight", n)
+            layer_type(preset, f"blk.{i}.{leaf}.weight", n, experts)
             for n in range(1, 81)
             for i in range(n)
             for leaf in (*(suffixes[0] for suffixes in ROLE_SUFFIXES.values()), "q_proj", "up_proj")
+            for experts in (0, 8)
         }
         assert sorted(given) == sorted(preset_types(preset)), preset
         assert set(given) <= set(GGUF_GRIDS)

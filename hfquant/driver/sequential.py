@@ -55,7 +55,7 @@ from hfquant.driver.kept import choose_kept
 from hfquant.driver.solve import quantize_linear
 from hfquant.driver.workdir import WorkDir
 from hfquant.formats import STORAGE_DTYPE, QuantizedLinear, format_for
-from hfquant.formats.gguf_presets import layer_config
+from hfquant.formats.gguf_presets import expert_count, layer_config
 from hfquant.nn.experts import unfuse_experts
 from hfquant.nn.replace import conv1d_to_linear, linears_to_convert, set_module
 
@@ -262,7 +262,9 @@ def quantize_blocks(
             if config.method == "inq":
                 originals = quantize_block_inq(block, layers, batches, targets, config)
             else:
-                originals = solve_block(block, layers, hessians, config, kept, block_prefix, len(blocks))
+                originals = solve_block(
+                    block, layers, hessians, config, kept, block_prefix, len(blocks), expert_count(model.config)
+                )
         if config.learned_rounding:
             with timed(report, "learned rounding"):
                 round_block(block, layers, hessians, batches, targets, config)
@@ -307,14 +309,16 @@ def solve_block(
     kept: dict[str, torch.Tensor],
     block_prefix: str,
     n_blocks: int,
+    n_experts: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Solve each linear of the block against its Hessian and swap in its quantized module; return
     the original values of the kept weights, per linear. Under a GGUF preset each linear is solved
-    on its own type (:func:`hfquant.formats.gguf_presets.layer_config`)."""
+    on its own type (:func:`hfquant.formats.gguf_presets.layer_config`: its block among
+    ``n_blocks``, the model's ``n_experts``)."""
     originals = {}
     for name, linear in layers.items():
         mask = kept.get(block_prefix + name)
-        layer = layer_config(config, block_prefix + name, n_blocks)
+        layer = layer_config(config, block_prefix + name, n_blocks, n_experts)
         module = quantize_linear(linear, hessians[name], layer, mask)
         if mask is not None and module.num_kept:
             originals[name] = linear.weight.data[module.kept_positions()].clone()

@@ -55,7 +55,7 @@ from torch import nn
 
 from hfquant.export.llamacpp import LLAMACPP_SDIST_VERSION, llamacpp_source
 from hfquant.formats.gguf import FALLBACK, GGUF_GRIDS, K_QUANTS, GGUFLinear
-from hfquant.formats.gguf_presets import GGUF_PRESETS, block_index, layer_type
+from hfquant.formats.gguf_presets import GGUF_PRESETS, block_index, expert_count, layer_type
 from hfquant.nn.experts import ExpertLinears, is_fused_experts
 
 # Every type a tensor can be written as (the block grids hfquant solves on, and the float types):
@@ -738,8 +738,9 @@ def _write(model, tokenizer, tmp: Path, main, emb_type, out_type, quantized, mod
         try:
             sources = _source_tensors(model, quantized)
             n_blocks = 1 + max((b for b in map(block_index, sources) if b is not None), default=-1)
+            n_experts = expert_count(config)
             for hf_name, source in sources.items():
-                _add_tensor(conv, writer, hf_name, source, main, n_blocks, emb_type, out_type, summary)
+                _add_tensor(conv, writer, hf_name, source, main, (n_blocks, n_experts), emb_type, out_type, summary)
             conv.prepare_metadata(vocab_only=False)
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
@@ -838,9 +839,10 @@ def _layer_rows(conv, module: nn.Module, hf_name: str, bid: int | None) -> list[
     return pairs
 
 
-def _add_tensor(conv, writer, hf_name: str, source: Any, main, n_blocks, emb_type, out_type, summary) -> None:
+def _add_tensor(conv, writer, hf_name: str, source: Any, main, depth, emb_type, out_type, summary) -> None:
     """Write one checkpoint tensor (its GGUF name, row order and type from ``main``, a type or a mix
-    over ``n_blocks`` blocks, and the embedding/output types) and record how."""
+    over ``depth`` = (blocks, routed experts) of the model, and the embedding/output types) and
+    record how."""
     gguf = _gguf()
     bid = block_index(hf_name)
     reshaped = ""
@@ -862,7 +864,7 @@ def _add_tensor(conv, writer, hf_name: str, source: Any, main, n_blocks, emb_typ
         elif new_name == "output.weight":
             requested = out_type
         else:
-            requested = layer_type(main, new_name, n_blocks)
+            requested = layer_type(main, new_name, *depth)
         written, fallback = requested, None
         cols = shape[-1]
         if len(shape) > 1 and cols % block_size(written):

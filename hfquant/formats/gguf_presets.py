@@ -1,18 +1,20 @@
 """llama.cpp's per-tensor type mixes (``llama-quantize``'s ``Q3_K_M``, ``Q4_K_M``, ``Q5_K_M``).
 
 A preset gives most linear weights its base K-quant and a few tensors more bits, by their role and
-block: the attention value projection (``attn_v``), the attention output (``attn_output``), the
-fused ``attn_qkv`` and the feed-forward down projection (``ffn_down``), as
-``llama_tensor_get_type_impl`` in llama.cpp's ``src/llama-quant.cpp`` decides for a dense model
-(``use_more_bits``: the first and last eighth of the blocks and every third block between).
-:func:`layer_type` applies those rules to one weight; the type's row-width fallback
-(``hfquant.formats.gguf.FALLBACK``) comes after, as in ``llama-quantize``.
+block: the attention value projection and the tensors llama.cpp counts with it (``attn_v``: the
+fused ``attn_qkv`` and MLA's ``attn_kv_b`` too), the attention output (``attn_output``) and the
+feed-forward down projection (``ffn_down``, MoE experts' included), as ``llama_tensor_get_type_impl``
+in llama.cpp's ``src/llama-quant.cpp`` decides (``use_more_bits``: the first and last eighth of the
+blocks and every third block between). Models of exactly 8 experts (Mixtral 8x7B, 8x22B) get
+llama.cpp's bumps on top: ``attn_v`` and ``attn_k`` to ``Q8_0``, ``attn_output`` to ``Q5_K`` in
+``Q3_K_M`` and ``Q4_K_M``. :func:`layer_type` applies those rules to one weight; the type's
+row-width fallback (``hfquant.formats.gguf.FALLBACK``) comes after, as in ``llama-quantize``.
+The rules are those of the llama.cpp the tests build (llama-cpp-python 0.3.36's), checked tensor
+for tensor against its ``llama-quantize`` on a dense, a 4-expert and an 8-expert model.
 
-Departures from llama.cpp: the bumps for models of exactly 8 experts (``attn_v`` and ``attn_k`` to
-``Q8_0``, ``attn_output`` to ``Q5_K``), the 70B-specific ``attn_v`` bump and Falcon's ``ffn_down``
-schedule are not applied (MoE experts' ``ffn_down`` follows the ``ffn_down`` rules, as in
-llama.cpp), and a weight's role is read from its name (:data:`ROLE_SUFFIXES`, the Hugging Face
-and GGUF names of common architectures) rather than from llama.cpp's tensor categories, so a
+Departures from llama.cpp: the 70B-specific ``attn_v`` bump and Falcon's ``ffn_down`` schedule are
+not applied, and a weight's role is read from its name (:data:`ROLE_SUFFIXES`, the Hugging Face and
+GGUF names of common architectures) rather than from llama.cpp's tensor categories, so a
 projection under another name keeps the base type.
 """
 
@@ -26,9 +28,11 @@ GGUF_PRESETS = {"q3_k_m": "q3_k", "q4_k_m": "q4_k", "q5_k_m": "q5_k"}
 
 # Role -> dotted name endings that carry it (Hugging Face module names and GGUF tensor names).
 ROLE_SUFFIXES = {
-    "attn_v": ("v_proj", "attn_v", "self_attention.value", "attention.value"),
+    # with what llama.cpp counts as value-like: fused qkv and MLA's kv_b (its category_is_attn_v)
+    "attn_v": ("v_proj", "attn_v", "self_attention.value", "attention.value",
+               "qkv_proj", "attn_qkv", "query_key_value", "c_attn", "Wqkv", "kv_b_proj", "attn_kv_b"),
+    "attn_k": ("k_proj", "attn_k", "self_attention.key", "attention.key"),
     "attn_output": ("o_proj", "attn_output", "out_proj", "attn.c_proj", "attention.dense", "self_attention.dense"),
-    "attn_qkv": ("qkv_proj", "attn_qkv", "query_key_value", "c_attn", "Wqkv"),
     # MoE experts too, as llama.cpp counts them (its category is every name holding "ffn_down"): hfquant's
     # split experts.down.3, llama.cpp's ffn_down_exps and shared experts' ffn_down_shexp
     "ffn_down": ("down_proj", "ffn_down", "fc2", "w2", "dense_4h_to_h", "mlp.c_proj", "experts.down", "ffn_down_exps",
@@ -59,44 +63,61 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def layer_type(gguf_type: str, name: str, n_blocks: int) -> str:
-    """The GGUF type the weight ``name`` (in block ``i`` of ``n_blocks``) gets under ``gguf_type``:
-    a single type is returned as it is; a preset applies llama.cpp's rules (before any fallback)."""
+def expert_count(config: Any) -> int:
+    """The number of routed experts of a Transformers model config (0 for a dense model), under the
+    names llama.cpp's converter reads for its ``expert_count`` (DeepSeek's ``n_routed_experts`` too)."""
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if isinstance(n := getattr(config, key, None), int):
+            return n
+    return 0
+
+
+def layer_type(gguf_type: str, name: str, n_blocks: int, n_experts: int = 0) -> str:
+    """The GGUF type the weight ``name`` (in block ``i`` of ``n_blocks``, in a model of ``n_experts``
+    routed experts) gets under ``gguf_type``: a single type is returned as it is; a preset applies
+    llama.cpp's rules (before any fallback)."""
     base = GGUF_PRESETS.get(gguf_type)
     if base is None:
         return gguf_type
     role, i = tensor_role(name), block_index(name)
     if role is None or i is None:
         return base
-    if gguf_type == "q3_k_m":
-        if role == "attn_v":
+    eight = n_experts == 8  # llama.cpp's bumps for Mixtral-like models
+    if role == "attn_v":
+        if eight:
+            return "q8_0"
+        if gguf_type == "q3_k_m":
             return "q5_k" if i < 2 else "q4_k"
-        if role == "ffn_down":
-            return "q5_k" if i < n_blocks // 16 else "q4_k"
-        return "q4_k"  # attn_output, attn_qkv
-    if role == "attn_qkv":
-        return "q5_k" if gguf_type == "q4_k_m" else "q6_k"
-    if role in ("attn_v", "ffn_down") and _use_more_bits(i, n_blocks):
-        return "q6_k"
-    return base
+        return "q6_k" if _use_more_bits(i, n_blocks) else base
+    if role == "attn_k":
+        return "q8_0" if eight else base
+    if role == "attn_output":
+        if eight:
+            return "q5_k"  # q3_k_m, q4_k_m; q5_k_m's base already
+        return "q4_k" if gguf_type == "q3_k_m" else base
+    # ffn_down
+    if gguf_type == "q3_k_m":
+        return "q5_k" if i < n_blocks // 16 else "q4_k"
+    return "q6_k" if _use_more_bits(i, n_blocks) else base
 
 
 def preset_types(gguf_type: str) -> tuple[str, ...]:
-    """Every type ``layer_type`` can give under ``gguf_type`` (before fallbacks)."""
+    """Every type ``layer_type`` can give under ``gguf_type`` (before fallbacks), ``q8_0`` for the
+    value and key projections of 8-expert models included."""
     return {
-        "q3_k_m": ("q3_k", "q4_k", "q5_k"),
-        "q4_k_m": ("q4_k", "q5_k", "q6_k"),
-        "q5_k_m": ("q5_k", "q6_k"),
+        "q3_k_m": ("q3_k", "q4_k", "q5_k", "q8_0"),
+        "q4_k_m": ("q4_k", "q5_k", "q6_k", "q8_0"),
+        "q5_k_m": ("q5_k", "q6_k", "q8_0"),
     }.get(gguf_type, (gguf_type,))
 
 
-def layer_config(config: Any, name: str, n_blocks: int) -> Any:
+def layer_config(config: Any, name: str, n_blocks: int, n_experts: int = 0) -> Any:
     """``config`` as it applies to the weight ``name``: under a preset, a copy whose ``gguf_type`` is
     that weight's own type (what the solver and the format read); otherwise ``config`` itself."""
     gguf_type = getattr(config, "gguf_type", None)
     if gguf_type not in GGUF_PRESETS:
         return config
-    return layer_config_for_type(config, layer_type(gguf_type, name, n_blocks))
+    return layer_config_for_type(config, layer_type(gguf_type, name, n_blocks, n_experts))
 
 
 def layer_config_for_type(config: Any, gguf_type: str) -> Any:
