@@ -431,6 +431,38 @@ def test_preset_is_solved_per_tensor_exported_losslessly_and_reloaded(tokenizer,
             assert torch.equal(module.dequantize(), again.get_submodule(name).dequantize()), name
 
 
+@needs_converter
+def test_preset_of_an_eight_expert_model_is_solved_exported_and_reloaded_on_its_bumped_types(tokenizer, tmp_path):
+    """A Mixtral of 8 experts under Q4_K_M: the solver puts attention values and keys on Q8_0 and the
+    output on Q5_K (the expert count read from the model config), the export writes each type as
+    solved (no requantization), and the saved model reloads the same types."""
+    from hfquant.formats.gguf_presets import layer_type
+
+    torch.manual_seed(0)
+    base = MixtralConfig(
+        hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=8, num_experts_per_tok=2, vocab_size=len(tokenizer), tie_word_embeddings=True,
+    )
+    AutoModelForCausalLM.from_config(base).save_pretrained(tmp_path / "base")
+    config = HfQuantConfig(
+        gguf_type="q4_k_m", dataset=TINY_TEXTS, nsamples=4, seqlen=32, decoupleq_iters=1, blockwise_epochs=1,
+        blockwise_batch_size=2, tokenizer=tokenizer, e2e_epochs=0,
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config, dtype=torch.float32)
+    grids = {n: m.grid.name for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
+    assert grids["model.layers.0.self_attn.v_proj"] == grids["model.layers.0.self_attn.k_proj"] == "q8_0"
+    assert grids["model.layers.0.self_attn.o_proj"] == "q5_k"
+    assert grids == {n: layer_type("q4_k_m", n, 1, 8) for n in grids}
+    summary = save_gguf(model, tokenizer, tmp_path / "mix.gguf")
+    written = {t.name: (t.written, t.how) for t in summary.tensors}
+    assert written["blk.0.attn_k.weight"] == written["blk.0.attn_v.weight"] == ("q8_0", "lossless")
+    assert written["blk.0.attn_output.weight"] == ("q5_k", "lossless")
+    assert written["blk.0.ffn_down_exps.weight"] == ("q6_k", "lossless")  # block 0 of 1: more bits
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert {n: m.grid.name for n, m in again.named_modules() if isinstance(m, GGUFLinear)} == grids
+
+
 def test_preset_checkpoint_with_a_foreign_layer_type_is_refused(tokenizer, tmp_path):
     """A layer whose tensors match none of the preset's types names the layer and the types."""
     from hfquant.export.checkpoint import plan_quantized_layers, read_checkpoint
