@@ -113,6 +113,13 @@ class HfQuantConfig(QuantizationConfigMixin):
             default: measured at W2 g64 on a reduced budget (``benchmarks/RESULTS.md``) it took the
             in-domain perplexity from 4.54x to 3.89x full precision but left the out-of-domain
             mean unchanged (11.81x -> 11.80x), for 43% more time.
+        calibrate_all_experts: in mixture-of-experts layers, every expert also runs on the
+            calibration tokens the router did not send to it during each block's Hessian pass (its
+            output on them discarded: the block computes what it always does), so each expert's
+            Hessian comes from every calibration token rather than from its routed share, as
+            llm-compressor's ``calibrate_all_experts`` does. Costs experts / top-k times the expert
+            compute of that pass. Off by default: it trades each expert's own input distribution
+            for more tokens (measured in ``benchmarks/RESULTS.md``, "all experts calibrated").
         blockwise_validation: fraction of the calibration windows held out of block-wise training
             and used only to choose which epoch's state to keep (whole batches of
             ``blockwise_batch_size``, at least one batch left to train on); they still enter the
@@ -176,6 +183,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         blockwise_batch_size: int = 8,
         blockwise_validation: float = 0.0,
         learned_rounding: bool = False,
+        calibrate_all_experts: bool = False,
         e2e_epochs: int | None = None,
         e2e_lr: float = 2e-4,
         gguf_type: str | None = None,
@@ -210,6 +218,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.blockwise_batch_size = blockwise_batch_size
         self.blockwise_validation = blockwise_validation
         self.learned_rounding = learned_rounding
+        self.calibrate_all_experts = calibrate_all_experts
         self.e2e_epochs = e2e_epochs
         self.e2e_lr = e2e_lr
         self.gguf_type = gguf_type
@@ -288,6 +297,8 @@ class HfQuantConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"blockwise_validation must be a fraction in [0, 1), got {self.blockwise_validation!r}"
             )
+        if not isinstance(self.calibrate_all_experts, bool):
+            raise ValueError(f"calibrate_all_experts must be True or False, got {self.calibrate_all_experts!r}")
         if not isinstance(self.learned_rounding, bool):
             raise ValueError(f"learned_rounding must be True or False, got {self.learned_rounding!r}")
         if self.learned_rounding and (

@@ -153,3 +153,50 @@ def test_an_unreached_expert_gets_the_hessian_of_its_siblings_tokens():
     torch.testing.assert_close(hessians["alone"], torch.eye(6))
     first = hidden[:, :3].reshape(-1, 6)
     torch.testing.assert_close(hessians["experts.0"], first.T @ first / len(first))
+
+
+def test_calibrating_all_experts_keeps_the_output_and_shows_every_token_to_every_expert():
+    """``all_experts_calibrated``: the MoE layer computes what it computes routed (the block's targets
+    do not change), while each expert's linears see every token, routed or not."""
+    from hfquant.driver.blocks import full_precision_pass
+    from hfquant.nn.experts import all_experts_calibrated
+
+    model = moe_model("mixtral", experts=8, k=2)
+    unfuse_experts(model, ["lm_head"])
+    block = model.model.layers[0]
+    experts = block.mlp.experts
+    with torch.no_grad():
+        routed = model(input_ids()).logits
+        with all_experts_calibrated(model):
+            assert experts.calibrate_all
+            torch.testing.assert_close(model(input_ids()).logits, routed, rtol=1e-5, atol=1e-5)
+    assert not experts.calibrate_all  # the context restores routing
+    hidden = model.model.embed_tokens(input_ids()).detach()
+    position_ids = torch.arange(hidden.shape[1])[None]
+    kwargs = {"position_embeddings": model.model.rotary_emb(hidden, position_ids), "position_ids": position_ids}
+    linears = {f"mlp.experts.gate_up.{e}": experts.gate_up[e] for e in range(8)}
+    routed_h, routed_out = full_precision_pass(block, linears, [(hidden, kwargs)])
+    all_h, all_out = full_precision_pass(block, linears, [(hidden, kwargs)], all_experts=True)
+    torch.testing.assert_close(all_out[0], routed_out[0], rtol=1e-5, atol=1e-5)
+    # every expert's gate_up input is then the same: all tokens' normalized hidden states
+    first = all_h["mlp.experts.gate_up.0"]
+    for e in range(1, 8):
+        torch.testing.assert_close(all_h[f"mlp.experts.gate_up.{e}"], first)
+    assert not all(torch.allclose(routed_h[f"mlp.experts.gate_up.{e}"], first) for e in range(8))
+
+
+def test_calibrate_all_experts_quantizes_an_moe_model_and_is_checked(tmp_path, caplog):
+    """32 experts, one per token: with every expert calibrated on every token, none is left unreached."""
+    moe_model("mixtral", experts=32, k=1).save_pretrained(tmp_path / "fp")
+    config = HfQuantConfig(bits=4, group_size=32, method="decoupleq", decoupleq_iters=1, blockwise_epochs=1,
+                           e2e_epochs=0, calibrate_all_experts=True, **TINY_CALIBRATION)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="hfquant"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config).eval()
+    assert "saw no calibration token" not in caplog.text
+    assert sum(".experts." in n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)) == 2 * 32 * 2
+    assert model.config.quantization_config.calibrate_all_experts is True
+    reloaded = AutoModelForCausalLM.from_pretrained(save_quantized(model, tmp_path / "q")).eval()
+    assert reloaded.config.quantization_config.calibrate_all_experts is True
+    assert "every MoE expert calibrated on every token" in (tmp_path / "q" / "README.md").read_text()
+    with pytest.raises(ValueError, match="calibrate_all_experts must be True or False, got 'yes'"):
+        HfQuantConfig(calibrate_all_experts="yes")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from hfquant.algorithms.block import Batches, block_output
+from hfquant.nn.experts import all_experts_calibrated
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +106,12 @@ def propagate(block: nn.Module, batches: Batches) -> Batches:
 
 @torch.no_grad()
 def full_precision_pass(
-    block: nn.Module, block_linears: dict[str, nn.Linear], batches: Batches
+    block: nn.Module, block_linears: dict[str, nn.Linear], batches: Batches, all_experts: bool = False
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Each linear's input Hessian (float32, averaged over tokens) and the block's outputs.
+
+    ``all_experts`` (``calibrate_all_experts``): MoE experts also run on the tokens not routed to
+    them (:func:`hfquant.nn.experts.all_experts_calibrated`), so their Hessians count every token.
 
     A linear no calibration token reaches (an MoE expert the router never picked) gets the Hessian of
     every token that reached its siblings, the other experts of the same projection (``...down.3``
@@ -132,7 +136,8 @@ def full_precision_pass(
 
     handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in block_linears.items()]
     try:
-        outputs = [block_output(block, hidden, kwargs) for hidden, kwargs in batches]
+        with all_experts_calibrated(block, all_experts):
+            outputs = [block_output(block, hidden, kwargs) for hidden, kwargs in batches]
     finally:
         for handle in handles:
             handle.remove()

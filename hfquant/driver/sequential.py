@@ -256,7 +256,9 @@ def quantize_blocks(
         onload_block(block)
         layers = block_linears(linears, block_prefix)
         with timed(report, "hessian pass"):  # INQ reads no Hessian: no linear is hooked
-            hessians, targets = full_precision_pass(block, {} if config.method == "inq" else layers, batches)
+            hessians, targets = full_precision_pass(
+                block, {} if config.method == "inq" else layers, batches, config.calibrate_all_experts
+            )
             hessians = {name: shrink_hessian(h, config.hessian_shrink) for name, h in hessians.items()}
         with timed(report, "solve"):
             if config.method == "inq":

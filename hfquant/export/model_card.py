@@ -151,6 +151,8 @@ def _calibration_text(config: HfQuantConfig) -> str:
     if data == "mix":
         data = "mix (equal shares of Book of Mormon, Jargon File and zstd C source windows)"
     text = f"{data}, {config.nsamples} windows x {config.seqlen} tokens"
+    if config.calibrate_all_experts:
+        text += "; every MoE expert calibrated on every token"
     if config.kept_fraction > 0 and config.saliency != "magnitude":
         task = config.task_dataset if isinstance(config.task_dataset, str | os.PathLike) else None
         text += f"; task examples: {task or ('user-supplied examples' if config.task_dataset else data)}"

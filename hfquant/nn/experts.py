@@ -22,6 +22,9 @@ implementation), whatever ``config._experts_implementation`` says.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -49,6 +52,7 @@ class ExpertLinears(nn.Module):
             if not name.startswith("_") and name != "training":
                 setattr(self, name, value)
         self._fused_class = type(fused)
+        self.calibrate_all = False
         self.up_name = "gate_up" if fused.has_gate else "up"
         self.num_experts = fused._parameters["down_proj"].shape[0]
         for name, child in fused.named_children():  # act_fn, post_expert_norm
@@ -89,22 +93,42 @@ class ExpertLinears(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        up, down = getattr(self, self.up_name), self.down
         out = torch.zeros_like(hidden_states)
-        for e in top_k_index.unique().tolist():
+        experts = range(self.num_experts) if self.calibrate_all else top_k_index.unique().tolist()
+        for e in experts:
             if e >= self.num_experts:  # expert-parallel sentinel: not this rank's expert
                 continue
             token_idx, slot = torch.where(top_k_index == e)
-            h = up[e](hidden_states[token_idx])
-            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            h = down[e](h)
-            if self.has_post_expert_norm:
-                h = self.post_expert_norm(h)
+            if self.calibrate_all:
+                h = self._expert(e, hidden_states)[token_idx]
+            else:
+                h = self._expert(e, hidden_states[token_idx])
             out.index_add_(0, token_idx, (h * top_k_weights[token_idx, slot, None]).to(out.dtype))
         return out
 
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` applied to the tokens ``x``."""
+        h = getattr(self, self.up_name)[e](x)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        h = self.down[e](h)
+        return self.post_expert_norm(h) if self.has_post_expert_norm else h
+
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, from={self._fused_class.__name__}"
+
+
+@contextmanager
+def all_experts_calibrated(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Every :class:`ExpertLinears` under ``module`` runs all its experts on every token while the
+    context is open (``calibrate_all_experts``); nothing changes when ``enabled`` is false."""
+    layers = [m for m in module.modules() if isinstance(m, ExpertLinears)] if enabled else []
+    for layer in layers:
+        layer.calibrate_all = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.calibrate_all = False
 
 
 def unfuse_experts(model: nn.Module, modules_to_not_convert: list[str], skeleton: bool = False) -> list[str]:
