@@ -33,3 +33,19 @@ def test_a_run_forgets_the_sections_of_an_earlier_run(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert not (tmp_path / "tune.json").exists()
     assert (tmp_path / "env.json").exists()
+
+
+def test_kernel_sass_counts_the_gemv_loop(tmp_path):
+    """benchmarks/kernel_sass.py compiles the dispatcher's GEMV for sm_90 and finds its K loop: at
+    W2 each of the loop's weights takes at least its multiply-add, and a few more instructions."""
+    script = SCRIPT.with_name("kernel_sass.py")
+    result = subprocess.run(
+        [sys.executable, str(script), "--bits", "2", "--default-only", "--no-record"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("gemv 1x16x512"))
+    cells = row.split(" | ")
+    ffma, weights, per_weight = int(cells[7]), int(cells[4]), float(cells[6])
+    assert ffma >= weights  # one multiply-add per weight at least
+    assert 1.0 < per_weight < 20.0

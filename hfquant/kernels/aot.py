@@ -142,11 +142,9 @@ def _ptxas_resources(ptx: str, cc: int) -> dict[str, int]:
     }
 
 
-def compile_spec(spec: KernelSpec, cc: int, resources: bool = True) -> dict:
-    """Compile ``spec`` for compute capability ``cc``; returns the specialization, target and resources.
-
-    Raises whatever Triton raises on a compile error.
-    """
+def compile_kernel(spec: KernelSpec, cc: int):
+    """Triton's compiled kernel (PTX, cubin and metadata in ``.asm`` / ``.metadata``) of ``spec`` for
+    compute capability ``cc``. Raises whatever Triton raises on a compile error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -158,11 +156,19 @@ def compile_spec(spec: KernelSpec, cc: int, resources: bool = True) -> dict:
     if not isinstance(kernel, JITFunction):
         raise RuntimeError("kernels were imported with TRITON_INTERPRET=1: compile in a process without it")
     signature, constexprs, attrs = _signature(kernel, spec)
-    compiled = triton.compile(
+    return triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", cc, 32),
         options={"num_warps": spec.config.num_warps, "num_stages": spec.config.num_stages},
     )
+
+
+def compile_spec(spec: KernelSpec, cc: int, resources: bool = True) -> dict:
+    """Compile ``spec`` for compute capability ``cc``; returns the specialization, target and resources.
+
+    Raises whatever Triton raises on a compile error.
+    """
+    compiled = compile_kernel(spec, cc)
     record = {"spec": asdict(spec), "name": spec.name, "cc": cc, "shared": compiled.metadata.shared}
     record["max_shared"] = MAX_SHARED[cc]
     if resources:
