@@ -3,6 +3,8 @@
     pip install --no-deps -e . && python benchmarks/gpu.py OUT          # GPU machine, about 8 minutes
     PYTHONPATH=$PWD:$PWD/.gpu-deps python benchmarks/gpu.py OUT          # with bitsandbytes (make gpu-deps)
     python benchmarks/gpu.py OUT --sections layers e2e                    # a subset
+    python benchmarks/gpu.py OUT --sections layers graph --decode-config 1 16 512 4 3 4 1
+                                           # an earlier run's tune choice (its summary prints the tiles)
     python benchmarks/gpu.py OUT --smoke                                  # CPU, tiny shapes, seconds
 
 Sections, each in its own process with a time budget (a CUDA error poisons its process, a slow
@@ -178,9 +180,9 @@ def graph_seconds(calls: list[Callable[[], object]], sec: Section) -> float:
 
 
 def use_tuned_decode(sec: Section, dtype: torch.dtype):
-    """The decode configuration this run's ``tune`` section chose, put in the dispatcher's table for
-    ``dtype`` (so later sections measure what the next default would be); None if it chose the
-    default or did not run."""
+    """The decode configuration this run's ``tune`` section chose (or ``--decode-config`` gave: an
+    earlier run's choice), put in the dispatcher's table for ``dtype`` (so later sections measure
+    what the next default would be); None if it is the default or there is none."""
     from hfquant.kernels import triton_matmul
 
     tuned = sec.out / "tune.json"
@@ -190,7 +192,7 @@ def use_tuned_decode(sec: Section, dtype: torch.dtype):
         return None
     choice = triton_matmul.LaunchConfig(*choice)
     triton_matmul.LAUNCH_CONFIGS[dtype] = (choice, *gemm)
-    sec.log(f"decode configuration from this run's tune section: {choice.name} (default {gemv.name})")
+    sec.log(f"decode configuration chosen by tune (this run's, or --decode-config): {choice.name} (default {gemv.name})")
     return choice
 
 
@@ -271,7 +273,7 @@ def section_correctness(sec: Section) -> None:
     sec.data = {"failures": failures, "checks": len(rows), "worst": worst}
     sec.summary.append(
         f"{len(rows) - failures}/{len(rows)} layer checks ok, worst relative error {worst:.2e}"
-        + (f" (decode: {tuned[0].name}, from this run's tune)" if tuned[0] else "")
+        + (f" (decode: {tuned[0].name}, tuned)" if tuned[0] else "")
     )
     if failures:
         raise AssertionError(f"{failures} correctness checks failed (see the table)")
@@ -416,7 +418,7 @@ def section_layers(sec: Section) -> None:
     sec.table(
         f"Per-layer latency, {dtype} activations, median: eager, and replayed from a CUDA graph over "
         f"{L2_FLUSH_BYTES >> 20} MiB of layer copies (speed-up = fp16 time / layer time, graph)"
-        + (f"; batch 1 with this run's tuned {tuned.name}" if tuned else ""),
+        + (f"; batch 1 with the tuned {tuned.name}" if tuned else ""),
         rows,
     )
     batch1 = [r for r in rows if r["rows"] == 1]
@@ -523,7 +525,7 @@ def section_tune(sec: Section) -> None:
         sec.data["decode_choice"] = [choice.kernel, *choice.tiles]
         sec.summary.append(
             f"decode (graph, weighted per block): best {choice.name} {per_block[choice] * 1e6:.1f} us vs default "
-            f"{default.name} {per_block[default] * 1e6:.1f} us"
+            f"{default.name} {per_block[default] * 1e6:.1f} us (--decode-config {' '.join(map(str, choice.tiles))})"
         )
     sec.summary.append("fastest: " + "; ".join(f"{k} {v['best']} {v['graph us']:.1f} us" for k, v in best.items()))
 
@@ -924,6 +926,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, all sections in this process")
     parser.add_argument("--tune-regimes", nargs="+", choices=REGIMES, default=list(REGIMES),
                         help="what the tune section times (default: all)")  # fmt: skip
+    parser.add_argument("--decode-config", type=int, nargs=7, metavar="TILE",
+                        help="the GEMV tiles an earlier run's tune chose (its summary prints them), used by this "
+                             "run's sections as tune's choice is when tune runs first")  # fmt: skip
     parser.add_argument("--section", choices=list(SECTIONS), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -935,6 +940,9 @@ def main() -> None:
     for name in SECTIONS:  # every section's, not only those run: a later section reads this run's tune only
         (args.out / f"{name}.json").unlink(missing_ok=True)
         (args.out / f"{name}.progress").unlink(missing_ok=True)
+    if args.decode_config and "tune" not in args.sections:  # as if this run's tune had chosen it
+        choice = ["gemv", *args.decode_config]
+        (args.out / "tune.json").write_text(json.dumps({"section": "tune", "data": {"decode_choice": choice}}))
     with (args.out / "gpu.log").open("a") as log:
         for name in args.sections:
             record = (

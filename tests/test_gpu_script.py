@@ -49,3 +49,15 @@ def test_kernel_sass_counts_the_gemv_loop(tmp_path):
     ffma, weights, per_weight = int(cells[7]), int(cells[4]), float(cells[6])
     assert ffma >= weights  # one multiply-add per weight at least
     assert 1.0 < per_weight < 20.0
+
+
+def test_a_second_run_takes_the_first_runs_decode_choice(tmp_path):
+    """The GPU session runs the script twice (each call has a fresh folder): ``--decode-config`` hands
+    the second run the GEMV the first run's tune chose, which its sections then measure."""
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "--smoke", "--sections", "layers",
+         "--decode-config", "1", "8", "1024", "4", "3", "1", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "batch 1 with the tuned gemv 1x8x1024 w4 s3 pf" in (tmp_path / "layers.md").read_text()
