@@ -179,9 +179,10 @@ class GGUFLinear(QuantizedLinear):
     @classmethod
     def storage_line(cls, config: Any) -> str:
         if config.gguf_type in GGUF_PRESETS:
-            types = ", ".join(preset_types(config.gguf_type))
+            types = ", ".join(t for t in preset_types(config.gguf_type) if t != "q8_0")
             return (
                 f"GGUF blocks of llama.cpp's {config.gguf_type.upper()} mix (per tensor {types} by role and block, "
+                "q8_0 for the attention values and keys of 8-expert models, "
                 "as llama-quantize chooses; the sub-block codes as int8), rows a type cannot hold in its fallback"
             )
         grid = GGUF_GRIDS[config.gguf_type]
