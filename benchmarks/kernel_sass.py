@@ -82,7 +82,7 @@ def measure(config: LaunchConfig, bits: int, cc: int) -> dict[str, str]:
     per_weight = len(ops) / weights
     issue_s = BLOCK_WEIGHTS * per_weight / 32 / (4 * H100["sms"] * H100["clock_hz"])
     memory_s = BLOCK_WEIGHTS * (bits + 32 / 64) / 8 / H100["bandwidth"]  # g64: a float16 scale and zero
-    registers = aot._ptxas_resources(compiled.asm["ptx"], cc)["registers"]
+    registers = aot.ptxas_resources(compiled.asm["ptx"], cc)["registers"]
     return {
         "config": config.name, "bits": str(bits), "sm": str(cc), "registers": str(registers),
         "weights / thread / step": str(weights), "SASS in K loop": str(len(ops)), "per weight": f"{per_weight:.2f}",

@@ -133,10 +133,11 @@ def tiny_llama(tokenizer, hidden: int = 256, intermediate: int = 512):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def quantized_tiny(tokenizer, folder, gguf_type: str, e2e_epochs: int = 0, **sizes):
+def quantized_tiny(tokenizer, folder, gguf_type: str, e2e_epochs: int = 0, model=None, **sizes):
+    """``model`` (a tiny Llama of ``sizes`` by default), saved in ``folder`` and quantized at load on ``gguf_type``."""
     base = folder / "base"
     if not base.exists():
-        tiny_llama(tokenizer, **sizes).save_pretrained(base)
+        (model or tiny_llama(tokenizer, **sizes)).save_pretrained(base)
     config = HfQuantConfig(
         gguf_type=gguf_type, dataset=TINY_TEXTS, nsamples=4, seqlen=32, decoupleq_iters=1, blockwise_epochs=1,
         blockwise_batch_size=2, tokenizer=tokenizer, e2e_epochs=e2e_epochs, e2e_lr=1e-2,
@@ -443,12 +444,7 @@ def test_preset_of_an_eight_expert_model_is_solved_exported_and_reloaded_on_its_
         hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         num_local_experts=8, num_experts_per_tok=2, vocab_size=len(tokenizer), tie_word_embeddings=True,
     )
-    AutoModelForCausalLM.from_config(base).save_pretrained(tmp_path / "base")
-    config = HfQuantConfig(
-        gguf_type="q4_k_m", dataset=TINY_TEXTS, nsamples=4, seqlen=32, decoupleq_iters=1, blockwise_epochs=1,
-        blockwise_batch_size=2, tokenizer=tokenizer, e2e_epochs=0,
-    )
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config, dtype=torch.float32)
+    model = quantized_tiny(tokenizer, tmp_path, "q4_k_m", model=AutoModelForCausalLM.from_config(base))
     grids = {n: m.grid.name for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
     assert grids["model.layers.0.self_attn.v_proj"] == grids["model.layers.0.self_attn.k_proj"] == "q8_0"
     assert grids["model.layers.0.self_attn.o_proj"] == "q5_k"

@@ -740,7 +740,7 @@ def _write(model, tokenizer, tmp: Path, main, emb_type, out_type, quantized, mod
             n_blocks = 1 + max((b for b in map(block_index, sources) if b is not None), default=-1)
             n_experts = expert_count(config)
             for hf_name, source in sources.items():
-                _add_tensor(conv, writer, hf_name, source, main, (n_blocks, n_experts), emb_type, out_type, summary)
+                _add_tensor(conv, writer, hf_name, source, main, n_blocks, n_experts, emb_type, out_type, summary)
             conv.prepare_metadata(vocab_only=False)
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
@@ -839,10 +839,12 @@ def _layer_rows(conv, module: nn.Module, hf_name: str, bid: int | None) -> list[
     return pairs
 
 
-def _add_tensor(conv, writer, hf_name: str, source: Any, main, depth, emb_type, out_type, summary) -> None:
+def _add_tensor(
+    conv, writer, hf_name: str, source: Any, main, n_blocks, n_experts, emb_type, out_type, summary
+) -> None:
     """Write one checkpoint tensor (its GGUF name, row order and type from ``main``, a type or a mix
-    over ``depth`` = (blocks, routed experts) of the model, and the embedding/output types) and
-    record how."""
+    over a model of ``n_blocks`` blocks and ``n_experts`` routed experts, and the embedding/output
+    types) and record how."""
     gguf = _gguf()
     bid = block_index(hf_name)
     reshaped = ""
@@ -864,7 +866,7 @@ def _add_tensor(conv, writer, hf_name: str, source: Any, main, depth, emb_type, 
         elif new_name == "output.weight":
             requested = out_type
         else:
-            requested = layer_type(main, new_name, *depth)
+            requested = layer_type(main, new_name, n_blocks, n_experts)
         written, fallback = requested, None
         cols = shape[-1]
         if len(shape) > 1 and cols % block_size(written):

@@ -115,7 +115,7 @@ def _signature(kernel, spec: KernelSpec) -> tuple[dict[str, str], dict[str, obje
     return signature, constexprs, attrs
 
 
-def _ptxas_resources(ptx: str, cc: int) -> dict[str, int]:
+def ptxas_resources(ptx: str, cc: int) -> dict[str, int]:
     """Registers, spills and stack from ``ptxas -v`` on the kernel's PTX (a cubin does not record spills).
 
     The same ptxas Triton picked for ``cc`` (the wheel ships a newer one for sm_90 and later).
@@ -172,7 +172,7 @@ def compile_spec(spec: KernelSpec, cc: int, resources: bool = True) -> dict:
     record = {"spec": asdict(spec), "name": spec.name, "cc": cc, "shared": compiled.metadata.shared}
     record["max_shared"] = MAX_SHARED[cc]
     if resources:
-        record |= _ptxas_resources(compiled.asm["ptx"], cc)
+        record |= ptxas_resources(compiled.asm["ptx"], cc)
     return record
 
 
