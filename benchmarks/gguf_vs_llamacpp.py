@@ -58,14 +58,15 @@ from hfquant.export.llamacpp import (
     llamacpp_source,
     llamacpp_tool,
 )
+from hfquant.formats.gguf_presets import LLAMA_QUANTIZE_NAMES
 from hfquant.models import default_model_path
 
 # llama-quantize's names for the types: a single K type is its _S file (for the default model the same
-# type on every linear weight), q3_k_m / q4_k_m / q5_k_m its _M mixes; its Q2_K is itself a mix.
+# type on every linear weight), the presets its mixes (q2_k_m its Q2_K). llama-quantize has no
+# single-type Q2_K file: plain q2_k is set beside its Q2_K mix (--pure gives it the plain type).
 LLAMA_NAMES = {
     "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q8_0": "Q8_0", "q2_k": "Q2_K",
-    "q3_k": "Q3_K_S", "q4_k": "Q4_K_S", "q5_k": "Q5_K_S", "q6_k": "Q6_K",
-    "q3_k_m": "Q3_K_M", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M",
+    "q3_k": "Q3_K_S", "q4_k": "Q4_K_S", "q5_k": "Q5_K_S", "q6_k": "Q6_K", **LLAMA_QUANTIZE_NAMES,
 }
 
 
@@ -236,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"chunks, second half of each chunk scored) on held-out text: {', '.join(texts)}. Bits/weight: file bits "
                 f"over the model's {n_weights / 1e6:.1f} M weights (embedding included; metadata and vocabulary too). "
                 "llama-quantize makes its file of the name in the row (Q2_K and the _M files are its per-tensor mixes, "
-                "_S its single-type ones); hfquant writes the same type, or for q3_k_m/q4_k_m/q5_k_m the same mix of types "
+                "_S its single-type ones); hfquant writes the same type, or for its presets (q2_k_m: llama's Q2_K mix, "
+                "q3_k_m, q4_k_m, q5_k_m) the same mix of types "
                 "by role and block, with llama.cpp's per-tensor fallbacks (576-wide rows: Q2_K/Q3_K -> Q4_0, Q4_K -> "
                 "Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0). 'requantized' "
                 "rows round the float model to the type without data; 'solved' rows quantize with "

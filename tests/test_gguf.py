@@ -282,14 +282,21 @@ def test_576_wide_rows_fall_back_like_llama_quantize(tokenizer, tmp_path):
 
 
 @needs_converter
-@pytest.mark.parametrize("preset", ["q3_k_m", "q4_k_m", "q5_k_m"])
-@pytest.mark.parametrize("arch", ["llama", "mixtral", "mixtral8", "gpt2"])
+@pytest.mark.parametrize(
+    ("preset", "arch"),
+    [(p, a) for p in ("q2_k_m", "q3_k_m", "q4_k_m", "q5_k_m") for a in ("llama", "mixtral", "mixtral8", "gpt2")]
+    + [("q2_k_m", "llama-gqa4")],  # the one rule that reads the query groups
+)
 def test_mixes_give_every_tensor_the_type_llama_quantize_gives_it(tokenizer, tmp_path, preset, arch):
     """The per-tensor rules against llama.cpp itself: a 16-block model exported as a mix has, tensor
-    for tensor, the types of ``llama-quantize``'s file of that name (from the same model's F32 GGUF);
-    in a Mixtral with 4 experts, the experts' ffn_down follows the ffn_down rules; with 8 experts,
-    llama.cpp's Mixtral bumps apply; GPT-2's fused qkv (``c_attn``) counts as a value projection."""
+    for tensor, the types of ``llama-quantize``'s file of that name (from the same model's F32 GGUF;
+    ``q2_k_m`` is its ``Q2_K``); 4 query heads per key/value head give Q2_K's value projections more
+    bits; in a Mixtral with 4 experts, the experts' ffn_down follows the ffn_down rules; with 8
+    experts, llama.cpp's Mixtral bumps apply; GPT-2's fused qkv (``c_attn``) counts as a value
+    projection."""
     from transformers import GPT2Config, MixtralConfig
+
+    from hfquant.formats.gguf_presets import LLAMA_QUANTIZE_NAMES
 
     quantize = tool("llama-quantize")
     torch.manual_seed(0)
@@ -299,6 +306,7 @@ def test_mixes_give_every_tensor_the_type_llama_quantize_gives_it(tokenizer, tmp
     )
     config = {
         "llama": lambda: LlamaConfig(**shape),
+        "llama-gqa4": lambda: LlamaConfig(**{**shape, "num_attention_heads": 8}),
         "mixtral": lambda: MixtralConfig(**shape, num_local_experts=4),
         "mixtral8": lambda: MixtralConfig(**{**shape, "intermediate_size": 256}, num_local_experts=8),
         # n_ctx: the converter reads the key transformers 5 no longer writes
@@ -307,7 +315,7 @@ def test_mixes_give_every_tensor_the_type_llama_quantize_gives_it(tokenizer, tmp
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     save_gguf(model, tokenizer, tmp_path / "f32.gguf", type="f32")
     llama = tmp_path / f"llama-{preset}.gguf"
-    subprocess.run([str(quantize), str(tmp_path / "f32.gguf"), str(llama), preset.upper(), "2"], check=True, capture_output=True)
+    subprocess.run([str(quantize), str(tmp_path / "f32.gguf"), str(llama), LLAMA_QUANTIZE_NAMES[preset], "2"], check=True, capture_output=True)
     summary = save_gguf(model, tokenizer, tmp_path / f"hfquant-{preset}.gguf", type=preset)
     theirs = {t.name: t.tensor_type.name for t in gguf.GGUFReader(llama).tensors}
     ours = {t.name: t.written.upper() for t in summary.tensors}

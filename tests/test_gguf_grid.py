@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 from helpers import TINY_TEXTS
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MixtralConfig, Qwen2MoeConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    MixtralConfig,
+    Qwen2MoeConfig,
+)
 
 from hfquant import HfQuantConfig
 from hfquant.algorithms.decoupleq import decoupleq_quantize
@@ -334,7 +341,7 @@ def _saved_tiny(tokenizer, folder):
 def test_presets_choose_types_as_llama_quantize_does():
     """The rules of llama.cpp's llama_tensor_get_type_impl for a dense 30-block model (the default
     model's depth), by Hugging Face and by GGUF name."""
-    from hfquant.formats.gguf_presets import layer_type
+    from hfquant.formats.gguf_presets import MixShape, layer_type
 
     def hf(block: int, leaf: str) -> str:
         return f"model.layers.{block}.{'mlp' if leaf.endswith('proj') and leaf[0] in 'gud' else 'self_attn'}.{leaf}"
@@ -342,45 +349,73 @@ def test_presets_choose_types_as_llama_quantize_does():
     more_bits = [i for i in range(30) if i < 3 or i >= 26 or (i - 3) % 3 == 2]
     assert more_bits == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
     for i in range(30):
-        assert layer_type("q4_k_m", hf(i, "v_proj"), 30) == ("q6_k" if i in more_bits else "q4_k")
-        assert layer_type("q4_k_m", f"blk.{i}.ffn_down.weight", 30) == ("q6_k" if i in more_bits else "q4_k")
-        assert layer_type("q5_k_m", hf(i, "down_proj"), 30) == ("q6_k" if i in more_bits else "q5_k")
-        assert layer_type("q3_k_m", hf(i, "v_proj"), 30) == ("q5_k" if i < 2 else "q4_k")
-        assert layer_type("q3_k_m", hf(i, "down_proj"), 30) == ("q5_k" if i < 1 else "q4_k")  # 30 // 16 = 1
-        assert layer_type("q3_k_m", hf(i, "o_proj"), 30) == "q4_k"
-        assert layer_type("q4_k_m", hf(i, "o_proj"), 30) == "q4_k"
+        assert layer_type("q4_k_m", hf(i, "v_proj"), MixShape(30)) == ("q6_k" if i in more_bits else "q4_k")
+        assert layer_type("q4_k_m", f"blk.{i}.ffn_down.weight", MixShape(30)) == ("q6_k" if i in more_bits else "q4_k")
+        assert layer_type("q5_k_m", hf(i, "down_proj"), MixShape(30)) == ("q6_k" if i in more_bits else "q5_k")
+        assert layer_type("q3_k_m", hf(i, "v_proj"), MixShape(30)) == ("q5_k" if i < 2 else "q4_k")
+        assert layer_type("q3_k_m", hf(i, "down_proj"), MixShape(30)) == ("q5_k" if i < 1 else "q4_k")  # 30 // 16 = 1
+        assert layer_type("q3_k_m", hf(i, "o_proj"), MixShape(30)) == "q4_k"
+        assert layer_type("q4_k_m", hf(i, "o_proj"), MixShape(30)) == "q4_k"
         for leaf in ("q_proj", "k_proj", "gate_proj", "up_proj"):
-            assert layer_type("q3_k_m", hf(i, leaf), 30) == "q3_k"
-            assert layer_type("q4_k_m", hf(i, leaf), 30) == "q4_k"
+            assert layer_type("q3_k_m", hf(i, leaf), MixShape(30)) == "q3_k"
+            assert layer_type("q4_k_m", hf(i, leaf), MixShape(30)) == "q4_k"
     # fused qkv and MLA's kv_b count as value projections (llama.cpp's category_is_attn_v)
-    assert layer_type("q4_k_m", "transformer.h.3.attn.c_attn", 30) == "q4_k"  # GPT-2 names; 3 has no more bits
-    assert layer_type("q4_k_m", "model.layers.2.self_attn.qkv_proj", 30) == "q6_k"
-    assert layer_type("q3_k_m", "blk.2.attn_kv_b.weight", 30) == "q4_k"
+    assert layer_type("q4_k_m", "transformer.h.3.attn.c_attn", MixShape(30)) == "q4_k"  # GPT-2 names; 3 has no more bits
+    assert layer_type("q4_k_m", "model.layers.2.self_attn.qkv_proj", MixShape(30)) == "q6_k"
+    assert layer_type("q3_k_m", "blk.2.attn_kv_b.weight", MixShape(30)) == "q4_k"
     # MoE experts' down projections are ffn_down, split (hfquant's names) or stacked (llama.cpp's)
-    assert layer_type("q4_k_m", "model.layers.2.mlp.experts.down.7", 30) == "q6_k"
-    assert layer_type("q4_k_m", "blk.2.ffn_down_exps.weight", 30) == "q6_k"
-    assert layer_type("q4_k_m", "blk.2.ffn_down_shexp.weight", 30) == "q6_k"
-    assert layer_type("q4_k_m", "model.layers.2.mlp.experts.gate_up.7", 30) == "q4_k"
-    assert layer_type("q3_k", "model.layers.0.self_attn.v_proj", 30) == "q3_k"  # a single type is itself
+    assert layer_type("q4_k_m", "model.layers.2.mlp.experts.down.7", MixShape(30)) == "q6_k"
+    assert layer_type("q4_k_m", "blk.2.ffn_down_exps.weight", MixShape(30)) == "q6_k"
+    assert layer_type("q4_k_m", "blk.2.ffn_down_shexp.weight", MixShape(30)) == "q6_k"
+    assert layer_type("q4_k_m", "model.layers.2.mlp.experts.gate_up.7", MixShape(30)) == "q4_k"
+    assert layer_type("q3_k", "model.layers.0.self_attn.v_proj", MixShape(30)) == "q3_k"  # a single type is itself
+
+
+def test_q2_k_m_is_llama_quantizes_q2_k_file():
+    """llama-quantize's Q2_K file type (a mix under the block type's name; hfquant's ``q2_k_m``):
+    attention values Q3_K, or Q4_K where 4 or more query heads share a key/value head, attention
+    output and every down projection Q3_K, the rest Q2_K; 8 experts: llama.cpp's bumps."""
+    from hfquant.formats.gguf_presets import LLAMA_QUANTIZE_NAMES, MixShape, layer_type, query_groups
+
+    def hf(block: int, leaf: str) -> str:
+        return f"model.layers.{block}.{'mlp' if leaf in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{leaf}"
+
+    for i in range(30):
+        for gqa, v in ((1, "q3_k"), (3, "q3_k"), (4, "q4_k"), (8, "q4_k")):
+            assert layer_type("q2_k_m", hf(i, "v_proj"), MixShape(30, 0, gqa)) == v
+        assert layer_type("q2_k_m", hf(i, "o_proj"), MixShape(30)) == "q3_k"
+        assert layer_type("q2_k_m", hf(i, "down_proj"), MixShape(30)) == "q3_k"
+        for leaf in ("q_proj", "k_proj", "gate_proj", "up_proj"):
+            assert layer_type("q2_k_m", hf(i, leaf), MixShape(30, 0, 4)) == "q2_k"
+        assert layer_type("q2_k_m", hf(i, "v_proj"), MixShape(30, 8, 4)) == "q8_0"
+        assert layer_type("q2_k_m", hf(i, "k_proj"), MixShape(30, 8, 4)) == "q8_0"
+        assert layer_type("q2_k_m", hf(i, "o_proj"), MixShape(30, 8, 4)) == "q5_k"
+    assert layer_type("q2_k_m", "transformer.h.3.attn.c_attn", MixShape(30)) == "q3_k"  # fused qkv: a value projection
+    assert layer_type("q2_k_m", "model.layers.4.mlp.experts.down.1", MixShape(30, 4)) == "q3_k"
+    assert layer_type("q2_k", hf(0, "v_proj"), MixShape(30, 0, 4)) == "q2_k"  # the block type stays itself
+    assert LLAMA_QUANTIZE_NAMES["q2_k_m"] == "Q2_K"
+    assert query_groups(LlamaConfig(num_attention_heads=32, num_key_value_heads=8)) == 4
+    assert query_groups(LlamaConfig(num_attention_heads=32, num_key_value_heads=None)) == 1
+    assert query_groups(GPT2Config()) == 1
 
 
 def test_presets_bump_models_of_eight_experts_as_llama_quantize_does():
     """llama.cpp's rules for exactly 8 experts (Mixtral 8x7B): value and key projections Q8_0,
-    attention output Q5_K in Q3_K_M and Q4_K_M; the rest as for any model. 4 or 16 experts: no bump."""
-    from hfquant.formats.gguf_presets import expert_count, layer_type
+    attention output Q5_K in Q2_K, Q3_K_M and Q4_K_M; the rest as for any model. 4 or 16 experts: no bump."""
+    from hfquant.formats.gguf_presets import MixShape, expert_count, layer_type
 
-    for preset in ("q3_k_m", "q4_k_m", "q5_k_m"):
+    for preset in ("q2_k_m", "q3_k_m", "q4_k_m", "q5_k_m"):
         for i in range(32):
-            assert layer_type(preset, f"model.layers.{i}.self_attn.v_proj", 32, 8) == "q8_0"
-            assert layer_type(preset, f"model.layers.{i}.self_attn.k_proj", 32, 8) == "q8_0"
-            assert layer_type(preset, f"model.layers.{i}.self_attn.o_proj", 32, 8) == "q5_k"
-            assert layer_type(preset, f"model.layers.{i}.self_attn.q_proj", 32, 8) == preset[:4]
+            assert layer_type(preset, f"model.layers.{i}.self_attn.v_proj", MixShape(32, 8)) == "q8_0"
+            assert layer_type(preset, f"model.layers.{i}.self_attn.k_proj", MixShape(32, 8)) == "q8_0"
+            assert layer_type(preset, f"model.layers.{i}.self_attn.o_proj", MixShape(32, 8)) == "q5_k"
+            assert layer_type(preset, f"model.layers.{i}.self_attn.q_proj", MixShape(32, 8)) == preset[:4]
             for n in (0, 4, 16):
-                assert layer_type(preset, f"model.layers.{i}.self_attn.k_proj", 32, n) == preset[:4]
+                assert layer_type(preset, f"model.layers.{i}.self_attn.k_proj", MixShape(32, n)) == preset[:4]
             down = f"model.layers.{i}.mlp.experts.down.5"
-            assert layer_type(preset, down, 32, 8) == layer_type(preset, down, 32, 4)
-    assert layer_type("q4_k_m", "model.layers.10.self_attn.v_proj", 32, 4) == "q4_k"
-    assert layer_type("q4_k", "model.layers.9.self_attn.v_proj", 32, 8) == "q4_k"  # a single type is itself
+            assert layer_type(preset, down, MixShape(32, 8)) == layer_type(preset, down, MixShape(32, 4))
+    assert layer_type("q4_k_m", "model.layers.10.self_attn.v_proj", MixShape(32, 4)) == "q4_k"
+    assert layer_type("q4_k", "model.layers.9.self_attn.v_proj", MixShape(32, 8)) == "q4_k"  # a single type is itself
     assert expert_count(MixtralConfig(num_local_experts=8)) == 8
     assert expert_count(Qwen2MoeConfig(num_experts=60)) == 60
     assert expert_count(LlamaConfig()) == 0
@@ -389,31 +424,32 @@ def test_presets_bump_models_of_eight_experts_as_llama_quantize_does():
 def test_preset_types_are_every_type_the_rules_give():
     """``preset_types`` (what a reloaded layer's shapes are checked against) lists exactly the types
     ``layer_type`` gives some weight of some model depth under the preset."""
-    from hfquant.formats.gguf_presets import GGUF_PRESETS, ROLE_SUFFIXES, layer_type, preset_types
+    from hfquant.formats.gguf_presets import GGUF_PRESETS, ROLE_SUFFIXES, MixShape, layer_type, preset_types
 
     for preset in GGUF_PRESETS:
         given = {
-            layer_type(preset, f"blk.{i}.{leaf}.weight", n, experts)
+            layer_type(preset, f"blk.{i}.{leaf}.weight", MixShape(n, experts, gqa))
             for n in range(1, 81)
             for i in range(n)
             for leaf in (*(suffixes[0] for suffixes in ROLE_SUFFIXES.values()), "q_proj", "up_proj")
             for experts in (0, 8)
+            for gqa in (1, 4)
         }
         assert sorted(given) == sorted(preset_types(preset)), preset
         assert set(given) <= set(GGUF_GRIDS)
 
 
 @needs_converter
-@pytest.mark.parametrize("preset", ["q3_k_m", "q4_k_m"])
+@pytest.mark.parametrize("preset", ["q2_k_m", "q3_k_m", "q4_k_m"])
 def test_preset_is_solved_per_tensor_exported_losslessly_and_reloaded(tokenizer, tmp_path, preset):
     """Each layer is solved on the type its role and block give (llama.cpp's mix), the export writes
     every one of them as is, and a saved model reloads each layer's type from its tensors."""
-    from hfquant.formats.gguf_presets import layer_type
+    from hfquant.formats.gguf_presets import LLAMA_QUANTIZE_NAMES, MixShape, layer_type
 
     model = quantized_tiny(tokenizer, tmp_path, preset)
     grids = {n: m.grid.name for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
-    assert grids == {n: layer_type(preset, n, 1) for n in grids}
-    assert grids["model.layers.0.self_attn.v_proj"] == {"q3_k_m": "q5_k", "q4_k_m": "q6_k"}[preset]
+    assert grids == {n: layer_type(preset, n, MixShape.of(model.config, 1)) for n in grids}
+    assert grids["model.layers.0.self_attn.v_proj"] == {"q2_k_m": "q3_k", "q3_k_m": "q5_k", "q4_k_m": "q6_k"}[preset]
     assert len(set(grids.values())) == 3 if preset == "q3_k_m" else 2
     summary = save_gguf(model, tokenizer, tmp_path / "mix.gguf")
     assert summary.type == preset
@@ -423,7 +459,8 @@ def test_preset_is_solved_per_tensor_exported_losslessly_and_reloaded(tokenizer,
         assert hows[name].how == "lossless", name
         np.testing.assert_array_equal(read[name], w, err_msg=name)
     fields = gguf.GGUFReader(tmp_path / "mix.gguf").fields
-    assert fields["general.file_type"].contents() == int(getattr(gguf.LlamaFileType, f"MOSTLY_{preset.upper()}"))
+    llama_name = LLAMA_QUANTIZE_NAMES[preset]
+    assert fields["general.file_type"].contents() == int(getattr(gguf.LlamaFileType, f"MOSTLY_{llama_name}"))
     model.save_pretrained(tmp_path / "saved")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
     assert {n: m.grid.name for n, m in again.named_modules() if isinstance(m, GGUFLinear)} == grids
@@ -437,7 +474,7 @@ def test_preset_of_an_eight_expert_model_is_solved_exported_and_reloaded_on_its_
     """A Mixtral of 8 experts under Q4_K_M: the solver puts attention values and keys on Q8_0 and the
     output on Q5_K (the expert count read from the model config), the export writes each type as
     solved (no requantization), and the saved model reloads the same types."""
-    from hfquant.formats.gguf_presets import layer_type
+    from hfquant.formats.gguf_presets import MixShape, layer_type
 
     torch.manual_seed(0)
     base = MixtralConfig(
@@ -448,7 +485,7 @@ def test_preset_of_an_eight_expert_model_is_solved_exported_and_reloaded_on_its_
     grids = {n: m.grid.name for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
     assert grids["model.layers.0.self_attn.v_proj"] == grids["model.layers.0.self_attn.k_proj"] == "q8_0"
     assert grids["model.layers.0.self_attn.o_proj"] == "q5_k"
-    assert grids == {n: layer_type("q4_k_m", n, 1, 8) for n in grids}
+    assert grids == {n: layer_type("q4_k_m", n, MixShape(1, 8)) for n in grids}
     summary = save_gguf(model, tokenizer, tmp_path / "mix.gguf")
     written = {t.name: (t.written, t.how) for t in summary.tensors}
     assert written["blk.0.attn_k.weight"] == written["blk.0.attn_v.weight"] == ("q8_0", "lossless")

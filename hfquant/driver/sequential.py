@@ -55,7 +55,7 @@ from hfquant.driver.kept import choose_kept
 from hfquant.driver.solve import quantize_linear
 from hfquant.driver.workdir import WorkDir
 from hfquant.formats import STORAGE_DTYPE, QuantizedLinear, format_for
-from hfquant.formats.gguf_presets import expert_count, layer_config
+from hfquant.formats.gguf_presets import MixShape, layer_config
 from hfquant.nn.experts import unfuse_experts
 from hfquant.nn.replace import conv1d_to_linear, linears_to_convert, set_module
 
@@ -265,7 +265,7 @@ def quantize_blocks(
                 originals = quantize_block_inq(block, layers, batches, targets, config)
             else:
                 originals = solve_block(
-                    block, layers, hessians, config, kept, block_prefix, len(blocks), expert_count(model.config)
+                    block, layers, hessians, config, kept, block_prefix, MixShape.of(model.config, len(blocks))
                 )
         if config.learned_rounding:
             with timed(report, "learned rounding"):
@@ -310,17 +310,16 @@ def solve_block(
     config: HfQuantConfig,
     kept: dict[str, torch.Tensor],
     block_prefix: str,
-    n_blocks: int,
-    n_experts: int = 0,
+    shape: MixShape,
 ) -> dict[str, torch.Tensor]:
     """Solve each linear of the block against its Hessian and swap in its quantized module; return
     the original values of the kept weights, per linear. Under a GGUF preset each linear is solved
-    on its own type (:func:`hfquant.formats.gguf_presets.layer_config`: its block among
-    ``n_blocks``, the model's ``n_experts``)."""
+    on its own type (:func:`hfquant.formats.gguf_presets.layer_config`: its name and block in a
+    model of ``shape``)."""
     originals = {}
     for name, linear in layers.items():
         mask = kept.get(block_prefix + name)
-        layer = layer_config(config, block_prefix + name, n_blocks, n_experts)
+        layer = layer_config(config, block_prefix + name, shape)
         module = quantize_linear(linear, hessians[name], layer, mask)
         if mask is not None and module.num_kept:
             originals[name] = linear.weight.data[module.kept_positions()].clone()

@@ -8,8 +8,8 @@ written with the ``gguf`` package's ``GGUFWriter``.
 
 Block types (``GGUF_TYPES``): ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q8_0`` (blocks of 32),
 ``q2_k``, ``q3_k``, ``q4_k``, ``q5_k``, ``q6_k`` (super-blocks of 256), ``f16`` / ``f32``, and
-llama-quantize's per-tensor mixes ``q3_k_m``, ``q4_k_m``, ``q5_k_m`` (each weight's type by its role
-and block, :mod:`hfquant.formats.gguf_presets`). How each weight is written:
+llama-quantize's per-tensor mixes ``q2_k_m`` (its ``Q2_K`` file), ``q3_k_m``, ``q4_k_m``, ``q5_k_m``
+(each weight's type by its role and block, :mod:`hfquant.formats.gguf_presets`). How each weight is written:
 
 * **lossless**: a ``GGUFLinear`` (a model quantized with ``HfQuantConfig(gguf_type=...)``, solved
   on the type's grid, :mod:`hfquant.formats.gguf`) is written from its stored integers and codes
@@ -55,7 +55,7 @@ from torch import nn
 
 from hfquant.export.llamacpp import LLAMACPP_SDIST_VERSION, llamacpp_source
 from hfquant.formats.gguf import FALLBACK, GGUF_GRIDS, K_QUANTS, GGUFLinear
-from hfquant.formats.gguf_presets import GGUF_PRESETS, block_index, expert_count, layer_type
+from hfquant.formats.gguf_presets import GGUF_PRESETS, MixShape, block_index, layer_type
 from hfquant.nn.experts import ExpertLinears, is_fused_experts
 
 # Every type a tensor can be written as (the block grids hfquant solves on, and the float types):
@@ -73,6 +73,7 @@ _FILE_TYPE = {
     "q4_k": "MOSTLY_Q4_K_S",
     "q5_k": "MOSTLY_Q5_K_S",
     "q6_k": "MOSTLY_Q6_K",
+    "q2_k_m": "MOSTLY_Q2_K",
     "q3_k_m": "MOSTLY_Q3_K_M",
     "q4_k_m": "MOSTLY_Q4_K_M",
     "q5_k_m": "MOSTLY_Q5_K_M",
@@ -668,7 +669,7 @@ def save_gguf(
     """Write ``model`` (float or hfquant-quantized) and ``tokenizer`` as one GGUF file for llama.cpp.
 
     ``type`` is the block type of the linear weights (``GGUF_TYPES``) or a llama-quantize mix
-    (``q3_k_m``, ``q4_k_m``, ``q5_k_m``); default: the ``gguf_type`` the model was solved on, else
+    (``q2_k_m``, ``q3_k_m``, ``q4_k_m``, ``q5_k_m``); default: the ``gguf_type`` the model was solved on, else
     ``q4_1``. ``embedding_type`` and ``output_type`` are those of the token embedding and output
     head (see the module docstring for defaults and fallbacks). The file is written to a temporary
     file in the same folder and moved into place: an error leaves no partial file. Returns a
@@ -738,9 +739,9 @@ def _write(model, tokenizer, tmp: Path, main, emb_type, out_type, quantized, mod
         try:
             sources = _source_tensors(model, quantized)
             n_blocks = 1 + max((b for b in map(block_index, sources) if b is not None), default=-1)
-            n_experts = expert_count(config)
+            mix_shape = MixShape.of(config, n_blocks)
             for hf_name, source in sources.items():
-                _add_tensor(conv, writer, hf_name, source, main, n_blocks, n_experts, emb_type, out_type, summary)
+                _add_tensor(conv, writer, hf_name, source, main, mix_shape, emb_type, out_type, summary)
             conv.prepare_metadata(vocab_only=False)
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
@@ -840,11 +841,10 @@ def _layer_rows(conv, module: nn.Module, hf_name: str, bid: int | None) -> list[
 
 
 def _add_tensor(
-    conv, writer, hf_name: str, source: Any, main, n_blocks, n_experts, emb_type, out_type, summary
+    conv, writer, hf_name: str, source: Any, main, mix_shape: MixShape, emb_type, out_type, summary
 ) -> None:
     """Write one checkpoint tensor (its GGUF name, row order and type from ``main``, a type or a mix
-    over a model of ``n_blocks`` blocks and ``n_experts`` routed experts, and the embedding/output
-    types) and record how."""
+    over a model of ``mix_shape``, and the embedding/output types) and record how."""
     gguf = _gguf()
     bid = block_index(hf_name)
     reshaped = ""
@@ -866,7 +866,7 @@ def _add_tensor(
         elif new_name == "output.weight":
             requested = out_type
         else:
-            requested = layer_type(main, new_name, n_blocks, n_experts)
+            requested = layer_type(main, new_name, mix_shape)
         written, fallback = requested, None
         cols = shape[-1]
         if len(shape) > 1 and cols % block_size(written):

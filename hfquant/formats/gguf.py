@@ -18,7 +18,7 @@ tunes it by name and hands the projected result back through :meth:`GGUFLinear.s
 Row widths a type cannot hold take llama.cpp's per-tensor fallback (``FALLBACK``, as
 ``llama-quantize`` does for widths not a multiple of 256: ``q2_k``/``q3_k`` -> ``q4_0``, ``q4_k`` ->
 ``q5_0``, ``q5_k`` -> ``q5_1``, ``q6_k`` -> ``q8_0``), and the layer is solved on the fallback's
-grid; widths not a multiple of 32 are refused. A preset (``q3_k_m``, ``q4_k_m``, ``q5_k_m``:
+grid; widths not a multiple of 32 are refused. A preset (``q2_k_m``, ``q3_k_m``, ``q4_k_m``, ``q5_k_m``:
 :mod:`hfquant.formats.gguf_presets`) gives each layer its own type; a reloaded layer's type is read
 from its tensors' shapes (:meth:`GGUFLinear.check_header`).
 Departure from llama.cpp: ``q8_0`` may use the integer -128, which llama.cpp's quantizer never
@@ -35,7 +35,12 @@ from torch import nn
 
 from hfquant.algorithms.grid import dequantize_grid, num_groups
 from hfquant.formats.base import CheckpointError, QuantizedLinear, TensorSpecs
-from hfquant.formats.gguf_presets import GGUF_PRESETS, layer_config_for_type, preset_types
+from hfquant.formats.gguf_presets import (
+    GGUF_PRESETS,
+    LLAMA_QUANTIZE_NAMES,
+    layer_config_for_type,
+    preset_types,
+)
 from hfquant.formats.packing import pack_int, packed_width, unpack_int
 
 
@@ -181,7 +186,7 @@ class GGUFLinear(QuantizedLinear):
         if config.gguf_type in GGUF_PRESETS:
             types = ", ".join(t for t in preset_types(config.gguf_type) if t != "q8_0")
             return (
-                f"GGUF blocks of llama.cpp's {config.gguf_type.upper()} mix (per tensor {types} by role and block, "
+                f"GGUF blocks of llama.cpp's {LLAMA_QUANTIZE_NAMES[config.gguf_type]} mix (per tensor {types} by role and block, "
                 "q8_0 for the attention values and keys of 8-expert models, "
                 "as llama-quantize chooses; the sub-block codes as int8), rows a type cannot hold in its fallback"
             )

@@ -1,4 +1,4 @@
-"""llama.cpp's per-tensor type mixes (``llama-quantize``'s ``Q3_K_M``, ``Q4_K_M``, ``Q5_K_M``).
+"""llama.cpp's per-tensor type mixes (``llama-quantize``'s ``Q2_K``, ``Q3_K_M``, ``Q4_K_M``, ``Q5_K_M``).
 
 A preset gives most linear weights its base K-quant and a few tensors more bits, by their role and
 block: the attention value projection and the tensors llama.cpp counts with it (``attn_v``: the
@@ -7,10 +7,16 @@ feed-forward down projection (``ffn_down``, MoE experts' included), as ``llama_t
 in llama.cpp's ``src/llama-quant.cpp`` decides (``use_more_bits``: the first and last eighth of the
 blocks and every third block between). Models of exactly 8 experts (Mixtral 8x7B, 8x22B) get
 llama.cpp's bumps on top: ``attn_v`` and ``attn_k`` to ``Q8_0``, ``attn_output`` to ``Q5_K`` in
-``Q3_K_M`` and ``Q4_K_M``. :func:`layer_type` applies those rules to one weight; the type's
+``Q2_K``, ``Q3_K_M`` and ``Q4_K_M``. :func:`layer_type` applies those rules to one weight; the type's
 row-width fallback (``hfquant.formats.gguf.FALLBACK``) comes after, as in ``llama-quantize``.
 The rules are those of the llama.cpp the tests build (llama-cpp-python 0.3.36's), checked tensor
-for tensor against its ``llama-quantize`` on a dense, a 4-expert and an 8-expert model.
+for tensor against its ``llama-quantize`` on dense models (grouped-query ratios 1, 2 and 4), a
+4-expert and an 8-expert model.
+
+``q2_k_m`` is llama-quantize's ``Q2_K`` file type: llama.cpp names that mix like the block type
+(its attention values in Q3_K, or Q4_K where 4 or more query heads share a key/value head, its
+attention output and down projections in Q3_K); here ``q2_k`` stays the plain block type, so that a
+checkpoint solved on it keeps its meaning, and the mix takes its siblings' ``_m``.
 
 Departures from llama.cpp: the 70B-specific ``attn_v`` bump and Falcon's ``ffn_down`` schedule are
 not applied, and a weight's role is read from its name (:data:`ROLE_SUFFIXES`, the Hugging Face and
@@ -21,10 +27,13 @@ projection under another name keeps the base type.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 # Preset -> its base type (what every weight without a rule gets).
-GGUF_PRESETS = {"q3_k_m": "q3_k", "q4_k_m": "q4_k", "q5_k_m": "q5_k"}
+GGUF_PRESETS = {"q2_k_m": "q2_k", "q3_k_m": "q3_k", "q4_k_m": "q4_k", "q5_k_m": "q5_k"}
+# Preset -> the name llama-quantize gives that file type.
+LLAMA_QUANTIZE_NAMES = {"q2_k_m": "Q2_K", "q3_k_m": "Q3_K_M", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M"}
 
 # Role -> dotted name endings that carry it (Hugging Face module names and GGUF tensor names).
 ROLE_SUFFIXES = {
@@ -72,52 +81,83 @@ def expert_count(config: Any) -> int:
     return 0
 
 
-def layer_type(gguf_type: str, name: str, n_blocks: int, n_experts: int = 0) -> str:
-    """The GGUF type the weight ``name`` (in block ``i`` of ``n_blocks``, in a model of ``n_experts``
-    routed experts) gets under ``gguf_type``: a single type is returned as it is; a preset applies
-    llama.cpp's rules (before any fallback)."""
+def query_groups(config: Any) -> int:
+    """Query heads per key/value head of a Transformers model config (llama.cpp's ``n_gqa``; 1 without
+    grouped-query attention or when the config names no head counts)."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or kv_heads <= 0:
+        return 1
+    return max(heads // kv_heads, 1)
+
+
+@dataclass(frozen=True)
+class MixShape:
+    """What llama.cpp's mix rules read of a model besides a weight's name: its number of decoder
+    blocks, of routed experts (0: dense) and of query heads per key/value head."""
+
+    n_blocks: int
+    n_experts: int = 0
+    n_gqa: int = 1
+
+    @classmethod
+    def of(cls, config: Any, n_blocks: int) -> MixShape:
+        """The shape of a model of ``n_blocks`` blocks with the Transformers config ``config``."""
+        return cls(n_blocks, expert_count(config), query_groups(config))
+
+
+def layer_type(gguf_type: str, name: str, shape: MixShape) -> str:
+    """The GGUF type the weight ``name`` (in block ``i`` of a model of ``shape``) gets under
+    ``gguf_type``: a single type is returned as it is; a preset applies llama.cpp's rules (before
+    any fallback)."""
     base = GGUF_PRESETS.get(gguf_type)
     if base is None:
         return gguf_type
     role, i = tensor_role(name), block_index(name)
     if role is None or i is None:
         return base
-    eight = n_experts == 8  # llama.cpp's bumps for Mixtral-like models
+    eight = shape.n_experts == 8  # llama.cpp's bumps for Mixtral-like models
     if role == "attn_v":
         if eight:
             return "q8_0"
+        if gguf_type == "q2_k_m":
+            return "q4_k" if shape.n_gqa >= 4 else "q3_k"
         if gguf_type == "q3_k_m":
             return "q5_k" if i < 2 else "q4_k"
-        return "q6_k" if _use_more_bits(i, n_blocks) else base
+        return "q6_k" if _use_more_bits(i, shape.n_blocks) else base
     if role == "attn_k":
         return "q8_0" if eight else base
     if role == "attn_output":
         if eight:
-            return "q5_k"  # q3_k_m, q4_k_m; q5_k_m's base already
-        return "q4_k" if gguf_type == "q3_k_m" else base
+            return "q5_k"  # q2_k_m, q3_k_m, q4_k_m; q5_k_m's base already
+        return {"q2_k_m": "q3_k", "q3_k_m": "q4_k"}.get(gguf_type, base)
     # ffn_down
+    if gguf_type == "q2_k_m":
+        return "q3_k"
     if gguf_type == "q3_k_m":
-        return "q5_k" if i < n_blocks // 16 else "q4_k"
-    return "q6_k" if _use_more_bits(i, n_blocks) else base
+        return "q5_k" if i < shape.n_blocks // 16 else "q4_k"
+    return "q6_k" if _use_more_bits(i, shape.n_blocks) else base
 
 
 def preset_types(gguf_type: str) -> tuple[str, ...]:
     """Every type ``layer_type`` can give under ``gguf_type`` (before fallbacks), ``q8_0`` for the
     value and key projections of 8-expert models included."""
     return {
+        "q2_k_m": ("q2_k", "q3_k", "q4_k", "q5_k", "q8_0"),
         "q3_k_m": ("q3_k", "q4_k", "q5_k", "q8_0"),
         "q4_k_m": ("q4_k", "q5_k", "q6_k", "q8_0"),
         "q5_k_m": ("q5_k", "q6_k", "q8_0"),
     }.get(gguf_type, (gguf_type,))
 
 
-def layer_config(config: Any, name: str, n_blocks: int, n_experts: int = 0) -> Any:
-    """``config`` as it applies to the weight ``name``: under a preset, a copy whose ``gguf_type`` is
-    that weight's own type (what the solver and the format read); otherwise ``config`` itself."""
+def layer_config(config: Any, name: str, shape: MixShape) -> Any:
+    """``config`` as it applies to the weight ``name`` of a model of ``shape``: under a preset, a copy
+    whose ``gguf_type`` is that weight's own type (what the solver and the format read); otherwise
+    ``config`` itself."""
     gguf_type = getattr(config, "gguf_type", None)
     if gguf_type not in GGUF_PRESETS:
         return config
-    return layer_config_for_type(config, layer_type(gguf_type, name, n_blocks, n_experts))
+    return layer_config_for_type(config, layer_type(gguf_type, name, shape))
 
 
 def layer_config_for_type(config: Any, gguf_type: str) -> Any:
