@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -26,6 +28,9 @@ DEFAULT_E2E_EPOCHS = 2  # end-to-end tuning epochs where it applies (e2e_epochs=
 # Calibration windows: at an equal token count more, shorter windows calibrate better out of domain,
 # also on held-out windows 8x longer than them (benchmarks/RESULTS.md, 2026-11-27).
 DEFAULT_NSAMPLES, DEFAULT_SEQLEN = 256, 256
+
+# What a positive ``dynamic`` rule may set for the modules it matches.
+DYNAMIC_FIELDS = ("bits", "group_size")
 
 # Fields saved under an older name: checkpoints that carry them still load (from_dict).
 RENAMED_FIELDS = {"outlier_fraction": "kept_fraction", "outlier_scope": "kept_scope"}
@@ -65,6 +70,18 @@ class HfQuantConfig(QuantizationConfigMixin):
         modules_to_not_convert: module names (or name suffixes) kept in full precision. As in
             transformers, a list replaces the default ``["lm_head"]``; it must still name the output
             embeddings, which hfquant does not quantize (quantizing at load refuses a list without them).
+        dynamic: per-module settings, GPTQModel's ``dynamic``: a dict from a regular expression to
+            the fields it sets (``bits``, ``group_size``) for every linear whose full name it matches
+            from the start (``re.match``); the first matching rule wins, in the dict's order. A rule
+            whose pattern starts with ``"-:"`` (value ``{}``) keeps its matches in full precision;
+            ``"+:"`` or no prefix overrides. ``{".*down_proj": {"bits": 3}, "-:model[.]layers[.]0[.]": {}}``
+            stores every down projection in 3 bits and leaves block 0 unquantized. Saved in
+            ``config.json`` as a list of ``[pattern, settings]`` pairs (transformers writes JSON
+            objects with sorted keys, which would lose the rules' order; a list is read back as the
+            dict), so a reload rebuilds each layer at its own width. Methods ``rtn``,
+            ``gptq`` and ``decoupleq`` without SplitQuant or ``gguf_type`` (whose preset mixes choose
+            per-tensor types themselves). ``None`` (default): every layer takes ``bits`` and
+            ``group_size``.
         kept_fraction: share of weights kept in 16 bits beside the integers (TaCQ), e.g.
             0.0035 to 0.01; 0 keeps none.
         saliency: how kept weights are chosen: ``"tacq"`` (task-loss gradient times the change
@@ -171,6 +188,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         nsamples: int = DEFAULT_NSAMPLES,
         seqlen: int = DEFAULT_SEQLEN,
         modules_to_not_convert: list[str] | None = None,
+        dynamic: dict[str, dict[str, int]] | None = None,
         kept_fraction: float = 0.0,
         saliency: str = "tacq",
         saliency_grid: str = "rtn",
@@ -206,6 +224,7 @@ class HfQuantConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = (
             ["lm_head"] if modules_to_not_convert is None else modules_to_not_convert
         )
+        self.dynamic = _rules_from_pairs(dynamic)
         self.kept_fraction = kept_fraction
         self.saliency = saliency
         self.saliency_grid = saliency_grid
@@ -325,6 +344,7 @@ class HfQuantConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}"
             )
+        self._check_dynamic()
         if self.work_dir is not None and not isinstance(self.work_dir, (str, os.PathLike)):
             raise ValueError(f"work_dir must be a folder path or None, got {self.work_dir!r}")
         if self.format_version > FORMAT_VERSION:
@@ -334,6 +354,57 @@ class HfQuantConfig(QuantizationConfigMixin):
                 f"this checkpoint uses hfquant format version {self.format_version}, but hfquant {__version__} "
                 f"reads format versions up to {FORMAT_VERSION}: upgrade with `pip install -U hfquant`"
             )
+
+    def _check_dynamic(self) -> None:
+        if self.dynamic is None:
+            return
+        if not isinstance(self.dynamic, dict):
+            raise ValueError(f"dynamic must be a dict from a module-name pattern to its settings, got {self.dynamic!r}")
+        if self.dynamic and (self.method == "inq" or self.split_clusters > 1 or self.gguf_type):
+            raise ValueError(
+                "dynamic applies to method rtn, gptq or decoupleq without SplitQuant or gguf_type; got "
+                f"method={self.method!r}, split_clusters={self.split_clusters!r}, gguf_type={self.gguf_type!r}"
+            )
+        for pattern, settings in self.dynamic.items():
+            if not isinstance(pattern, str):
+                raise ValueError(f"dynamic: a pattern must be a string, got {pattern!r}")
+            try:
+                re.compile(pattern.removeprefix("-:").removeprefix("+:"))
+            except re.error as err:
+                raise ValueError(f"dynamic: pattern {pattern!r} is not a regular expression ({err})") from None
+            if not isinstance(settings, dict):
+                raise ValueError(f"dynamic[{pattern!r}] must be a dict of settings, got {settings!r}")
+            if pattern.startswith("-:") and settings:
+                raise ValueError(
+                    f"dynamic[{pattern!r}]: a '-:' rule keeps its modules in full precision and takes no "
+                    f"settings, got {settings!r}: use {{}}"
+                )
+            unknown = sorted(set(settings) - set(DYNAMIC_FIELDS))
+            if unknown:
+                raise ValueError(f"dynamic[{pattern!r}] sets {unknown}: a rule may set {list(DYNAMIC_FIELDS)}")
+            if "bits" in settings:
+                _check_choice(f"dynamic[{pattern!r}]['bits']", settings["bits"], SUPPORTED_BITS)
+            if "group_size" in settings:
+                _check_choice(f"dynamic[{pattern!r}]['group_size']", settings["group_size"], SUPPORTED_GROUP_SIZES)
+
+    def keeps_full_precision(self, name: str) -> bool:
+        """Whether a ``"-:"`` rule of :attr:`dynamic` keeps the linear ``name`` unquantized."""
+        return self.module_config(name) is None
+
+    def module_config(self, name: str) -> HfQuantConfig | None:
+        """The settings of the linear ``name`` (its full module name) under :attr:`dynamic`: ``None``
+        where a ``"-:"`` rule keeps it in full precision, a copy with the first matching rule's fields
+        where one overrides, else this config itself."""
+        for pattern, settings in (self.dynamic or {}).items():
+            if pattern.startswith("-:"):
+                if re.match(pattern[2:], name):
+                    return None
+            elif re.match(pattern.removeprefix("+:"), name):
+                out = copy.copy(self)
+                for field, value in settings.items():
+                    setattr(out, field, value)
+                return out
+        return self
 
     @property
     def needs_calibration(self) -> bool:
@@ -356,9 +427,21 @@ class HfQuantConfig(QuantizationConfigMixin):
         """JSON-ready dict: a calibration set given as objects is recorded by description only."""
         out = {k: v for k, v in self.__dict__.items() if k not in _RUNTIME_ONLY}
         out["dataset"] = describe_dataset(self.dataset)
+        if isinstance(self.dynamic, dict):  # a list keeps the rules' order through sorted JSON keys
+            out["dynamic"] = [[pattern, settings] for pattern, settings in self.dynamic.items()]
         if self.task_dataset is not None:
             out["task_dataset"] = describe_dataset(self.task_dataset)
         return out
+
+
+def _rules_from_pairs(dynamic: Any) -> Any:
+    """``dynamic`` as a dict: the ``[pattern, settings]`` pairs ``config.json`` holds become one, in
+    their order; anything else is left for the checks to judge."""
+    if isinstance(dynamic, (list, tuple)):
+        if not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in dynamic):
+            raise ValueError(f"dynamic as a list must hold [pattern, settings] pairs, got {dynamic!r}")
+        return {pattern: settings for pattern, settings in dynamic}
+    return dynamic
 
 
 def describe_dataset(dataset: Any) -> str:

@@ -65,11 +65,11 @@ class HfQuantQuantizer(HfQuantizer):
         fused = [name.removesuffix(".down_proj") for name in tensors if name.endswith(".down_proj")]
         conv1d_to_linear(model, skip)
         unfuse_experts(model, skip + fused, skeleton=True)
-        linears = linears_to_convert(model, skip)
+        linears = linears_to_convert(model, skip, config.keeps_full_precision)
         planned = plan_quantized_layers(tensors, linears, config)
         fmt = format_for(config)
         for name, linear in linears.items():
-            set_module(model, name, fmt.skeleton(linear, config, **planned[name]))
+            set_module(model, name, fmt.skeleton(linear, config.module_config(name), **planned[name]))
             # Some models' _init_weights reach into a child's .weight (GPT-2's c_proj), which a quantized
             # layer has not: a parent with no tensors of its own has nothing to initialize anyway.
             parent = model.get_submodule(name.rpartition(".")[0])

@@ -159,7 +159,7 @@ def choose_kept(
         )
     if config.saliency == "magnitude":
         scores = {
-            n: saliency_scores("magnitude", m.weight, config.bits, config.group_size)
+            n: saliency_scores("magnitude", m.weight, *_grid_of(config, n))
             for n, m in linears.items()
         }
         return select_kept(scores, config.kept_fraction, config.kept_scope)
@@ -176,9 +176,15 @@ def choose_kept(
     scores = {}
     for name, m in linears.items():
         scores[name] = saliency_scores(
-            config.saliency, m.weight, config.bits, config.group_size,
+            config.saliency, m.weight, *_grid_of(config, name),
             gradient=stats.gradients.pop(name, None), hessian_diag=stats.hessian_diag.pop(name, None),
             squared_gradient=stats.squared_gradients.pop(name, None),
             quantized=solved.pop(name, None),
         )  # fmt: skip
     return select_kept(scores, config.kept_fraction, config.kept_scope)
+
+
+def _grid_of(config: HfQuantConfig, name: str) -> tuple[int, int]:
+    """The bits and group size the linear ``name`` is stored with (``dynamic`` rules applied)."""
+    layer = config.module_config(name)
+    return layer.bits, layer.group_size

@@ -119,10 +119,11 @@ def quantize_model(
     skip = config.modules_to_not_convert if skip is None else skip
     conv1d_to_linear(model, skip)
     unfuse_experts(model, skip)
-    linears = linears_to_convert(model, skip)
+    linears = linears_to_convert(model, skip, config.keeps_full_precision)
     if not linears:
         raise ValueError(
-            "the model has no nn.Linear layer to quantize (all skipped by modules_to_not_convert?)"
+            "the model has no nn.Linear layer to quantize (all skipped by modules_to_not_convert or "
+            "dynamic's '-:' rules?)"
         )
     report = QuantizationReport(config.method, config.bits, config.group_size, len(linears))
     config.e2e_epochs = end_to_end_epochs(config, model)
@@ -147,7 +148,7 @@ def quantize_model(
     if config.method == "rtn":
         with timed(report, "solve"):
             for name, linear in tqdm(linears.items(), desc="hfquant rtn", disable=not progress):
-                set_module(model, name, quantize_linear(linear, None, config, kept.get(name)))
+                set_module(model, name, quantize_linear(linear, None, config.module_config(name), kept.get(name)))
     else:
         work = WorkDir.open(config, model, ids, kept) if config.work_dir else None
         quantize_blocks(model, linears, ids, config, report, kept, work, progress)
@@ -319,7 +320,7 @@ def solve_block(
     originals = {}
     for name, linear in layers.items():
         mask = kept.get(block_prefix + name)
-        layer = layer_config(config, block_prefix + name, shape)
+        layer = layer_config(config.module_config(block_prefix + name), block_prefix + name, shape)
         module = quantize_linear(linear, hessians[name], layer, mask)
         if mask is not None and module.num_kept:
             originals[name] = linear.weight.data[module.kept_positions()].clone()

@@ -149,9 +149,10 @@ def check_metadata(metadata: dict[str, str], config: HfQuantConfig) -> None:
 def plan_quantized_layers(
     tensors: dict[str, TensorInfo], linears: dict[str, nn.Linear], config: HfQuantConfig
 ) -> dict[str, dict]:
-    """Check every quantized layer's tensors against its format; return each layer's skeleton arguments."""
+    """Check every quantized layer's tensors against its format (at its own settings under
+    ``dynamic``); return each layer's skeleton arguments."""
     fmt = format_for(config)
-    return {name: fmt.check_header(tensors, name, linear, config) for name, linear in linears.items()}
+    return {name: fmt.check_header(tensors, name, linear, config.module_config(name)) for name, linear in linears.items()}
 
 
 def storage_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -144,6 +144,20 @@ def _method_text(config: HfQuantConfig) -> str:
     return text
 
 
+def _dynamic_text(config: HfQuantConfig) -> str:
+    """Each ``dynamic`` rule as the card states it, in the order they apply."""
+    rules = []
+    for pattern, settings in (config.dynamic or {}).items():
+        if pattern.startswith("-:"):
+            rules.append(f"`{pattern[2:]}`: full precision".replace("|", "\\|"))
+        else:
+            fields = [f"{settings['bits']} bits" if "bits" in settings else ""]
+            if "group_size" in settings:
+                fields.append(f"group size {GROUP_SIZE_NAMES.get(settings['group_size'], settings['group_size'])}")
+            rules.append(f"`{pattern.removeprefix('+:')}`: {', '.join(f for f in fields if f)}")
+    return "; ".join(rules) + " (first match wins)" if rules else "none"
+
+
 def _calibration_text(config: HfQuantConfig) -> str:
     if config.method == "rtn" and config.kept_fraction == 0:
         return "none (round to nearest is data-free)"
@@ -249,6 +263,7 @@ def render_model_card(
         base_model_line=f"[{base}](https://huggingface.co/{base})" if source.base_model else base,
         bits=config.bits,
         group_size_text=GROUP_SIZE_NAMES.get(config.group_size, str(config.group_size)),
+        dynamic_text=_dynamic_text(config),
         method_text=_method_text(config),
         calibration_text=_calibration_text(config),
         kept_text=f"{kept:.2%} ({config.saliency}, per {config.kept_scope})" if kept else "none",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 
@@ -22,8 +24,11 @@ def output_embeddings_name(model: nn.Module) -> str | None:
     return None if output is None else next((n for n, m in model.named_modules() if m is output), None)
 
 
-def linears_to_convert(model: nn.Module, modules_to_not_convert: list[str]) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` of the model but the output embeddings and the skipped ones, by name."""
+def linears_to_convert(
+    model: nn.Module, modules_to_not_convert: list[str], excluded: Callable[[str], bool] | None = None
+) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of the model but the output embeddings, the skipped ones and those
+    ``excluded`` names (a per-name rule such as ``HfQuantConfig.keeps_full_precision``), by name."""
     output = _output_embeddings(model)
     return {
         name: module
@@ -31,6 +36,7 @@ def linears_to_convert(model: nn.Module, modules_to_not_convert: list[str]) -> d
         if isinstance(module, nn.Linear)
         and module is not output
         and not is_skipped(name, modules_to_not_convert)
+        and not (excluded is not None and excluded(name))
     }
 
 
