@@ -60,7 +60,11 @@ class Interrupted(Exception):
 
 def test_interrupted_quantization_resumes_to_the_same_checkpoint(tmp_path):
     base = build_tiny("mistral", tmp_path / "base")  # 3 decoder blocks
-    settings = dict(bits=2, group_size=32, method="decoupleq", kept_fraction=0.01, saliency="magnitude", **FAST)
+    # dynamic rules: the finished blocks are restored at each layer's own settings
+    rules = {"-:model[.]layers[.]1[.]self_attn[.]q_proj": {}, ".*down_proj": {"bits": 4, "group_size": 64}}
+    settings = dict(
+        bits=2, group_size=32, method="decoupleq", kept_fraction=0.01, saliency="magnitude", dynamic=rules, **FAST
+    )
     work = tmp_path / "work"
 
     def config(**overrides):
@@ -88,6 +92,7 @@ def test_interrupted_quantization_resumes_to_the_same_checkpoint(tmp_path):
     resumed = AutoModelForCausalLM.from_pretrained(base, quantization_config=config(work_dir=work), dtype=torch.float32)
     report = resumed.hf_quantizer.report
     assert report.resumed_blocks == 2 and [b.index for b in report.blocks] == [0, 1, 2]
+    assert resumed.model.layers[1].mlp.down_proj.bits == 4 and resumed.model.layers[1].self_attn.k_proj.bits == 2
     save_quantized(resumed, tmp_path / "resumed")
     assert_same(tmp_path / "reference", tmp_path / "resumed")
     assert "work_dir" not in json.loads((tmp_path / "resumed" / "config.json").read_text())["quantization_config"]

@@ -298,7 +298,8 @@ def restore_finished(
     report.resumed_blocks = work.finished()
     for index in range(report.resumed_blocks):
         onload_block(blocks[index])
-        errors = work.restore(index, blocks[index], block_linears(linears, f"{prefix}.{index}."), config)
+        block_prefix = f"{prefix}.{index}."
+        errors = work.restore(index, blocks[index], block_linears(linears, block_prefix), config, block_prefix)
         report.blocks.append(BlockReport(index, *errors))
         mark_resident(model, f"{prefix}.{index}.", next(blocks[index].buffers()).device)
     return report.resumed_blocks

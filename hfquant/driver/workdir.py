@@ -110,16 +110,19 @@ class WorkDir:
         _write_atomic(self.path / HIDDEN, hidden, {"next_block": str(index + 1)})
 
     def restore(
-        self, index: int, block: nn.Module, linears: dict[str, nn.Linear], config: HfQuantConfig
+        self, index: int, block: nn.Module, linears: dict[str, nn.Linear], config: HfQuantConfig, block_prefix: str
     ) -> tuple[float, float]:
-        """Put finished block ``index`` back in place of its full-precision version (headers checked
-        first, as for a checkpoint); return its errors before and after block-wise minimization."""
+        """Put finished block ``index`` (its linears named within the block, ``block_prefix`` before
+        them in the model) back in place of its full-precision version (headers checked first, as for
+        a checkpoint, each layer at its ``dynamic`` settings); return its errors before and after
+        block-wise minimization."""
         path = self.block_file(index)
         tensors, metadata = read_safetensors_header(str(path))
         fmt = format_for(config)
         for name, linear in linears.items():
-            planned = fmt.check_header(tensors, name, linear, config)
-            set_module(block, name, fmt.skeleton(linear, config, **planned))
+            layer = config.module_config(block_prefix + name)
+            planned = fmt.check_header(tensors, name, linear, layer)
+            set_module(block, name, fmt.skeleton(linear, layer, **planned))
         block.load_state_dict(load_file(path), strict=True)
         return float(metadata["error_before"]), float(metadata["error_after"])
 
