@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         blockwise_epochs=args.blockwise_epochs,
         decoupleq_iters=args.decoupleq_iters,
         gguf_type=args.gguf_type,
+        dynamic=_json_rules(args.dynamic),
         tokenizer=tokenizer,
         **({"e2e_epochs": args.e2e_epochs} if args.e2e_epochs is not None else {}),
         work_dir=args.work_dir,
@@ -303,6 +305,16 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_rules(text: str | None) -> dict | None:
+    """``--dynamic``'s JSON object, or None when not given."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--dynamic must be a JSON object of module-name patterns, got {text!r} ({err})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hfquant.config import DEFAULT_NSAMPLES, DEFAULT_SEQLEN
 
@@ -368,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="solve on a GGUF block type's grid (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k) or "
         "llama-quantize's per-tensor mix (q2_k_m: its Q2_K file, q3_k_m, q4_k_m, q5_k_m); --bits and --group-size then do not apply; "
         "and write <name>-<TYPE>.gguf for llama.cpp beside the safetensors, losslessly",
+    )
+    q.add_argument(
+        "--dynamic",
+        default=None,
+        help='per-module settings as JSON, GPTQModel\'s convention: \'{".*down_proj": {"bits": 4}, '
+        '"-:model[.]layers[.]0[.]": {}}\' (regex from the start of the module name, first match wins; '
+        '"-:" keeps the matches in full precision)',
     )
     q.add_argument(
         "--work-dir",

@@ -79,6 +79,21 @@ def test_split_quantize_from_the_command_line(tiny_chat_model_dir, tmp_path, cap
     assert code == 2 and "split_clusters applies to method rtn, gptq or decoupleq" in capsys.readouterr().err
 
 
+def test_dynamic_rules_from_the_command_line(tiny_chat_model_dir, tmp_path, capsys):
+    """``--dynamic`` takes GPTQModel-style rules as JSON; bad JSON is refused by name."""
+    import json
+
+    out = tmp_path / "dyn"
+    rules = '{"-:model[.]layers[.]0[.]self_attn[.]q_proj": {}, ".*down_proj": {"bits": 4, "group_size": 32}}'
+    code = main(["quantize", str(tiny_chat_model_dir), "--method", "rtn", "--bits", "2", "--dynamic", rules,
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert saved == [["-:model[.]layers[.]0[.]self_attn[.]q_proj", {}], [".*down_proj", {"bits": 4, "group_size": 32}]]
+    code = main(["quantize", str(tiny_chat_model_dir), "--dynamic", "{down_proj: 4}", "--out", str(tmp_path / "bad")])
+    assert code == 2 and "--dynamic must be a JSON object" in capsys.readouterr().err
+
+
 def test_eval_defaults_to_the_heldout_domains(quantized_dir):
     result = hfquant("eval", str(quantized_dir), "--seqlen", "64", "--max-windows", "1")
     assert result.returncode == 0, result.stderr[-3000:]
