@@ -312,16 +312,16 @@ def solve_block(
     config: HfQuantConfig,
     kept: dict[str, torch.Tensor],
     block_prefix: str,
-    shape: MixShape,
+    mix_shape: MixShape,
 ) -> dict[str, torch.Tensor]:
     """Solve each linear of the block against its Hessian and swap in its quantized module; return
     the original values of the kept weights, per linear. Under a GGUF preset each linear is solved
     on its own type (:func:`hfquant.formats.gguf_presets.layer_config`: its name and block in a
-    model of ``shape``)."""
+    model of ``mix_shape``), under ``dynamic`` rules at its own bits and group size."""
     originals = {}
     for name, linear in layers.items():
         mask = kept.get(block_prefix + name)
-        layer = layer_config(config.module_config(block_prefix + name), block_prefix + name, shape)
+        layer = layer_config(config.module_config(block_prefix + name), block_prefix + name, mix_shape)
         module = quantize_linear(linear, hessians[name], layer, mask)
         if mask is not None and module.num_kept:
             originals[name] = linear.weight.data[module.kept_positions()].clone()
