@@ -4,7 +4,7 @@ checkpoint reloads every layer at its own settings."""
 
 import pytest
 import torch
-from helpers import TINY_CALIBRATION, input_ids
+from helpers import TINY_CALIBRATION, input_ids, moe_model
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config
 
@@ -119,5 +119,24 @@ def test_gpt2_conv1d_layers_follow_the_rules(tmp_path):
     with torch.no_grad():
         before = model(input_ids()).logits
     reloaded = AutoModelForCausalLM.from_pretrained(save_quantized(model, tmp_path / "q")).eval()
+    with torch.no_grad():
+        assert torch.equal(before, reloaded(input_ids()).logits)
+
+
+def test_split_moe_experts_are_matched_under_their_split_names(tmp_path):
+    """An MoE's fused experts are split into one linear per expert before the rules apply: a rule on
+    ``experts.down.E`` reaches one expert's down projection, at quantization and at reload."""
+    moe_model("mixtral").save_pretrained(tmp_path / "fp")
+    rules = {r"-:.*\.experts\.down\.0$": {}, r".*\.experts\.down\.": {"bits": 4, "group_size": 32}}
+    config = HfQuantConfig(bits=2, group_size=32, method="rtn", dynamic=rules)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config).eval()
+    downs = model.model.layers[1].mlp.experts.down
+    assert not isinstance(downs[0], QuantizedLinear)
+    assert [(m.bits, m.group_size) for m in list(downs)[1:]] == [(4, 32)] * (len(downs) - 1)
+    assert model.model.layers[1].mlp.experts.gate_up[0].bits == 2
+    with torch.no_grad():
+        before = model(input_ids()).logits
+    reloaded = AutoModelForCausalLM.from_pretrained(save_quantized(model, tmp_path / "q")).eval()
+    assert [getattr(m, "bits", None) for m in reloaded.model.layers[1].mlp.experts.down] == [None] + [4] * (len(downs) - 1)
     with torch.no_grad():
         assert torch.equal(before, reloaded(input_ids()).logits)
