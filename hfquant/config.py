@@ -163,8 +163,9 @@ class HfQuantConfig(QuantizationConfigMixin):
             ``"q5_k"``, ``"q6_k"``: super-blocks of 256 with 4-, 6- or 8-bit sub-block scale (and
             min) codes under float16 factors), so that ``hfquant.export.save_gguf`` writes the
             weights losslessly; or a per-tensor mix of llama-quantize (``"q2_k_m"``: its ``Q2_K``
-            file, ``"q3_k_m"``, ``"q4_k_m"``, ``"q5_k_m"``: a few tensors such as ``attn_v`` and
-            ``ffn_down`` in a wider type, see :mod:`hfquant.formats.gguf_presets`). The type fixes the integer width and the groups,
+            file, ``"q3_k_s"``, ``"q3_k_m"``, ``"q3_k_l"``, ``"q4_k_s"``, ``"q4_k_m"``, ``"q5_k_s"``,
+            ``"q5_k_m"``: a few tensors such as ``attn_v`` and ``ffn_down`` in a wider type, see
+            :mod:`hfquant.formats.gguf_presets`). The type fixes the integer width and the groups,
             so ``bits`` and ``group_size`` do not apply; rows a K-quant cannot hold (not a multiple
             of 256) take llama.cpp's fallback type (see :mod:`hfquant.formats.gguf`).
             ``method="decoupleq"`` only, without kept weights or SplitQuant. ``None`` (default):

@@ -371,6 +371,25 @@ def test_presets_choose_types_as_llama_quantize_does():
     assert layer_type("q3_k", "model.layers.0.self_attn.v_proj", MixShape(30)) == "q3_k"  # a single type is itself
 
 
+def test_s_and_l_files_bump_as_llama_quantize_does():
+    """llama-quantize's Q3_K_S, Q5_K_S (no bump on a dense model), Q4_K_S (the first four attn_v and
+    the first eighth of ffn_down in Q5_K) and Q3_K_L (attn_v, attn_output, ffn_down all Q5_K)."""
+    from hfquant.formats.gguf_presets import LLAMA_QUANTIZE_NAMES, MixShape, layer_type
+
+    leaves = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+    for i in range(32):
+        types = {leaf: {p: layer_type(p, f"model.layers.{i}.{leaf}", MixShape(32)) for p in
+                        ("q3_k_s", "q3_k_l", "q4_k_s", "q5_k_s")} for leaf in leaves}  # fmt: skip
+        for leaf, got in types.items():
+            assert got["q3_k_s"] == "q3_k" and got["q5_k_s"] == "q5_k", leaf
+            wide = leaf in ("self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj")
+            assert got["q3_k_l"] == ("q5_k" if wide else "q3_k"), leaf
+            bumped = (leaf == "self_attn.v_proj" and i < 4) or (leaf == "mlp.down_proj" and i < 32 // 8)
+            assert got["q4_k_s"] == ("q5_k" if bumped else "q4_k"), (leaf, i)
+    assert LLAMA_QUANTIZE_NAMES["q4_k_s"] == "Q4_K_S" and LLAMA_QUANTIZE_NAMES["q3_k_l"] == "Q3_K_L"
+
+
 def test_q2_k_m_is_llama_quantizes_q2_k_file():
     """llama-quantize's Q2_K file type (a mix under the block type's name; hfquant's ``q2_k_m``):
     attention values Q3_K, or Q4_K where 4 or more query heads share a key/value head, attention
@@ -404,11 +423,13 @@ def test_presets_bump_models_of_eight_experts_as_llama_quantize_does():
     attention output Q5_K in Q2_K, Q3_K_M and Q4_K_M; the rest as for any model. 4 or 16 experts: no bump."""
     from hfquant.formats.gguf_presets import MixShape, expert_count, layer_type
 
-    for preset in ("q2_k_m", "q3_k_m", "q4_k_m", "q5_k_m"):
+    for preset in ("q2_k_m", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m"):
         for i in range(32):
             assert layer_type(preset, f"model.layers.{i}.self_attn.v_proj", MixShape(32, 8)) == "q8_0"
             assert layer_type(preset, f"model.layers.{i}.self_attn.k_proj", MixShape(32, 8)) == "q8_0"
-            assert layer_type(preset, f"model.layers.{i}.self_attn.o_proj", MixShape(32, 8)) == "q5_k"
+            # Q3_K_L is not on llama.cpp's list of 8-expert files with a Q5_K attention output
+            o_proj = "q3_k" if preset == "q3_k_l" else "q5_k"
+            assert layer_type(preset, f"model.layers.{i}.self_attn.o_proj", MixShape(32, 8)) == o_proj
             assert layer_type(preset, f"model.layers.{i}.self_attn.q_proj", MixShape(32, 8)) == preset[:4]
             for n in (0, 4, 16):
                 assert layer_type(preset, f"model.layers.{i}.self_attn.k_proj", MixShape(32, n)) == preset[:4]

@@ -8,8 +8,9 @@ written with the ``gguf`` package's ``GGUFWriter``.
 
 Block types (``GGUF_TYPES``): ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q8_0`` (blocks of 32),
 ``q2_k``, ``q3_k``, ``q4_k``, ``q5_k``, ``q6_k`` (super-blocks of 256), ``f16`` / ``f32``, and
-llama-quantize's per-tensor mixes ``q2_k_m`` (its ``Q2_K`` file), ``q3_k_m``, ``q4_k_m``, ``q5_k_m``
-(each weight's type by its role and block, :mod:`hfquant.formats.gguf_presets`). How each weight is written:
+llama-quantize's per-tensor mixes ``q2_k_m`` (its ``Q2_K`` file), ``q3_k_s``, ``q3_k_m``, ``q3_k_l``,
+``q4_k_s``, ``q4_k_m``, ``q5_k_s``, ``q5_k_m`` (each weight's type by its role and block,
+:mod:`hfquant.formats.gguf_presets`). How each weight is written:
 
 * **lossless**: a ``GGUFLinear`` (a model quantized with ``HfQuantConfig(gguf_type=...)``, solved
   on the type's grid, :mod:`hfquant.formats.gguf`) is written from its stored integers and codes
@@ -74,7 +75,11 @@ _FILE_TYPE = {
     "q5_k": "MOSTLY_Q5_K_S",
     "q6_k": "MOSTLY_Q6_K",
     "q2_k_m": "MOSTLY_Q2_K",
+    "q3_k_s": "MOSTLY_Q3_K_S",
     "q3_k_m": "MOSTLY_Q3_K_M",
+    "q3_k_l": "MOSTLY_Q3_K_L",
+    "q4_k_s": "MOSTLY_Q4_K_S",
+    "q5_k_s": "MOSTLY_Q5_K_S",
     "q4_k_m": "MOSTLY_Q4_K_M",
     "q5_k_m": "MOSTLY_Q5_K_M",
     "f16": "MOSTLY_F16",
@@ -669,7 +674,7 @@ def save_gguf(
     """Write ``model`` (float or hfquant-quantized) and ``tokenizer`` as one GGUF file for llama.cpp.
 
     ``type`` is the block type of the linear weights (``GGUF_TYPES``) or a llama-quantize mix
-    (``q2_k_m``, ``q3_k_m``, ``q4_k_m``, ``q5_k_m``); default: the ``gguf_type`` the model was solved on, else
+    (``q2_k_m``, ``q3_k_s`` ... ``q5_k_m``: ``GGUF_PRESETS``); default: the ``gguf_type`` the model was solved on, else
     ``q4_1``. ``embedding_type`` and ``output_type`` are those of the token embedding and output
     head (see the module docstring for defaults and fallbacks). The file is written to a temporary
     file in the same folder and moved into place: an error leaves no partial file. Returns a

@@ -18,7 +18,7 @@ tunes it by name and hands the projected result back through :meth:`GGUFLinear.s
 Row widths a type cannot hold take llama.cpp's per-tensor fallback (``FALLBACK``, as
 ``llama-quantize`` does for widths not a multiple of 256: ``q2_k``/``q3_k`` -> ``q4_0``, ``q4_k`` ->
 ``q5_0``, ``q5_k`` -> ``q5_1``, ``q6_k`` -> ``q8_0``), and the layer is solved on the fallback's
-grid; widths not a multiple of 32 are refused. A preset (``q2_k_m``, ``q3_k_m``, ``q4_k_m``, ``q5_k_m``:
+grid; widths not a multiple of 32 are refused. A preset (``q2_k_m``, ``q3_k_s`` ... ``q5_k_m``:
 :mod:`hfquant.formats.gguf_presets`) gives each layer its own type; a reloaded layer's type is read
 from its tensors' shapes (:meth:`GGUFLinear.check_header`).
 Departure from llama.cpp: ``q8_0`` may use the integer -128, which llama.cpp's quantizer never

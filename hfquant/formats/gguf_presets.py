@@ -1,13 +1,17 @@
-"""llama.cpp's per-tensor type mixes (``llama-quantize``'s ``Q2_K``, ``Q3_K_M``, ``Q4_K_M``, ``Q5_K_M``).
+"""llama.cpp's per-tensor type mixes: ``llama-quantize``'s K-quant file types ``Q2_K``, ``Q3_K_S``,
+``Q3_K_M``, ``Q3_K_L``, ``Q4_K_S``, ``Q4_K_M``, ``Q5_K_S`` and ``Q5_K_M``.
 
 A preset gives most linear weights its base K-quant and a few tensors more bits, by their role and
 block: the attention value projection and the tensors llama.cpp counts with it (``attn_v``: the
 fused ``attn_qkv`` and MLA's ``attn_kv_b`` too), the attention output (``attn_output``) and the
 feed-forward down projection (``ffn_down``, MoE experts' included), as ``llama_tensor_get_type_impl``
 in llama.cpp's ``src/llama-quant.cpp`` decides (``use_more_bits``: the first and last eighth of the
-blocks and every third block between). Models of exactly 8 experts (Mixtral 8x7B, 8x22B) get
-llama.cpp's bumps on top: ``attn_v`` and ``attn_k`` to ``Q8_0``, ``attn_output`` to ``Q5_K`` in
-``Q2_K``, ``Q3_K_M`` and ``Q4_K_M``. :func:`layer_type` applies those rules to one weight; the type's
+blocks and every third block between); the ``_S`` files bump only a few (``Q4_K_S``: the first four
+``attn_v`` and the first eighth of ``ffn_down`` to Q5_K; ``Q3_K_S`` and ``Q5_K_S``: none on a dense
+model), ``Q3_K_L`` all of ``attn_v``, ``attn_output`` and ``ffn_down`` to Q5_K. Models of exactly 8
+experts (Mixtral 8x7B, 8x22B) get llama.cpp's bumps on top: ``attn_v`` and ``attn_k`` to ``Q8_0``,
+``attn_output`` to ``Q5_K`` in ``Q2_K``, ``Q3_K_S``, ``Q3_K_M``, ``Q4_K_S`` and ``Q4_K_M`` (not in
+``Q3_K_L``, whose attention output then stays Q3_K). :func:`layer_type` applies those rules to one weight; the type's
 row-width fallback (``hfquant.formats.gguf.FALLBACK``) comes after, as in ``llama-quantize``.
 The rules are those of the llama.cpp the tests build (llama-cpp-python 0.3.36's), checked tensor
 for tensor against its ``llama-quantize`` on dense models (grouped-query ratios 1, 2 and 4), a
@@ -16,7 +20,8 @@ for tensor against its ``llama-quantize`` on dense models (grouped-query ratios 
 ``q2_k_m`` is llama-quantize's ``Q2_K`` file type: llama.cpp names that mix like the block type
 (its attention values in Q3_K, or Q4_K where 4 or more query heads share a key/value head, its
 attention output and down projections in Q3_K); here ``q2_k`` stays the plain block type, so that a
-checkpoint solved on it keeps its meaning, and the mix takes its siblings' ``_m``.
+checkpoint solved on it keeps its meaning, and the mix takes its siblings' ``_m``. ``Q2_K_S`` is
+not offered: llama-quantize makes it only with an importance matrix.
 
 Departures from llama.cpp: the 70B-specific ``attn_v`` bump and Falcon's ``ffn_down`` schedule are
 not applied, and a weight's role is read from its name (:data:`ROLE_SUFFIXES`, the Hugging Face and
@@ -31,9 +36,14 @@ from dataclasses import dataclass
 from typing import Any
 
 # Preset -> its base type (what every weight without a rule gets).
-GGUF_PRESETS = {"q2_k_m": "q2_k", "q3_k_m": "q3_k", "q4_k_m": "q4_k", "q5_k_m": "q5_k"}
-# Preset -> the name llama-quantize gives that file type.
-LLAMA_QUANTIZE_NAMES = {"q2_k_m": "Q2_K", "q3_k_m": "Q3_K_M", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M"}
+GGUF_PRESETS = {
+    "q2_k_m": "q2_k",
+    "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k",
+    "q4_k_s": "q4_k", "q4_k_m": "q4_k",
+    "q5_k_s": "q5_k", "q5_k_m": "q5_k",
+}  # fmt: skip
+# Preset -> the name llama-quantize gives that file type (its own for all but q2_k_m, see above).
+LLAMA_QUANTIZE_NAMES = {preset: preset.upper() for preset in GGUF_PRESETS} | {"q2_k_m": "Q2_K"}
 
 # Role -> dotted name endings that carry it (Hugging Face module names and GGUF tensor names).
 ROLE_SUFFIXES = {
@@ -117,6 +127,7 @@ def layer_type(gguf_type: str, name: str, shape: MixShape) -> str:
     if role is None or i is None:
         return base
     eight = shape.n_experts == 8  # llama.cpp's bumps for Mixtral-like models
+    n = shape.n_blocks
     if role == "attn_v":
         if eight:
             return "q8_0"
@@ -124,19 +135,31 @@ def layer_type(gguf_type: str, name: str, shape: MixShape) -> str:
             return "q4_k" if shape.n_gqa >= 4 else "q3_k"
         if gguf_type == "q3_k_m":
             return "q5_k" if i < 2 else "q4_k"
-        return "q6_k" if _use_more_bits(i, shape.n_blocks) else base
+        if gguf_type == "q3_k_l":
+            return "q5_k"
+        if gguf_type == "q4_k_s":
+            return "q5_k" if i < 4 else base
+        if gguf_type in ("q4_k_m", "q5_k_m"):
+            return "q6_k" if _use_more_bits(i, n) else base
+        return base
     if role == "attn_k":
         return "q8_0" if eight else base
     if role == "attn_output":
-        if eight:
-            return "q5_k"  # q2_k_m, q3_k_m, q4_k_m; q5_k_m's base already
-        return {"q2_k_m": "q3_k", "q3_k_m": "q4_k"}.get(gguf_type, base)
+        if eight:  # llama.cpp lists the files whose 8-expert attention output is Q5_K (not Q3_K_L)
+            return "q5_k" if gguf_type in ("q2_k_m", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m") else base
+        return {"q2_k_m": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(gguf_type, base)
     # ffn_down
     if gguf_type == "q2_k_m":
         return "q3_k"
     if gguf_type == "q3_k_m":
-        return "q5_k" if i < shape.n_blocks // 16 else "q4_k"
-    return "q6_k" if _use_more_bits(i, shape.n_blocks) else base
+        return "q5_k" if i < n // 16 else "q4_k"
+    if gguf_type == "q3_k_l":
+        return "q5_k"
+    if gguf_type == "q4_k_s":
+        return "q5_k" if i < n // 8 else base
+    if gguf_type in ("q4_k_m", "q5_k_m"):
+        return "q6_k" if _use_more_bits(i, n) else base
+    return base
 
 
 def preset_types(gguf_type: str) -> tuple[str, ...]:
@@ -144,8 +167,12 @@ def preset_types(gguf_type: str) -> tuple[str, ...]:
     value and key projections of 8-expert models included."""
     return {
         "q2_k_m": ("q2_k", "q3_k", "q4_k", "q5_k", "q8_0"),
+        "q3_k_s": ("q3_k", "q5_k", "q8_0"),
         "q3_k_m": ("q3_k", "q4_k", "q5_k", "q8_0"),
+        "q3_k_l": ("q3_k", "q5_k", "q8_0"),
+        "q4_k_s": ("q4_k", "q5_k", "q8_0"),
         "q4_k_m": ("q4_k", "q5_k", "q6_k", "q8_0"),
+        "q5_k_s": ("q5_k", "q8_0"),
         "q5_k_m": ("q5_k", "q6_k", "q8_0"),
     }.get(gguf_type, (gguf_type,))
 
