@@ -43,7 +43,7 @@ def one_thread():
 
 
 def test_config_names_the_field_and_the_allowed_types():
-    with pytest.raises(ValueError, match=r"gguf_type must be one of \[None, 'q4_0', .*'q6_k', 'q3_k_m', 'q4_k_m', 'q5_k_m'\]"):
+    with pytest.raises(ValueError, match=r"gguf_type must be one of \[None, 'q4_0', .*'q6_k', 'q2_k_m', 'q3_k_s', .*'q5_k_m'\]"):
         HfQuantConfig(gguf_type="q7_k")
     with pytest.raises(ValueError, match="gguf_type='q2_k' is solved by method='decoupleq'"):
         HfQuantConfig(gguf_type="q2_k", method="gptq")
