@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--gguf-type",
         default=None,
         help="solve on a GGUF block type's grid (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k) or "
-        "llama-quantize's per-tensor mix (q2_k_m: its Q2_K file, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m); --bits and --group-size then do not apply; "
+        "llama-quantize's per-tensor mix (q2_k_m: its Q2_K file, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, "
+        "q5_k_m); --bits and --group-size then do not apply; "
         "and write <name>-<TYPE>.gguf for llama.cpp beside the safetensors, losslessly",
     )
     q.add_argument(

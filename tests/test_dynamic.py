@@ -140,3 +140,15 @@ def test_split_moe_experts_are_matched_under_their_split_names(tmp_path):
     assert [getattr(m, "bits", None) for m in reloaded.model.layers[1].mlp.experts.down] == [None] + [4] * (len(downs) - 1)
     with torch.no_grad():
         assert torch.equal(before, reloaded(input_ids()).logits)
+
+
+def test_the_model_card_states_each_rule_in_order():
+    from hfquant.export.model_card import _dynamic_text
+
+    rules = {"-:.*(q|k)_proj": {}, "+:.*down_proj": {"group_size": -1}, ".*up_proj": {}, ".*": {"bits": 3}}
+    text = _dynamic_text(HfQuantConfig(method="rtn", dynamic=rules))
+    assert text == (
+        r"`.*(q\|k)_proj`: full precision; `.*down_proj`: group size one group per row; "
+        "`.*up_proj`: the base settings; `.*`: 3 bits (first match wins)"
+    )
+    assert _dynamic_text(HfQuantConfig(method="rtn")) == "none"

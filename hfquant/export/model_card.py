@@ -149,13 +149,14 @@ def _dynamic_text(config: HfQuantConfig) -> str:
     rules = []
     for pattern, settings in (config.dynamic or {}).items():
         if pattern.startswith("-:"):
-            rules.append(f"`{pattern[2:]}`: full precision".replace("|", "\\|"))
-        else:
-            fields = [f"{settings['bits']} bits" if "bits" in settings else ""]
-            if "group_size" in settings:
-                fields.append(f"group size {GROUP_SIZE_NAMES.get(settings['group_size'], settings['group_size'])}")
-            rules.append(f"`{pattern.removeprefix('+:')}`: {', '.join(f for f in fields if f)}")
-    return "; ".join(rules) + " (first match wins)" if rules else "none"
+            rules.append(f"`{pattern[2:]}`: full precision")
+            continue
+        fields = [f"{settings['bits']} bits"] if "bits" in settings else []
+        if "group_size" in settings:
+            fields.append(f"group size {GROUP_SIZE_NAMES.get(settings['group_size'], settings['group_size'])}")
+        rules.append(f"`{pattern.removeprefix('+:')}`: {', '.join(fields) or 'the base settings'}")
+    # a "|" in a pattern would end the table cell
+    return ("; ".join(rules) + " (first match wins)").replace("|", "\\|") if rules else "none"
 
 
 def _calibration_text(config: HfQuantConfig) -> str:
