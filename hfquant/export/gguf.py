@@ -56,7 +56,7 @@ from torch import nn
 
 from hfquant.export.llamacpp import LLAMACPP_SDIST_VERSION, llamacpp_source
 from hfquant.formats.gguf import FALLBACK, GGUF_GRIDS, K_QUANTS, GGUFLinear
-from hfquant.formats.gguf_presets import GGUF_PRESETS, MixShape, block_index, layer_type
+from hfquant.formats.gguf_presets import GGUF_PRESETS, LLAMA_QUANTIZE_NAMES, MixShape, block_index, layer_type
 from hfquant.nn.experts import ExpertLinears, is_fused_experts
 
 # Every type a tensor can be written as (the block grids hfquant solves on, and the float types):
@@ -74,14 +74,7 @@ _FILE_TYPE = {
     "q4_k": "MOSTLY_Q4_K_S",
     "q5_k": "MOSTLY_Q5_K_S",
     "q6_k": "MOSTLY_Q6_K",
-    "q2_k_m": "MOSTLY_Q2_K",
-    "q3_k_s": "MOSTLY_Q3_K_S",
-    "q3_k_m": "MOSTLY_Q3_K_M",
-    "q3_k_l": "MOSTLY_Q3_K_L",
-    "q4_k_s": "MOSTLY_Q4_K_S",
-    "q5_k_s": "MOSTLY_Q5_K_S",
-    "q4_k_m": "MOSTLY_Q4_K_M",
-    "q5_k_m": "MOSTLY_Q5_K_M",
+    **{preset: f"MOSTLY_{name}" for preset, name in LLAMA_QUANTIZE_NAMES.items()},  # the mixes' own file types
     "f16": "MOSTLY_F16",
     "f32": "ALL_F32",
 }
